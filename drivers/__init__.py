@@ -1,0 +1,1 @@
+"""Sensor protocol drivers. This package knows nothing of `appliance/`."""

@@ -1,0 +1,1 @@
+"""Modbus drivers, layered like pymodbus: transport, framing, codec (pure), device (transactions)."""

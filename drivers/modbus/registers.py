@@ -1,0 +1,101 @@
+"""Register maps: typed, validated descriptions of what to read from a Modbus device.
+
+A map is a list of :class:`Register`. Maps are written inline in the appliance config or kept as
+reusable profiles in ``drivers/profiles/<name>.toml`` (a TOML file with a ``[[registers]]`` array).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from drivers.modbus.codec import ByteOrder, ValueType, register_count
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+Table = Literal["holding", "input", "coil", "discrete"]
+
+
+class RegisterMapError(ValueError):
+    """A register map is invalid; the message names the key path."""
+
+
+class Register(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One value on a device. Engineering value = raw * scale + offset."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    address: Annotated[int, msgspec.Meta(ge=0, le=65535)]
+    type: ValueType = "uint16"
+    table: Table = "holding"
+    order: ByteOrder = "ABCD"
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str = ""
+    bit: Annotated[int, msgspec.Meta(ge=0, le=15)] = 0
+    length: Annotated[int, msgspec.Meta(ge=0, le=250)] = 0
+
+    def __post_init__(self) -> None:
+        if self.type == "string" and self.length == 0:
+            raise ValueError("type 'string' needs `length` (characters)")
+        if self.table in ("coil", "discrete") and self.type not in ("bool", "bit"):
+            raise ValueError(f"table {self.table!r} holds single bits: type must be 'bool'")
+        if self.address + self.count > 65536:
+            raise ValueError(f"address {self.address} + {self.count} registers exceeds 65535")
+
+    @property
+    def count(self) -> int:
+        """Registers (or bits, for coil/discrete tables) this value occupies."""
+        if self.table in ("coil", "discrete"):
+            return 1
+        return register_count(self.type, self.length)
+
+
+def check_register_map(registers: Sequence[Register], where: str) -> None:
+    """Cross-register checks that a single entry cannot make: duplicate names."""
+    seen: dict[str, int] = {}
+    for i, reg in enumerate(registers):
+        if reg.name in seen:
+            raise RegisterMapError(
+                f"{where}[{i}].name: duplicate register name {reg.name!r} "
+                f"(first at {where}[{seen[reg.name]}])"
+            )
+        seen[reg.name] = i
+
+
+class _Profile(msgspec.Struct, forbid_unknown_fields=True):
+    description: str = ""
+    registers: list[Register] = msgspec.field(default_factory=list)
+
+
+def profile_path(name: str) -> Path:
+    """Path of a shipped profile by name, or ``name`` itself if it is a path to a .toml file."""
+    if name.endswith(".toml"):
+        return Path(name)
+    return PROFILE_DIR / f"{name}.toml"
+
+
+def load_profile(name: str) -> tuple[Register, ...]:
+    """Load and validate a register-map profile. Raises :class:`RegisterMapError`."""
+    path = profile_path(name)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+        raise RegisterMapError(f"profile {name!r}: no file {path} (shipped: {known})") from None
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise RegisterMapError(f"profile {name!r} ({path}): {err}") from None
+    try:
+        prof = msgspec.convert(data, _Profile)
+    except msgspec.ValidationError as err:
+        raise RegisterMapError(f"profile {name!r} ({path}): {err}") from None
+    check_register_map(prof.registers, "registers")
+    return tuple(prof.registers)
