@@ -1,0 +1,5 @@
+"""Downsampled telemetry: one message per machine window."""
+
+from appliance.downsample.telemetry import TelemetryDownsampler
+
+__all__ = ["TelemetryDownsampler"]

@@ -1,0 +1,108 @@
+"""The engine interface (after Polygraphy's runners).
+
+``infer()`` is public: it validates the batch, times and counts the call, and checks the
+output. A backend writes only ``_start_impl``, ``_infer_impl`` and ``_close_impl``. Heavy imports
+(tensorrt, pycuda, onnxruntime) happen inside the backend modules, so importing this package on
+a laptop without a GPU is cheap.
+
+Threading: ``start``, ``infer`` and ``close`` are called from the batcher's single inference
+worker thread (or from a test's main thread); an engine is never used from two threads at once.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from appliance.errors import ModelError
+from appliance.infer.bundle import ModelBundle
+
+
+@dataclass
+class EngineStats:
+    calls: int = 0
+    rows: int = 0
+    errors: int = 0
+    total_ms: float = 0.0
+    last_ms: float = 0.0
+    max_batch_seen: int = 0
+
+
+class Engine(ABC):
+    """One loaded model ready to score feature batches ``[N, F] float32 → [N] float32``."""
+
+    backend = "abstract"
+
+    def __init__(self, bundle: ModelBundle, *, max_batch: int = 4096) -> None:
+        self.bundle = bundle
+        self.max_batch = max_batch
+        self.stats = EngineStats()
+        self.detail = ""  # e.g. the execution providers in use
+        self._started = False
+
+    def start(self) -> None:
+        """Load the model, then refuse to serve unless it reproduces the golden vectors."""
+        if self._started:
+            return
+        self._start_impl()
+        self._started = True
+        self.check_parity()
+
+    def check_parity(self) -> float:
+        """Max abs error against the bundle's golden outputs; raises ModelError above atol."""
+        b = self.bundle
+        got = self.infer(b.golden_inputs)
+        err = float(np.max(np.abs(got - b.golden_outputs))) if got.size else 0.0
+        if not err <= b.golden_atol:
+            raise ModelError(
+                f"{self.backend}: model {b.name} {b.version} fails its golden-vector parity "
+                f"check (max abs error {err:.3g} > {b.golden_atol:g}); refusing to serve"
+            )
+        return err
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if not self._started:
+            raise RuntimeError(f"{self.backend} engine used before start()")
+        if batch.dtype != np.float32 or batch.ndim != 2:
+            raise ValueError(f"batch must be 2-D float32, got {batch.ndim}-D {batch.dtype}")
+        n, f = batch.shape
+        if f != self.bundle.n_features:
+            raise ValueError(f"batch has {f} features, model expects {self.bundle.n_features}")
+        if not 0 < n <= self.max_batch:
+            raise ValueError(f"batch size {n} outside 1..{self.max_batch}")
+        t0 = time.perf_counter()
+        try:
+            out = np.asarray(self._infer_impl(np.ascontiguousarray(batch)), dtype=np.float32)
+            out = out.reshape(-1)
+            if out.shape != (n,):
+                raise ModelError(f"{self.backend}: output shape {out.shape}, expected ({n},)")
+        except Exception:
+            self.stats.errors += 1
+            raise
+        ms = (time.perf_counter() - t0) * 1e3
+        s = self.stats
+        s.calls += 1
+        s.rows += n
+        s.total_ms += ms
+        s.last_ms = ms
+        s.max_batch_seen = max(s.max_batch_seen, n)
+        return out
+
+    def close(self) -> None:
+        """Release the model; idempotent."""
+        if self._started:
+            self._started = False
+            self._close_impl()
+
+    @abstractmethod
+    def _start_impl(self) -> None: ...
+
+    @abstractmethod
+    def _infer_impl(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+    def _close_impl(self) -> None:
+        return None

@@ -1,0 +1,121 @@
+"""A shipped model: ONNX file + manifest (feature layout, I/O names) + golden vectors.
+
+Layout of a model directory (``models/<name>/``)::
+
+    manifest.json   name, version, input/output names, feature layout, sha256 of the ONNX file
+    model.onnx      the graph; input [N, F] float32, output [N] float32
+    golden.npz      arrays ``inputs`` [G, F] and ``outputs`` [G] the engine must reproduce
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.errors import ModelError
+from appliance.features.windows import STATS, FeatureSpec
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    name: str
+    version: str
+    directory: Path
+    onnx_path: Path
+    onnx_sha256: str
+    input_name: str
+    output_name: str
+    features: tuple[FeatureSpec, ...]
+    window_s: float
+    golden_inputs: np.ndarray
+    golden_outputs: np.ndarray
+    golden_atol: float
+    manifest: dict[str, Any]
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+
+def model_dir(model: str) -> Path:
+    """``model`` is a shipped model name (``cnc_anomaly``), a model directory, or an .onnx path."""
+    p = Path(model)
+    if p.suffix == ".onnx":
+        return p.parent
+    if p.is_absolute() or "/" in model:
+        return p
+    return MODELS_DIR / model
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_bundle(model: str) -> ModelBundle:
+    """Load and verify a model bundle. Raises :class:`ModelError` naming the file at fault."""
+    d = model_dir(model)
+    manifest_path = d / "manifest.json"
+    try:
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"model {model!r}: no manifest at {manifest_path}") from None
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model {model!r}: unreadable manifest {manifest_path}: {err}") from None
+    try:
+        onnx_path = d / m["onnx"]
+        features = tuple(FeatureSpec(f["channel"], f["stat"]) for f in m["features"])
+        for f in features:
+            if f.stat not in STATS:
+                raise ModelError(f"{manifest_path}: feature {f.channel}: unknown stat {f.stat!r}")
+        expected_sha = str(m["onnx_sha256"])
+        golden_path = d / m["golden"]
+        bundle_fields = dict(
+            name=str(m["name"]),
+            version=str(m["version"]),
+            input_name=str(m["input"]),
+            output_name=str(m["output"]),
+            window_s=float(m["window_s"]),
+            golden_atol=float(m.get("golden_atol", 1e-4)),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelError(f"{manifest_path}: missing or invalid field: {err}") from None
+    if not onnx_path.is_file():
+        raise ModelError(f"model {model!r}: ONNX file {onnx_path} is missing")
+    actual_sha = _sha256(onnx_path)
+    if actual_sha != expected_sha:
+        raise ModelError(
+            f"model {model!r}: {onnx_path} sha256 {actual_sha[:12]}… does not match the "
+            f"manifest's {expected_sha[:12]}… (corrupt or replaced file)"
+        )
+    try:
+        with np.load(golden_path) as g:
+            gin = np.asarray(g["inputs"], dtype=np.float32)
+            gout = np.asarray(g["outputs"], dtype=np.float32)
+    except (OSError, KeyError, ValueError) as err:
+        raise ModelError(f"model {model!r}: golden vectors {golden_path}: {err}") from None
+    if gin.ndim != 2 or gin.shape[1] != len(features) or gout.shape != (gin.shape[0],):
+        raise ModelError(
+            f"model {model!r}: golden vectors have shapes {gin.shape}/{gout.shape}, "
+            f"expected [G, {len(features)}]/[G]"
+        )
+    return ModelBundle(
+        directory=d,
+        onnx_path=onnx_path,
+        onnx_sha256=actual_sha,
+        features=features,
+        golden_inputs=gin,
+        golden_outputs=gout,
+        manifest=m,
+        **bundle_fields,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,170 @@
+"""Wire every stage from one :class:`~appliance.config.Config` and run it in one asyncio process.
+
+Start order (sinks before sources): outbox → uplink → engine/batcher → features/alerts →
+acquisition. Stop order (sources before sinks): acquisition stops polling; open windows are
+flushed; queued rows are scored; the uplink drains the outbox within a deadline and publishes its
+retained ``offline`` status; the outbox closes. Whatever the drain deadline leaves unsent stays in
+the outbox on disk and goes out after the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from appliance import __version__
+from appliance.acquire import Acquisition
+from appliance.alerts import AlertEngine
+from appliance.batch import Batcher
+from appliance.config import Config
+from appliance.contracts import Envelope, Frame, Window
+from appliance.downsample import TelemetryDownsampler
+from appliance.errors import ConfigError
+from appliance.features import FeatureBuilder, WindowAggregator
+from appliance.infer import load_bundle, select_engine
+from appliance.outbox import SqliteOutbox
+from appliance.uplink import MqttUplink
+from appliance.uplink.topics import alert_topic, telemetry_topic
+
+log = logging.getLogger(__name__)
+
+
+class Appliance:
+    """The whole pipeline. Construction does no I/O; ``start()`` acquires everything."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        aid = cfg.appliance.id
+        prefix = cfg.mqtt.topic_prefix
+        self.bundle = load_bundle(cfg.engine.model)
+        if abs(self.bundle.window_s - cfg.features.window_s) > 1e-9:
+            raise ConfigError(
+                f"features.window_s = {cfg.features.window_s} but model {self.bundle.name} was "
+                f"trained on {self.bundle.window_s} s windows"
+            )
+        self.outbox = SqliteOutbox(
+            cfg.outbox.path,
+            appliance_id=aid,
+            synchronous=cfg.outbox.synchronous,
+            disk_budget_mb=cfg.outbox.disk_budget_mb,
+        )
+        self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
+        self.engine, self.engine_reason = select_engine(
+            self.bundle, cfg.engine.backend, threads=cfg.engine.threads,
+            max_batch=max(cfg.batch.max_batch, len(self.bundle.golden_inputs)),
+        )
+        self.alerts = AlertEngine(cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m))
+        self.batcher = Batcher(
+            self.engine,
+            self.alerts.on_scores,
+            max_batch=cfg.batch.max_batch,
+            max_delay_ms=cfg.batch.max_delay_ms,
+            queue_size=cfg.batch.queue_size,
+        )
+        self.features = FeatureBuilder(self.bundle.features, self.batcher.submit)
+        self.telemetry = TelemetryDownsampler(
+            cfg.telemetry.stats, self._append, lambda m: telemetry_topic(prefix, aid, m)
+        )
+        window_sinks: list[Any] = [self.features]
+        if cfg.telemetry.enabled:
+            window_sinks.insert(0, self.telemetry)
+        self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
+        self.acquisition = Acquisition(cfg.devices, self._on_frame)
+        self.frames = 0
+        self.started_at = 0.0
+        self._started = False
+        self._stopped = False
+
+    # -- wiring -----------------------------------------------------------------------------
+    def _on_frame(self, frame: Frame) -> None:
+        self.frames += 1
+        self.windows.on_frame(frame)
+        self.alerts.on_frame(frame)
+
+    def _append(self, envelopes: Sequence[Envelope]) -> None:
+        self.outbox.append(envelopes)
+        self.uplink.notify()
+
+    def on_window(self, window: Window) -> None:
+        """Feed a window directly (tests, replay)."""
+        for sink in (self.telemetry, self.features):
+            sink(window)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.started_at = time.time()
+        log.info("appliance %s v%s starting: %d devices, model %s %s",
+                 self.cfg.appliance.id, __version__, len(self.cfg.devices), self.bundle.name,
+                 self.bundle.version)
+        self.outbox.open()
+        await self.uplink.start()
+        await self.batcher.start()
+        log.info("engine: %s (%s) — %s", self.engine.backend, self.engine.detail,
+                 self.engine_reason)
+        await self.acquisition.start()
+        log.info("appliance %s running", self.cfg.appliance.id)
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        log.info("appliance stopping: acquisition first, then draining")
+        await self.acquisition.stop()
+        self.windows.flush()
+        await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
+        await self.batcher.close()
+        await self.uplink.stop(drain_timeout_s=drain_timeout_s)
+        self.outbox.close()
+        log.info("appliance stopped")
+
+    async def run_until_signal(self, duration_s: float | None = None) -> None:
+        """Run until SIGINT/SIGTERM (or ``duration_s``), then stop cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            try:
+                await asyncio.wait_for(stop.wait(), duration_s)
+            except asyncio.TimeoutError:
+                pass
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "appliance": self.cfg.appliance.id,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            "frames": self.frames,
+            "acquisition": self.acquisition.stats(),
+            "windows_closed": self.windows.windows_closed,
+            "feature_rows": self.features.rows,
+            "incomplete_windows": self.features.incomplete_windows,
+            "batcher": self.batcher.stats(),
+            "engine": {
+                "backend": self.engine.backend,
+                "detail": self.engine.detail,
+                "reason": self.engine_reason,
+                "calls": self.engine.stats.calls,
+                "rows": self.engine.stats.rows,
+                "mean_ms": (self.engine.stats.total_ms / self.engine.stats.calls)
+                if self.engine.stats.calls else 0.0,
+            },
+            "alerts": {"raised": self.alerts.raised, "cleared": self.alerts.cleared,
+                       "active": self.alerts.active()},
+            "telemetry_messages": self.telemetry.messages,
+            "outbox": self.outbox.stats(),
+            "uplink": self.uplink.stats(),
+        }
