@@ -1,1 +1,4 @@
-"""Modbus drivers, layered like pymodbus: transport, framing, codec (pure), device (transactions)."""
+"""Modbus drivers, layered like pymodbus.
+
+transport → framing → codec (pure: ``codec.py``, ``plan.py``) → device transactions (``tcp.py``).
+"""
