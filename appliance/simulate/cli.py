@@ -1,0 +1,246 @@
+"""``appliance simulate``: serve a simulated CNC cell over Modbus TCP until stopped.
+
+:func:`add_arguments` fills the sub-command's parser and :func:`run` executes it; the top-level
+CLI wires both. ``python -m appliance.simulate.cli`` runs the sub-command on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from appliance.simulate.cell import (
+    DEFAULT_FAULT_DURATION_S,
+    FAULT_DURATION_REGISTER,
+    FAULT_REQUEST_REGISTER,
+    FaultSchedule,
+    SimulatedCell,
+)
+from appliance.simulate.machine import FAULT_KINDS
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serve a cell of simulated 3-axis CNC machining centres over Modbus TCP, for development, demos
+and tests without a machine shop. Machine N (1-based) is named cnc-N and listens on
+BASE_PORT + N - 1, unit id 1, serving the register map of the `cnc-sim` profile
+(drivers/profiles/cnc-sim.toml; the table, the fault-control registers and the model are
+described in docs/simulator.md). Same --seed, same values.
+"""
+
+EPILOG = f"""\
+faults:
+  --fault KIND@MACHINE:AT_S[:DURATION_S]   e.g. temp_ramp@2:10:20 = machine 2, 10 s after start,
+                                           for 20 s (default {DEFAULT_FAULT_DURATION_S:g} s)
+  kinds: {", ".join(FAULT_KINDS)}
+  At run time, write holding register {FAULT_REQUEST_REGISTER} (1 = temp_ramp,
+  2 = vibration_surge) and register {FAULT_DURATION_REGISTER} (seconds, 0 = default) on a
+  machine's server to inject a fault over Modbus.
+
+Stops cleanly with exit status 0 on SIGINT/SIGTERM or after --duration seconds.
+"""
+
+
+def parse_fault(spec: str) -> FaultSchedule:
+    """Parse ``KIND@MACHINE:AT_S[:DURATION_S]`` (machine 1-based) into a :class:`FaultSchedule`."""
+    kind, sep, rest = spec.partition("@")
+    parts = rest.split(":")
+    if not sep or len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not KIND@MACHINE:AT_S[:DURATION_S] (e.g. temp_ramp@2:10:20)"
+        )
+    if kind not in FAULT_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: unknown fault kind {kind!r} (known: {', '.join(FAULT_KINDS)})"
+        )
+    try:
+        machine = int(parts[0])
+        at_s = float(parts[1])
+        duration_s = float(parts[2]) if len(parts) == 3 else DEFAULT_FAULT_DURATION_S
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: MACHINE must be an integer and AT_S, DURATION_S numbers"
+        ) from None
+    if machine < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: machines are numbered from 1")
+    try:
+        return FaultSchedule(machine - 1, kind, at_s, duration_s)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {err}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``simulate`` options to ``parser`` (and its description and epilog if unset)."""
+    if parser.description is None:
+        parser.description = DESCRIPTION
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if parser.epilog is None:
+        parser.epilog = EPILOG
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--machines",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="number of machines, one Modbus TCP server each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--base-port",
+        type=_positive_int,
+        default=5020,
+        metavar="PORT",
+        help="port of machine 1; machine N listens on PORT + N - 1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="random seed; the same seed gives the same values (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tick-hz",
+        type=_positive_float,
+        default=20.0,
+        metavar="HZ",
+        help="model update rate, wall-clock ticks per second (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=_positive_float,
+        default=1.0,
+        metavar="X",
+        help="simulated seconds per wall second; >1 fast-forwards (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fault",
+        type=parse_fault,
+        action="append",
+        default=[],
+        metavar="KIND@MACHINE:AT_S[:DURATION_S]",
+        help="schedule a fault (repeatable), times in simulated seconds after start; "
+        f"kinds: {', '.join(FAULT_KINDS)}",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="exit 0 after this many wall seconds (default: run until SIGINT/SIGTERM)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulator as ``args`` say; 0 on a clean stop, 1 on failure, 2 on bad arguments."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    try:
+        cell = SimulatedCell(
+            machines=args.machines,
+            host=args.host,
+            base_port=args.base_port,
+            seed=args.seed,
+            tick_hz=args.tick_hz,
+            faults=tuple(args.fault),
+            time_scale=args.time_scale,
+        )
+    except ValueError as err:
+        print(f"appliance simulate: {err}", file=sys.stderr)
+        return 2
+    pymodbus_logger = logging.getLogger("pymodbus")
+    pymodbus_level = pymodbus_logger.level
+    if pymodbus_level == logging.NOTSET:
+        # pymodbus logs every listen and reconnect at INFO; keep its warnings and errors only.
+        pymodbus_logger.setLevel(logging.WARNING)
+    try:
+        return asyncio.run(_serve(cell, args.duration))
+    except KeyboardInterrupt:  # a second Ctrl-C, or a platform without signal handlers
+        return 0
+    finally:
+        pymodbus_logger.setLevel(pymodbus_level)
+
+
+async def _serve(cell: SimulatedCell, duration_s: float | None) -> int:
+    """Start the cell, wait for a signal, the duration or a failure, then stop it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
+    try:
+        try:
+            await cell.start()
+        except OSError as err:
+            logger.error("cannot start the simulated cell: %s", err)
+            return 1
+        logger.info(
+            "simulating %d machines (seed %s, %.0f Hz, time x%g)%s",
+            len(cell.ports),
+            cell.seed,
+            cell.tick_hz,
+            cell.time_scale,
+            f" for {duration_s:g} s" if duration_s is not None else "; Ctrl-C stops",
+        )
+        stop_wait = asyncio.ensure_future(stop.wait())
+        watched: list[asyncio.Future[Any]] = [stop_wait]
+        if cell.tick_task is not None:
+            watched.append(cell.tick_task)
+        await asyncio.wait(watched, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        task = cell.tick_task
+        failed = task is not None and task.done() and not task.cancelled()
+        await cell.stop()
+        return 1 if failed else 0
+    finally:
+        await cell.stop()
+        for sig in installed:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m appliance.simulate.cli [options]``."""
+    parser = argparse.ArgumentParser(prog="appliance simulate")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

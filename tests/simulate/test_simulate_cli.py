@@ -1,0 +1,136 @@
+"""``appliance simulate``: option parsing, a timed run, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_port
+
+from appliance.simulate.cell import FaultSchedule
+from appliance.simulate.cli import add_arguments, parse_fault, run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="appliance simulate")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("temp_ramp@2:10:20", FaultSchedule(1, "temp_ramp", 10.0, 20.0)),
+        ("vibration_surge@1:0.5", FaultSchedule(0, "vibration_surge", 0.5, 20.0)),
+        ("temp_ramp@4:0:3.5", FaultSchedule(3, "temp_ramp", 0.0, 3.5)),
+    ],
+)
+def test_fault_option_parses_kind_one_based_machine_time_and_duration(
+    spec: str, expected: FaultSchedule
+) -> None:
+    assert parse_fault(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("temp_ramp", "is not KIND@MACHINE"),
+        ("temp_ramp@2", "is not KIND@MACHINE"),
+        ("temp_ramp@2:1:2:3", "is not KIND@MACHINE"),
+        ("meltdown@1:10", "unknown fault kind"),
+        ("temp_ramp@0:10", "numbered from 1"),
+        ("temp_ramp@x:10", "must be an integer"),
+        ("temp_ramp@1:-5", "at_s"),
+        ("temp_ramp@1:5:0", "duration_s"),
+    ],
+)
+def test_fault_option_rejects_malformed_specs(spec: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse_fault(spec)
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    args = parse()
+    assert (args.machines, args.host, args.base_port, args.seed) == (4, "127.0.0.1", 5020, 42)
+    assert args.tick_hz == 20.0 and args.time_scale == 1.0
+    assert args.fault == [] and args.duration is None
+
+
+def test_help_points_at_the_register_map_documentation() -> None:
+    parser = argparse.ArgumentParser(prog="appliance simulate")
+    add_arguments(parser)
+    text = parser.format_help()
+    assert "docs/simulator.md" in text
+    assert "--fault KIND@MACHINE:AT_S[:DURATION_S]" in text
+
+
+def test_run_with_duration_serves_then_exits_zero(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    args = parse(
+        "--machines",
+        "1",
+        "--base-port",
+        str(port),
+        "--duration",
+        "0.3",
+        "--fault",
+        "temp_ramp@1:0:1",
+    )
+    caplog.set_level("INFO", logger="appliance.simulate")
+    assert run(args) == 0
+    assert f"cnc-1: Modbus TCP on 127.0.0.1:{port}" in caplog.text
+    assert "cnc-1: fault temp_ramp injected" in caplog.text
+
+
+def test_run_rejects_a_fault_for_a_machine_that_does_not_exist(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(parse("--machines", "2", "--fault", "temp_ramp@3:1")) == 2
+    assert "machine index 2" in capsys.readouterr().err
+
+
+def test_run_exits_one_when_the_port_is_taken() -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        assert run(parse("--machines", "1", "--base-port", str(port), "--duration", "5")) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_simulator_cleanly_with_exit_zero(sig: signal.Signals) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "appliance.simulate.cli",
+            "--machines",
+            "1",
+            "--base-port",
+            str(port),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    try:
+        wait_port(port)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "simulated cell stopped" in text
