@@ -6,6 +6,7 @@ Mosquitto 2 ignores ``-p`` once a ``listener`` is configured and then defaults
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,9 @@ class MosquittoProcess:
     def write_conf(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         lines = [
+            # Started as root, mosquitto drops to the `mosquitto` user, which then cannot write
+            # its persistence file here: sessions would silently not survive a restart.
+            f"user {getpass.getuser()}",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             f"log_dest file {self.workdir}/mosquitto.log",
@@ -72,6 +76,13 @@ class MosquittoProcess:
                 "autosave_interval 1",
             ]
         self.conf.write_text("\n".join(lines) + "\n" + self.extra_conf)
+
+    def reconfigure(self, extra_conf: str) -> None:
+        """Restart with ``extra_conf`` appended to the generated config (ACLs, auth, ...)."""
+        self.stop()
+        self.extra_conf = extra_conf
+        self.write_conf()
+        self.start()
 
     def start(self, timeout_s: float = 10.0) -> None:
         binary = mosquitto_binary()

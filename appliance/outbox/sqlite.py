@@ -1,0 +1,532 @@
+"""The durable outbox: every message bound upstream, in one SQLite file, until the broker acks it.
+
+The outbox is a transaction API (like Telegraf's ``models/buffer.go``): producers ``append``
+envelopes; the uplink ``take``s a batch, publishes it and ``settle``s each record as accepted or
+rejected. Anything not settled stays, across reconnects and process restarts.
+
+Durability window
+-----------------
+The file is opened in WAL mode (``PRAGMA journal_mode=WAL``) with an explicit ``synchronous``
+level:
+
+- ``FULL`` (default): every committed transaction is fsync'ed before ``append`` returns, so an
+  ``append`` that returned survives a crash *and* a power loss. Cost: one fsync per ``append``
+  call (batch your appends) and per ``settle`` call.
+- ``NORMAL``: the WAL is fsync'ed only at checkpoints. A process crash loses nothing; a power
+  loss may lose the transactions committed since the last checkpoint (at most the WAL's
+  auto-checkpoint interval, 1000 pages = 16 MiB), but never corrupts the file.
+
+Loss is otherwise explicit: records are deleted only when the broker acknowledged them
+(``accepted``), when the broker refused them (``rejected``: dropped, counted and logged, not
+retried forever), or by the disk-budget eviction below (counted as ``evicted``).
+
+Delivery is at-least-once: a record published but not settled before a crash is published again
+after the restart. Every payload carries ``id`` (``{appliance}/{stream}/{seq}``) so subscribers
+can deduplicate.
+
+On-disk format (``PRAGMA user_version = 1``)
+-------------------------------------------
+``records(id, stream, seq, priority, topic, payload, created)``, 16 KiB pages. ``id`` is
+``priority << 48 | n`` with ``n`` a counter of appends, so the rowid order *is* the drain order
+(alerts, status, telemetry; oldest first) and draining or evicting a class is a rowid range scan:
+no secondary index to maintain (batched appends run at ~0.9-1.2e5 records/s on a 2-core x86 VM,
+about half of it SQLite, half payload encoding). Ids are never reused within a process (so an id
+in flight never names a newer record); after a restart ``n`` continues from the largest stored
+one. ``payload`` is the final MQTT payload (UTF-8 JSON, encoded
+once at append time); ``created`` is the append time in seconds (epoch). ``streams(stream, seq)``
+holds the last sequence number handed out per stream, so ``seq`` stays monotonic across restarts
+even when all of the stream's records were delivered.
+
+Disk budget
+-----------
+After each append the used size of the database, ``(page_count - freelist_count) * page_size``
+bytes, is compared with ``disk_budget_mb``. (Free pages are reused by later inserts, so the file
+itself stays near the budget; the WAL adds up to ~16 MiB on top, 4 MiB after a checkpoint.)
+Over budget, the oldest records of the least important class are deleted first, in the same
+transaction, down to 95 % of the budget: telemetry, then status, and alerts only when nothing
+else is left (logged as an error). Evictions are counted; the first eviction of an episode logs
+one warning (and the first alert eviction one error); the episode ends when a ``settle`` brings
+the used size below half the budget.
+
+Threading: one process, one connection, used from the thread that called ``open()`` (the event
+loop). The outbox caches the next id and per-stream sequence numbers, so it must be the file's
+only writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from appliance.config import OutboxSection
+from appliance.contracts import Envelope, OutboxRecord, Priority
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PAYLOAD_VERSION = 1
+"""``v`` of every payload: bumped when the common header fields change meaning."""
+
+RESERVED_KEYS = frozenset({"v", "kind", "appliance", "stream", "seq", "id", "ts"})
+"""Header keys of every payload; an envelope body must not use them."""
+
+_EVICT_TARGET = 0.95  # evict down to this fraction of the budget (hysteresis)
+_EPISODE_END = 0.5  # an eviction episode ends below this fraction of the budget
+_MIN_EVICT_ROWS = 16
+_MAX_EVICT_ROUNDS = 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    stream TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+_INSERT = (
+    "INSERT INTO records (id, stream, seq, priority, topic, payload, created) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_STREAM = (
+    "INSERT INTO streams (stream, seq) VALUES (?, ?) "
+    "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq"
+)
+_SELECT_DRAIN = "SELECT id, stream, seq, topic, priority, payload, created FROM records ORDER BY id"
+_CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append order)
+_CLASSES = tuple(sorted(int(p) for p in Priority))
+
+
+def _class_range(priority: int) -> tuple[int, int]:
+    """The half-open id range ``[lo, hi)`` of one priority class."""
+    return priority << _CLASS_SHIFT, (priority + 1) << _CLASS_SHIFT
+
+
+def _enc_hook(obj: Any) -> Any:
+    """Let envelope bodies carry numpy scalars and arrays (encoded as plain JSON numbers/lists)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__} in an outbox payload")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def encode_payload(appliance_id: str, env: Envelope, seq: int) -> bytes:
+    """The MQTT payload of ``env`` as record ``seq`` of its stream (UTF-8 JSON).
+
+    ``{"v": 1, "kind", "appliance", "stream", "seq", "id": "{appliance}/{stream}/{seq}", "ts",
+    **body}``: the reference definition; :meth:`SqliteOutbox.append` produces the same bytes
+    faster.
+    """
+    if env.body and not RESERVED_KEYS.isdisjoint(env.body):
+        clash = sorted(RESERVED_KEYS.intersection(env.body))
+        raise ValueError(f"envelope body of stream {env.stream!r} uses header key(s) {clash}")
+    return _ENCODER.encode(
+        {
+            "v": PAYLOAD_VERSION,
+            "kind": env.kind,
+            "appliance": appliance_id,
+            "stream": env.stream,
+            "seq": seq,
+            "id": f"{appliance_id}/{env.stream}/{seq}",
+            "ts": env.ts,
+            **env.body,
+        }
+    )
+
+
+class SqliteOutbox:
+    """Durable, ordered, budgeted store of outgoing messages (see the module docstring).
+
+    ``append`` is called on the event loop by the producers (alerts, downsample, status);
+    ``take``/``settle`` by the uplink, also on the event loop. Construction does no I/O;
+    ``open()`` creates the directory and the file.
+
+    :param path: the SQLite file (its directory is created on ``open()``).
+    :param appliance_id: written into every payload and its ``id``.
+    :param synchronous: ``"FULL"`` or ``"NORMAL"``, the loss window on power failure.
+    :param disk_budget_mb: upper bound of the used database size, MiB (2**20 bytes).
+    :param clock: wall-clock seconds (epoch) for ``created`` and ``oldest_age_s``; a seam for
+        tests.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        appliance_id: str,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        disk_budget_mb: float = 256.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
+        if not disk_budget_mb > 0:
+            raise ValueError(f"disk_budget_mb must be > 0, not {disk_budget_mb!r}")
+        if not appliance_id:
+            raise ValueError("appliance_id must not be empty")
+        self.path = path
+        self.appliance_id = appliance_id
+        self.synchronous = synchronous
+        self.disk_budget_bytes = int(disk_budget_mb * 1024 * 1024)
+        self._clock = clock
+        self._encode = _ENCODER.encode
+        self._db: sqlite3.Connection | None = None
+        self._next_n = 1
+        self._heads: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        self._seqs: dict[str, int] = {}
+        self._pending = 0
+        self._evicting = False
+        self._alerts_lost = False
+        self._counters = {
+            "appended": 0,
+            "published": 0,
+            "rejected": 0,
+            "evicted": 0,
+            "evicted_alerts": 0,
+        }
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: OutboxSection,
+        *,
+        appliance_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> SqliteOutbox:
+        """The outbox described by the ``[outbox]`` config section."""
+        return cls(
+            cfg.path,
+            appliance_id=appliance_id,
+            synchronous=cfg.synchronous,
+            disk_budget_mb=cfg.disk_budget_mb,
+            clock=clock,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create or open the file, switch it to WAL, create the tables, load the counters."""
+        if self._db is not None:
+            return
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA page_size=16384")  # before WAL: only a new, empty file takes it
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(
+                    f"{self.path}: cannot switch to WAL mode (got {mode!r})"
+                )
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA journal_size_limit=4194304")
+            db.execute("PRAGMA cache_size=-16384")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._seqs = dict(db.execute("SELECT stream, seq FROM streams").fetchall())
+            last_n = 0
+            for priority in _CLASSES:
+                lo, hi = _class_range(priority)
+                top = db.execute(
+                    "SELECT max(id) FROM records WHERE id >= ? AND id < ?", (lo, hi)
+                ).fetchone()[0]
+                if top is not None:
+                    last_n = max(last_n, top - lo)
+            self._next_n = last_n + 1
+            self._pending = db.execute("SELECT count(*) FROM records").fetchone()[0]
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        log.info(
+            "outbox %s open (synchronous=%s, budget %.1f MiB): %d pending record(s)",
+            self.path,
+            self.synchronous,
+            self.disk_budget_bytes / 2**20,
+            self._pending,
+        )
+
+    def close(self) -> None:
+        """Close the file (checkpointing the WAL). Idempotent."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    def __enter__(self) -> SqliteOutbox:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError(f"outbox {self.path} is not open")
+        return self._db
+
+    # -- the transaction API -----------------------------------------------------------------
+
+    def append(self, envelopes: Sequence[Envelope]) -> list[OutboxRecord]:
+        """Store ``envelopes`` in one transaction; durable per ``synchronous`` once it returns.
+
+        Gives each envelope the next ``seq`` of its stream and encodes its final payload
+        (``{"v", "kind", "appliance", "stream", "seq", "id", "ts", **body}``). May evict older
+        records to stay within the disk budget. Raises ``ValueError`` when a body uses a header
+        key (:data:`RESERVED_KEYS`) and ``sqlite3.Error`` when the disk fails; nothing of the
+        batch is stored then.
+        """
+        if not envelopes:
+            return []
+        db = self._conn
+        created = self._clock()
+        seqs: dict[str, int] = {}
+        known = self._seqs
+        encode = self._encode
+        heads = self._heads
+        n = self._next_n
+        records: list[OutboxRecord] = []
+        rows: list[tuple[int, str, int, int, str, bytes, float]] = []
+        for env in envelopes:
+            stream = env.stream
+            seq = seqs.get(stream)
+            seq = (known.get(stream, 0) if seq is None else seq) + 1
+            seqs[stream] = seq
+            body = env.body
+            if body and not RESERVED_KEYS.isdisjoint(body):
+                clash = sorted(RESERVED_KEYS.intersection(body))
+                raise ValueError(f"envelope body of stream {stream!r} uses header key(s) {clash}")
+            head = heads.get((env.kind, stream))
+            if head is None:
+                head = heads[(env.kind, stream)] = self._head(env.kind, stream)
+            tail = encode(body) if body else b"{}"
+            # Spliced by hand rather than encoding a merged dict: 2x faster, same bytes (tested
+            # against encode_payload()).
+            payload = b'%b%d,"id":%b%d","ts":%b%b' % (
+                head[0],
+                seq,
+                head[1],
+                seq,
+                encode(env.ts),
+                b"," + tail[1:] if len(tail) > 2 else b"}",
+            )
+            priority = int(env.priority)
+            rid = priority << _CLASS_SHIFT | n
+            n += 1
+            rows.append((rid, stream, seq, priority, env.topic, payload, created))
+            records.append(OutboxRecord(rid, stream, seq, env.topic, priority, payload, created))
+        evicted: dict[int, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_INSERT, rows)
+            db.executemany(_UPSERT_STREAM, seqs.items())
+            if self._used_bytes(db) > self.disk_budget_bytes:
+                evicted = self._evict(db, self._pending + len(rows))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._next_n = n
+        known.update(seqs)
+        self._pending += len(rows)
+        self._counters["appended"] += len(rows)
+        if evicted:
+            self._count_evictions(evicted)
+        return records
+
+    def take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
+        """Up to ``limit`` records to publish next, skipping the ids in ``exclude`` (in flight).
+
+        Order: by priority class (alerts, then status, then telemetry), oldest first within a
+        class, hence each stream in ``seq`` order. Reads only; the records stay until settled.
+        Cost grows with ``len(exclude)`` (in-flight rows are read and skipped).
+        """
+        if limit <= 0:
+            return []
+        skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
+        out: list[OutboxRecord] = []
+        cur = self._conn.execute(_SELECT_DRAIN)
+        try:
+            for row in cur:
+                if row[0] in skip:
+                    continue
+                out.append(OutboxRecord(*row))
+                if len(out) >= limit:
+                    break
+        finally:
+            cur.close()
+        return out
+
+    def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
+        """Delete records the broker acknowledged (``accepted``) or refused (``rejected``).
+
+        Both go in one transaction. Rejected records are dropped, not retried (the broker's
+        verdict would not change), counted and logged with their topics. Unknown ids (already
+        evicted or settled) are ignored.
+        """
+        if not accepted and not rejected:
+            return
+        db = self._conn
+        topics: list[str] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            n_accepted = self._delete(db, accepted)
+            n_rejected = 0
+            if rejected:
+                topics = self._topics(db, rejected)
+                n_rejected = self._delete(db, rejected)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._pending -= n_accepted + n_rejected
+        self._counters["published"] += n_accepted
+        self._counters["rejected"] += n_rejected
+        if n_rejected:
+            log.warning("broker rejected %d record(s) on topic(s) %s: dropped", n_rejected, topics)
+        if self._evicting and self._used_bytes(db) < self.disk_budget_bytes * _EPISODE_END:
+            self._evicting = False
+            log.info("outbox back under half its disk budget; eviction episode over")
+
+    # -- observation -------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records stored and not yet settled (in flight included). O(1)."""
+        return self._pending
+
+    def stats(self) -> dict[str, float]:
+        """Counters since ``open``/construction plus the backlog.
+
+        ``appended``, ``published`` (settled as accepted), ``rejected``, ``evicted`` (all
+        classes) and ``evicted_alerts`` are counts; ``pending`` is the number of unsettled
+        records; ``oldest_age_s`` the age of the oldest of them in seconds (0 when empty).
+        """
+        out: dict[str, float] = dict(self._counters)
+        out["pending"] = self._pending
+        oldest = 0.0
+        if self._db is not None and self._pending:
+            firsts = [
+                row[0]
+                for priority in _CLASSES
+                for row in self._db.execute(
+                    "SELECT created FROM records WHERE id >= ? AND id < ? ORDER BY id LIMIT 1",
+                    _class_range(priority),
+                )
+            ]
+            if firsts:
+                oldest = max(0.0, self._clock() - min(firsts))
+        out["oldest_age_s"] = oldest
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _head(self, kind: str, stream: str) -> tuple[bytes, bytes]:
+        """Encoded payload pieces shared by a (kind, stream): up to ``"seq":``, and the ``id``
+        string's opening quote and prefix (JSON-escaped by the encoder, not by hand)."""
+        pre = self._encode(
+            {"v": PAYLOAD_VERSION, "kind": kind, "appliance": self.appliance_id, "stream": stream}
+        )
+        return pre[:-1] + b',"seq":', self._encode(f"{self.appliance_id}/{stream}/")[:-1]
+
+    @staticmethod
+    def _used_bytes(db: sqlite3.Connection) -> int:
+        """Bytes of the database in use (free pages excluded, since inserts reuse them)."""
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    @staticmethod
+    def _topics(db: sqlite3.Connection, ids: Sequence[int]) -> list[str]:
+        """Distinct topics of the records ``ids`` (chunked under SQLite's variable limit)."""
+        topics: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = tuple(ids[i : i + 500])
+            sql = f"SELECT DISTINCT topic FROM records WHERE id IN ({','.join('?' * len(chunk))})"
+            topics.update(t for (t,) in db.execute(sql, chunk))
+        return sorted(topics)
+
+    @staticmethod
+    def _delete(db: sqlite3.Connection, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        cur = db.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in ids))
+        return max(cur.rowcount, 0)
+
+    def _evict(self, db: sqlite3.Connection, pending: int) -> dict[int, int]:
+        """Delete oldest records, least important class first, to 95 % of the budget.
+
+        Runs inside the caller's transaction. Returns the number deleted per priority class.
+        """
+        target = self.disk_budget_bytes * _EVICT_TARGET
+        evicted: dict[int, int] = {}
+        for _ in range(_MAX_EVICT_ROUNDS):
+            used = self._used_bytes(db)
+            if used <= target or pending <= 0:
+                break
+            per_row = used / pending  # over-estimates (schema pages count too): safe side
+            want = max(_MIN_EVICT_ROWS, math.ceil((used - target) / per_row))
+            for priority in reversed(_CLASSES):
+                if want <= 0:
+                    break
+                cur = db.execute(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records "
+                    "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?)",
+                    (*_class_range(priority), want),
+                )
+                n = max(cur.rowcount, 0)
+                if n:
+                    evicted[priority] = evicted.get(priority, 0) + n
+                    pending -= n
+                    want -= n
+                    if priority != Priority.ALERT:
+                        break  # re-measure before touching a more important class
+        return evicted
+
+    def _count_evictions(self, evicted: dict[int, int]) -> None:
+        total = sum(evicted.values())
+        alerts = evicted.get(int(Priority.ALERT), 0)
+        self._pending -= total
+        self._counters["evicted"] += total
+        self._counters["evicted_alerts"] += alerts
+        if not self._evicting:
+            self._evicting = True
+            self._alerts_lost = False
+            log.warning(
+                "outbox over its disk budget of %.1f MiB (uplink down?): evicting the oldest "
+                "records, telemetry first (%d evicted now)",
+                self.disk_budget_bytes / 2**20,
+                total,
+            )
+        else:
+            log.debug("outbox evicted %d record(s)", total)
+        if alerts and not self._alerts_lost:
+            self._alerts_lost = True
+            log.error(
+                "outbox holds nothing but alerts and is over budget: evicting the oldest alerts "
+                "(%d lost now, %d in total)",
+                alerts,
+                self._counters["evicted_alerts"],
+            )
