@@ -34,9 +34,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.file)
     n_regs = sum(len(d.registers) for d in cfg.devices)
-    print(f"{args.file}: OK — appliance {cfg.appliance.id}, {len(cfg.devices)} devices, "
-          f"{n_regs} registers, {len(cfg.alerts.rules)} alert rules, model {cfg.engine.model}, "
-          f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}")
+    print(
+        f"{args.file}: OK — appliance {cfg.appliance.id}, {len(cfg.devices)} devices, "
+        f"{n_regs} registers, {len(cfg.alerts.rules)} alert rules, model {cfg.engine.model}, "
+        f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}"
+    )
     return EXIT_OK
 
 
@@ -77,38 +79,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_: str, description: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=description)
-        sp.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="logging verbosity (default: from the config, or info)")
+        sp.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning", "error"],
+            help="logging verbosity (default: from the config, or info)",
+        )
         return sp
 
-    sp = add("run", "run the appliance from a config file",
-             "Run the appliance: poll the configured devices, score windows, publish to MQTT. "
-             "Stops cleanly on SIGINT/SIGTERM (drains the outbox within a deadline).")
+    sp = add(
+        "run",
+        "run the appliance from a config file",
+        "Run the appliance: poll the configured devices, score windows, publish to MQTT. "
+        "Stops cleanly on SIGINT/SIGTERM (drains the outbox within a deadline).",
+    )
     sp.add_argument("-c", "--config", required=True, metavar="FILE", help="TOML config file")
-    sp.add_argument("--duration", type=float, metavar="SECONDS",
-                    help="stop after this many seconds (default: run until signalled)")
+    sp.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this many seconds (default: run until signalled)",
+    )
     sp.set_defaults(func=_cmd_run)
 
-    sp = add("check-config", "validate a config file and exit",
-             "Validate a config file. Exit 0 when valid; exit 2 with the file, key path and "
-             "offending value when not.")
+    sp = add(
+        "check-config",
+        "validate a config file and exit",
+        "Validate a config file. Exit 0 when valid; exit 2 with the file, key path and "
+        "offending value when not.",
+    )
     sp.add_argument("file", metavar="FILE", help="TOML config file")
     sp.set_defaults(func=_cmd_check_config)
 
     from appliance.simulate import cli as sim_cli
 
-    sp = add("simulate", "run a simulated CNC cell (Modbus TCP servers)",
-             "Run N simulated CNC machines, each a Modbus TCP server with the register map of "
-             "drivers/profiles/cnc-sim.toml (documented in docs/simulator.md).")
+    sp = add(
+        "simulate",
+        "run a simulated CNC cell (Modbus TCP servers)",
+        "Run N simulated CNC machines, each a Modbus TCP server with the register map of "
+        "drivers/profiles/cnc-sim.toml (documented in docs/simulator.md).",
+    )
     sim_cli.add_arguments(sp)
     sp.set_defaults(func=_cmd_simulate)
 
     from appliance.demo import run as demo_run
 
-    sp = add("demo", "simulated cell → appliance → MQTT → live output",
-             "Start a simulated CNC cell, an MQTT broker (mosquitto if installed, else an embedded "
-             "one), the appliance and a subscriber that prints telemetry and alerts. A spindle "
-             "over-temperature fault is injected after about 10 s. Ctrl-C stops everything.")
+    sp = add(
+        "demo",
+        "simulated cell → appliance → MQTT → live output",
+        "Start a simulated CNC cell, an MQTT broker (mosquitto if installed, else an embedded "
+        "one), the appliance and a subscriber that prints telemetry and alerts. A spindle "
+        "over-temperature fault is injected after about 10 s. Ctrl-C stops everything.",
+    )
     demo_run.add_arguments(sp)
     sp.set_defaults(func=_cmd_demo)
     return p

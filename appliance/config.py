@@ -33,12 +33,12 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     pass
 
 
-class ApplianceSection(_Section):
+class ApplianceSection(_Section, frozen=True):
     id: Name = "appliance-01"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class DeviceConfig(_Section):
+class DeviceConfig(_Section, frozen=True):
     """One Modbus TCP device. Registers come from ``profile`` or are listed inline."""
 
     name: Name
@@ -61,23 +61,23 @@ class DeviceConfig(_Section):
                 )
 
 
-class FeaturesSection(_Section):
+class FeaturesSection(_Section, frozen=True):
     window_s: PositiveFloat = 1.0
 
 
-class BatchSection(_Section):
+class BatchSection(_Section, frozen=True):
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 32
     max_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=60000)] = 20
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 1024
 
 
-class EngineSection(_Section):
+class EngineSection(_Section, frozen=True):
     model: str = "cnc_anomaly"
     backend: Literal["auto", "onnxruntime-cpu"] = "auto"
     threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
-class ThresholdRule(_Section):
+class ThresholdRule(_Section, frozen=True):
     """Raise when the value goes above ``above``; clear when it falls below ``clear_below``."""
 
     name: Name
@@ -97,22 +97,22 @@ class ThresholdRule(_Section):
             raise ValueError(f"clear_below ({self.clear_below}) must be <= above ({self.above})")
 
 
-class AlertsSection(_Section):
+class AlertsSection(_Section, frozen=True):
     rules: tuple[ThresholdRule, ...] = ()
 
 
-class TelemetrySection(_Section):
+class TelemetrySection(_Section, frozen=True):
     enabled: bool = True
     stats: tuple[Literal["mean", "rms", "min", "max", "last"], ...] = ("mean", "min", "max")
 
 
-class OutboxSection(_Section):
+class OutboxSection(_Section, frozen=True):
     path: str = "/var/lib/appliance/outbox.sqlite"
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
     disk_budget_mb: PositiveFloat = 256.0
 
 
-class MqttSection(_Section):
+class MqttSection(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 1883
     client_id: str = ""
@@ -124,7 +124,7 @@ class MqttSection(_Section):
     reconnect_max_s: PositiveFloat = 30.0
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     appliance: ApplianceSection = msgspec.field(default_factory=ApplianceSection)
     devices: tuple[DeviceConfig, ...] = ()
     features: FeaturesSection = msgspec.field(default_factory=FeaturesSection)

@@ -77,7 +77,7 @@ class AlertEngine:
                 continue
             values = frame.value[sel]
             times = frame.ts[sel]
-            for v, t in zip(values.tolist(), times.tolist()):
+            for v, t in zip(values.tolist(), times.tolist(), strict=False):
                 self._evaluate(rule, frame.device, v, t, out)
         if out:
             self._emit(out)
@@ -108,9 +108,13 @@ class AlertEngine:
                 st.raised_at = ts
                 st.peak = value
                 self.raised += 1
-                log.warning(
+                log.info(
                     "alert raised: %s on %s (%s %.3g > %.3g)",
-                    rule.name, machine, rule.channel or "score", value, rule.above,
+                    rule.name,
+                    machine,
+                    rule.channel or "score",
+                    value,
+                    rule.above,
                 )
                 out.append(self._envelope(rule, machine, "raised", value, ts, st))
         else:
@@ -118,8 +122,9 @@ class AlertEngine:
             if value < clear_below:
                 st.active = False
                 self.cleared += 1
-                log.info("alert cleared: %s on %s (%.3g < %.3g)", rule.name, machine, value,
-                         clear_below)
+                log.info(
+                    "alert cleared: %s on %s (%.3g < %.3g)", rule.name, machine, value, clear_below
+                )
                 out.append(self._envelope(rule, machine, "cleared", value, ts, st))
 
     def _envelope(
@@ -134,8 +139,9 @@ class AlertEngine:
             "source": rule.source,
             "channel": rule.channel or None,
             "value": value,
-            "threshold": rule.above if state == "raised" else (
-                rule.above if rule.clear_below is None else rule.clear_below),
+            "threshold": rule.above
+            if state == "raised"
+            else (rule.above if rule.clear_below is None else rule.clear_below),
             "raised_at": st.raised_at,
         }
         if state == "cleared":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -88,10 +89,8 @@ class Batcher:
             delay = oldest + self.max_delay_s - loop.time()
             if len(self._queue) < self.max_batch and delay > 0:
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
                 continue
             await self._dispatch()
 
@@ -109,15 +108,18 @@ class Batcher:
         self.batches += 1
         self.rows_scored += n
         name = self.engine.backend
-        self._emit([Score(r.machine, r.window_end, float(s), name) for r, s in zip(rows, scores)])
+        self._emit(
+            [
+                Score(r.machine, r.window_end, float(s), name)
+                for r, s in zip(rows, scores, strict=False)
+            ]
+        )
 
     async def _cancel_loop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     async def drain(self, timeout_s: float = 2.0) -> None:

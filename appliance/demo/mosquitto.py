@@ -45,8 +45,9 @@ class MosquittoProcess:
     a restart, as on a production broker.
     """
 
-    def __init__(self, port: int, workdir: Path, *, persistence: bool = True,
-                 extra_conf: str = "") -> None:
+    def __init__(
+        self, port: int, workdir: Path, *, persistence: bool = True, extra_conf: str = ""
+    ) -> None:
         self.port = port
         self.workdir = workdir
         self.persistence = persistence

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -88,17 +89,34 @@ timeout_s = 0.5
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="run headless for this long, then exit 0 (default: until Ctrl-C)")
-    p.add_argument("--summary-json", type=Path, metavar="PATH",
-                   help="write counts of what the subscriber received and what the appliance "
-                   "polled and published to this JSON file at exit")
+    p.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="run headless for this long, then exit 0 (default: until Ctrl-C)",
+    )
+    p.add_argument(
+        "--summary-json",
+        type=Path,
+        metavar="PATH",
+        help="write counts of what the subscriber received and what the appliance "
+        "polled and published to this JSON file at exit",
+    )
     p.add_argument("--machines", type=int, default=4, help="simulated machines (default 4)")
     p.add_argument("--seed", type=int, default=42, help="simulator seed (default 42)")
-    p.add_argument("--fault-at", type=float, default=10.0, metavar="SECONDS",
-                   help="when to inject the spindle over-temperature fault (default 10)")
-    p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
-                   help="MQTT broker: mosquitto when installed, else embedded (default auto)")
+    p.add_argument(
+        "--fault-at",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="when to inject the spindle over-temperature fault (default 10)",
+    )
+    p.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="MQTT broker: mosquitto when installed, else embedded (default auto)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
 
 
@@ -107,8 +125,11 @@ def write_config(workdir: Path, ports: list[int], mqtt_port: int, protocol: str)
         DEVICE_TEMPLATE.format(name=f"cnc-{i + 1}", port=port) for i, port in enumerate(ports)
     )
     text = CONFIG_TEMPLATE.format(
-        appliance_id=DEMO_ID, devices=devices, outbox=workdir / "outbox.sqlite",
-        mqtt_port=mqtt_port, protocol=protocol,
+        appliance_id=DEMO_ID,
+        devices=devices,
+        outbox=workdir / "outbox.sqlite",
+        mqtt_port=mqtt_port,
+        protocol=protocol,
     )
     path = workdir / "appliance.toml"
     path.write_text(text)
@@ -116,10 +137,13 @@ def write_config(workdir: Path, ports: list[int], mqtt_port: int, protocol: str)
 
 
 async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    say = (lambda s: None) if args.quiet else (lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}",
-                                                                flush=True))
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
     use_mosquitto = args.broker == "mosquitto" or (
-        args.broker == "auto" and mosquitto_binary() is not None)
+        args.broker == "auto" and mosquitto_binary() is not None
+    )
     mqtt_port = free_port()
     mosq: MosquittoProcess | None = None
     embedded: Any = None
@@ -136,8 +160,11 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     say(f"MQTT broker: {broker_name} on 127.0.0.1:{mqtt_port}")
 
     ports = [free_port() for _ in range(args.machines)]
-    faults = [FaultSchedule(machine=min(1, args.machines - 1), kind="temp_ramp",
-                            at_s=args.fault_at, duration_s=15.0)]
+    faults = [
+        FaultSchedule(
+            machine=min(1, args.machines - 1), kind="temp_ramp", at_s=args.fault_at, duration_s=15.0
+        )
+    ]
     cell = SimulatedCell(machines=args.machines, ports=ports, seed=args.seed, faults=faults)
     config_path = write_config(workdir, ports, mqtt_port, "5")
     app = Appliance(load_config(config_path))
@@ -153,20 +180,22 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         say(f"simulated cell: {args.machines} CNC machines on Modbus TCP ports {ports}")
         await asyncio.to_thread(sub.start)
         await app.start()
-        say(f"appliance running (config {config_path}); engine {app.engine.backend} "
-            f"[{app.engine.detail}]")
-        say(f"subscribed to {sub.topic}; a spindle over-temperature fault hits "
-            f"cnc-{faults[0].machine + 1} at t+{args.fault_at:.0f}s. Ctrl-C to stop.")
-        try:
+        say(
+            f"appliance running (config {config_path}); engine {app.engine.backend} "
+            f"[{app.engine.detail}]"
+        )
+        say(
+            f"subscribed to {sub.topic}; a spindle over-temperature fault hits "
+            f"cnc-{faults[0].machine + 1} at t+{args.fault_at:.0f}s. Ctrl-C to stop."
+        )
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), args.duration)
-        except asyncio.TimeoutError:
-            pass
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         say("stopping: acquisition, then draining the outbox")
-        await cell.stop()
         await app.stop(drain_timeout_s=5.0)
+        await cell.stop()
         await asyncio.sleep(0.3)  # let the last acknowledged messages reach the subscriber
         await asyncio.to_thread(sub.stop)
         if embedded is not None:
@@ -194,10 +223,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="appliance-demo-") as tmp:
         summary = asyncio.run(_demo(args, Path(tmp)))
-    line = (f"demo summary: {summary['telemetry_messages']} telemetry messages, "
-            f"{summary['alerts_raised']} alerts raised, {summary['alerts_cleared']} cleared, "
-            f"{summary['polls']} polls, {summary['published']} messages published, "
-            f"{summary['subscriber']['gaps']} sequence gaps")
+    line = (
+        f"demo summary: {summary['telemetry_messages']} telemetry messages, "
+        f"{summary['alerts_raised']} alerts raised, {summary['alerts_cleared']} cleared, "
+        f"{summary['polls']} polls, {summary['published']} messages published, "
+        f"{summary['subscriber']['gaps']} sequence gaps"
+    )
     print(line, flush=True)
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")

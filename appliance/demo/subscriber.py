@@ -36,10 +36,17 @@ class DemoSubscriber:
     threads under ``lock``.
     """
 
-    def __init__(self, host: str, port: int, prefix: str, appliance_id: str, *,
-                 client_id: str = "demo-subscriber",
-                 printer: Callable[[str], None] | None = None,
-                 print_every_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        prefix: str,
+        appliance_id: str,
+        *,
+        client_id: str = "demo-subscriber",
+        printer: Callable[[str], None] | None = None,
+        print_every_s: float = 2.0,
+    ) -> None:
         self.host, self.port = host, port
         self.topic = f"{prefix}/{appliance_id}/#"
         self.printer = printer
@@ -57,12 +64,14 @@ class DemoSubscriber:
         self._last_print = 0.0
         self._connected = threading.Event()
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
             protocol=mqtt.MQTTv311,
         )
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(0.2, 2)
+        self._client.reconnect_delay_set(1, 2)
 
     def start(self, timeout_s: float = 10.0) -> None:
         self._client.connect_async(self.host, self.port, keepalive=30)
@@ -74,8 +83,9 @@ class DemoSubscriber:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         if reason.is_failure:
             log.warning("subscriber: connect refused: %s", reason)
             return
@@ -147,8 +157,10 @@ class DemoSubscriber:
                 "gaps": sum(len(s.gaps) for s in self.streams.values()),
                 "bad_messages": self.bad_messages,
                 "status": self.status,
-                "streams": {k: {"last_seq": v.last_seq, "received": v.received,
-                                "gaps": v.gaps} for k, v in sorted(self.streams.items())},
+                "streams": {
+                    k: {"last_seq": v.last_seq, "received": v.received, "gaps": v.gaps}
+                    for k, v in sorted(self.streams.items())
+                },
             }
 
 
@@ -160,7 +172,11 @@ def _fmt(channels: dict[str, Any], name: str, spec: str) -> str:
 def format_alert(m: dict[str, Any]) -> str:
     what = m.get("channel") or "anomaly score"
     if m.get("state") == "raised":
-        return (f"ALERT RAISED   {m['machine']} {m['rule']} ({m['severity']}): {what} = "
-                f"{m['value']:.2f} > {m['threshold']:.2f}")
-    return (f"ALERT CLEARED  {m['machine']} {m['rule']}: {what} = {m['value']:.2f} "
-            f"after {m.get('duration_s', 0):.0f} s (peak {m.get('peak', float('nan')):.2f})")
+        return (
+            f"ALERT RAISED   {m['machine']} {m['rule']} ({m['severity']}): {what} = "
+            f"{m['value']:.2f} > {m['threshold']:.2f}"
+        )
+    return (
+        f"ALERT CLEARED  {m['machine']} {m['rule']}: {what} = {m['value']:.2f} "
+        f"after {m.get('duration_s', 0):.0f} s (peak {m.get('peak', float('nan')):.2f})"
+    )

@@ -46,13 +46,15 @@ class TelemetryDownsampler:
             "channels": channels,
         }
         self.messages += 1
-        self._emit([
-            Envelope(
-                stream=f"telemetry/{window.machine}",
-                kind="telemetry",
-                topic=self._topic_for(window.machine),
-                priority=Priority.TELEMETRY,
-                ts=window.end,
-                body=body,
-            )
-        ])
+        self._emit(
+            [
+                Envelope(
+                    stream=f"telemetry/{window.machine}",
+                    kind="telemetry",
+                    topic=self._topic_for(window.machine),
+                    priority=Priority.TELEMETRY,
+                    ts=window.end,
+                    body=body,
+                )
+            ]
+        )

@@ -167,7 +167,7 @@ class FeatureBuilder:
             return
         stats = {s: getattr(window, s) for s in STATS}
         vec = np.fromiter(
-            (stats[f.stat][i] for f, i in zip(self.features, idx)),
+            (stats[f.stat][i] for f, i in zip(self.features, idx, strict=False)),
             dtype=np.float32,
             count=len(self.features),
         )

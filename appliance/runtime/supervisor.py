@@ -10,6 +10,7 @@ the outbox on disk and goes out after the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -54,10 +55,14 @@ class Appliance:
         )
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
         self.engine, self.engine_reason = select_engine(
-            self.bundle, cfg.engine.backend, threads=cfg.engine.threads,
+            self.bundle,
+            cfg.engine.backend,
+            threads=cfg.engine.threads,
             max_batch=max(cfg.batch.max_batch, len(self.bundle.golden_inputs)),
         )
-        self.alerts = AlertEngine(cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m))
+        self.alerts = AlertEngine(
+            cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m)
+        )
         self.batcher = Batcher(
             self.engine,
             self.alerts.on_scores,
@@ -100,14 +105,20 @@ class Appliance:
             return
         self._started = True
         self.started_at = time.time()
-        log.info("appliance %s v%s starting: %d devices, model %s %s",
-                 self.cfg.appliance.id, __version__, len(self.cfg.devices), self.bundle.name,
-                 self.bundle.version)
+        log.info(
+            "appliance %s v%s starting: %d devices, model %s %s",
+            self.cfg.appliance.id,
+            __version__,
+            len(self.cfg.devices),
+            self.bundle.name,
+            self.bundle.version,
+        )
         self.outbox.open()
         await self.uplink.start()
         await self.batcher.start()
-        log.info("engine: %s (%s) — %s", self.engine.backend, self.engine.detail,
-                 self.engine_reason)
+        log.info(
+            "engine: %s (%s) — %s", self.engine.backend, self.engine.detail, self.engine_reason
+        )
         await self.acquisition.start()
         log.info("appliance %s running", self.cfg.appliance.id)
 
@@ -133,10 +144,8 @@ class Appliance:
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), duration_s)
-            except asyncio.TimeoutError:
-                pass
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -160,10 +169,14 @@ class Appliance:
                 "calls": self.engine.stats.calls,
                 "rows": self.engine.stats.rows,
                 "mean_ms": (self.engine.stats.total_ms / self.engine.stats.calls)
-                if self.engine.stats.calls else 0.0,
+                if self.engine.stats.calls
+                else 0.0,
             },
-            "alerts": {"raised": self.alerts.raised, "cleared": self.alerts.cleared,
-                       "active": self.alerts.active()},
+            "alerts": {
+                "raised": self.alerts.raised,
+                "cleared": self.alerts.cleared,
+                "active": self.alerts.active(),
+            },
             "telemetry_messages": self.telemetry.messages,
             "outbox": self.outbox.stats(),
             "uplink": self.uplink.stats(),

@@ -24,8 +24,17 @@ from collections.abc import Sequence
 from typing import Literal, get_args
 
 ValueType = Literal[
-    "bit", "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-    "float32", "float64", "string",
+    "bit",
+    "bool",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float32",
+    "float64",
+    "string",
 ]
 ByteOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 
@@ -34,13 +43,27 @@ BYTE_ORDERS: tuple[str, ...] = get_args(ByteOrder)
 
 #: Registers a value of each fixed-size type occupies (``string`` is sized by its length).
 REGISTER_COUNT: dict[str, int] = {
-    "bit": 1, "bool": 1, "int16": 1, "uint16": 1, "int32": 2, "uint32": 2,
-    "int64": 4, "uint64": 4, "float32": 2, "float64": 4,
+    "bit": 1,
+    "bool": 1,
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float32": 2,
+    "float64": 4,
 }
 
 _STRUCT: dict[str, str] = {
-    "int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I",
-    "int64": ">q", "uint64": ">Q", "float32": ">f", "float64": ">d",
+    "int16": ">h",
+    "uint16": ">H",
+    "int32": ">i",
+    "uint32": ">I",
+    "int64": ">q",
+    "uint64": ">Q",
+    "float32": ">f",
+    "float64": ">d",
 }
 
 
@@ -109,8 +132,14 @@ def decode(
     return value
 
 
-def encode(value: float | int | bool | str, value_type: str, order: str = "ABCD",
-           *, length: int = 0, bit: int = 0) -> list[int]:
+def encode(
+    value: float | int | bool | str,
+    value_type: str,
+    order: str = "ABCD",
+    *,
+    length: int = 0,
+    bit: int = 0,
+) -> list[int]:
     """Encode one value into registers in the device's order (the inverse of :func:`decode`)."""
     if order not in BYTE_ORDERS:
         raise CodecError(f"unknown byte order {order!r}")

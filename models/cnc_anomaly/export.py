@@ -25,8 +25,14 @@ VERSION = "1.0.0"
 WINDOW_S = 1.0
 POLL_S = 0.1
 CHANNELS = (
-    "spindle_speed", "spindle_load", "axis_load_x", "axis_load_y", "axis_load_z",
-    "spindle_temp", "coolant_temp", "vibration_rms",
+    "spindle_speed",
+    "spindle_load",
+    "axis_load_x",
+    "axis_load_y",
+    "axis_load_z",
+    "spindle_temp",
+    "coolant_temp",
+    "vibration_rms",
 )
 FEATURES = tuple(FeatureSpec(c, s) for c in CHANNELS for s in ("mean", "max"))
 OPSET, IR_VERSION = 17, 10
@@ -51,11 +57,16 @@ def simulate_windows(
             _, kind, duration = pending.pop(0)
             machine.inject(kind, duration)
         vals = machine.values()
-        agg.on_frame(Frame(
-            device="m", channels=channels, ts=np.full(len(channels), 1e9 + t),
-            channel=ch_idx, value=np.array([vals[c] for c in channels], dtype=np.float64),
-            quality=quality,
-        ))
+        agg.on_frame(
+            Frame(
+                device="m",
+                channels=channels,
+                ts=np.full(len(channels), 1e9 + t),
+                channel=ch_idx,
+                value=np.array([vals[c] for c in channels], dtype=np.float64),
+                quality=quality,
+            )
+        )
     agg.flush()
     rows = []
     for w in windows[1:-1]:  # drop the partial first and last windows
@@ -71,7 +82,7 @@ def fit(x: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray, flo
     cov += ridge * np.eye(cov.shape[0])
     inv = np.linalg.inv(cov)
     chol = np.linalg.cholesky(inv)  # inv = L L^T, so |(z) @ L|² = z^T inv z
-    w = (chol / std[:, None])  # fold the standardisation into W
+    w = chol / std[:, None]  # fold the standardisation into W
     d = np.sqrt(np.mean(((x - mean) @ w) ** 2, axis=1))
     s_ref = float(np.quantile(d, 0.999))
     return mean, w, s_ref
@@ -101,7 +112,8 @@ def build_onnx(mean: np.ndarray, w: np.ndarray, s_ref: float) -> bytes:
         helper.make_node("Mul", ["dist", "inv_sref"], ["score"]),
     ]
     graph = helper.make_graph(
-        nodes, NAME,
+        nodes,
+        NAME,
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f])],
         [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
         initializer=inits,
@@ -121,9 +133,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="normal data per machine")
     args = ap.parse_args()
 
-    train = np.vstack([
-        simulate_windows(args.seed, i, args.minutes * 60) for i in range(4)
-    ])
+    train = np.vstack([simulate_windows(args.seed, i, args.minutes * 60) for i in range(4)])
     mean, w, s_ref = fit(train)
     holdout = simulate_windows(args.seed + 1, 7, 600)
     faulty_temp = simulate_windows(args.seed + 2, 1, 120, ((30.0, "temp_ramp", 30.0),))
@@ -132,9 +142,11 @@ def main() -> None:
     hs = reference_score(holdout, mean, w, s_ref)
     ts = reference_score(faulty_temp, mean, w, s_ref)
     vs = reference_score(faulty_vib, mean, w, s_ref)
-    print(f"train windows {len(train)}; holdout score p50 {np.median(hs):.3f} "
-          f"p99 {np.quantile(hs, 0.99):.3f} max {hs.max():.3f} "
-          f">1.0: {np.mean(hs > 1.0) * 100:.2f}%  >1.5: {np.mean(hs > 1.5) * 100:.2f}%")
+    print(
+        f"train windows {len(train)}; holdout score p50 {np.median(hs):.3f} "
+        f"p99 {np.quantile(hs, 0.99):.3f} max {hs.max():.3f} "
+        f">1.0: {np.mean(hs > 1.0) * 100:.2f}%  >1.5: {np.mean(hs > 1.5) * 100:.2f}%"
+    )
     print(f"temp_ramp max score {ts.max():.2f}; vibration_surge max score {vs.max():.2f}")
 
     onnx_bytes = build_onnx(mean, w, s_ref)

@@ -14,8 +14,14 @@ CH = ("spindle_temp", "vibration_rms")
 
 
 def temp_frame(machine: str, ts: float, temp: float, q: Quality = Quality.GOOD) -> Frame:
-    return Frame(machine, CH, np.full(2, ts), np.array([0, 1], np.int32),
-                 np.array([temp, 1.0]), np.array([q, Quality.GOOD], np.uint8))
+    return Frame(
+        machine,
+        CH,
+        np.full(2, ts),
+        np.array([0, 1], np.int32),
+        np.array([temp, 1.0]),
+        np.array([q, Quality.GOOD], np.uint8),
+    )
 
 
 def make(rules: list[ThresholdRule]) -> tuple[AlertEngine, list[Envelope]]:
@@ -48,8 +54,7 @@ def test_bad_quality_values_never_raise() -> None:
 
 
 def test_state_is_per_machine_and_machine_filter_applies() -> None:
-    eng, out = make([ThresholdRule(name="hot", channel="spindle_temp", above=75,
-                                   machines=("m2",))])
+    eng, out = make([ThresholdRule(name="hot", channel="spindle_temp", above=75, machines=("m2",))])
     eng.on_frame(temp_frame("m1", 0.0, 90.0))
     eng.on_frame(temp_frame("m2", 0.0, 90.0))
     assert [e.body["machine"] for e in out] == ["m2"]
@@ -61,7 +66,9 @@ def test_score_rule_raises_and_clears_on_model_scores() -> None:
     eng.on_scores([Score("m2", 2.0, 1.5, "ort")])
     eng.on_scores([Score("m2", 3.0, 0.9, "ort")])
     assert [(e.body["machine"], e.body["state"]) for e in out] == [
-        ("m2", "raised"), ("m2", "cleared")]
+        ("m2", "raised"),
+        ("m2", "cleared"),
+    ]
     assert out[0].body["source"] == "score" and out[0].body["channel"] is None
 
 

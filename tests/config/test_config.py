@@ -34,12 +34,17 @@ DEVICE = '[[devices]]\nname = "m"\nprofile = "cnc-sim"\n'
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ('[[devices]]\nname = "m"\n[[devices.registers]]\nname = "t"\naddress = 5\n'
-         'type = "flaot32"\n', "Invalid enum value 'flaot32' - at `$.devices[0].registers[0].type`"),
+        (
+            '[[devices]]\nname = "m"\n[[devices.registers]]\nname = "t"\naddress = 5\n'
+            'type = "flaot32"\n',
+            "Invalid enum value 'flaot32' - at `$.devices[0].registers[0].type`",
+        ),
         (DEVICE + "poll_interval_ms = -100\n", "`$.devices[0].poll_interval_ms`"),
         (DEVICE + "colour = 3\n", "unknown field `colour` - at `$.devices[0]`"),
-        (DEVICE + '[[alerts.rules]]\nname = "x"\nchannel = "spindle_tmp"\nabove = 1\n',
-         "alerts.rules[0].channel: 'spindle_tmp' is not a register"),
+        (
+            DEVICE + '[[alerts.rules]]\nname = "x"\nchannel = "spindle_tmp"\nabove = 1\n',
+            "alerts.rules[0].channel: 'spindle_tmp' is not a register",
+        ),
         (DEVICE + DEVICE, "devices[1].name: duplicate device name 'm'"),
         ('[[devices]]\nname = "m"\nprofile = "nope"\n', "devices[0].profile: profile 'nope'"),
         ("[mqtt]\nport = 70000\n", "`$.mqtt.port`"),

@@ -59,7 +59,9 @@ def test_windows_are_per_machine_and_aligned_to_wall_clock() -> None:
     agg.on_frame(frame(12.1, 1, 1, device="m1"))
     agg.flush()
     assert sorted((w.machine, w.start, w.end) for w in out) == [
-        ("m1", 10.0, 12.0), ("m1", 12.0, 14.0), ("m2", 10.0, 12.0),
+        ("m1", 10.0, 12.0),
+        ("m1", 12.0, 14.0),
+        ("m2", 10.0, 12.0),
     ]
 
 

@@ -1,0 +1,1 @@
+"""The demo: embedded broker, subscriber and the `appliance demo` orchestration."""

@@ -1,0 +1,117 @@
+"""The command line as a user runs it: real subprocesses, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance import __version__
+from appliance.demo.mosquitto import MosquittoProcess, free_port, wait_port
+from appliance.demo.subscriber import DemoSubscriber
+
+APPLIANCE = [sys.executable, "-m", "appliance"]
+
+
+def test_version_and_help_of_every_command() -> None:
+    out = subprocess.run([*APPLIANCE, "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"appliance {__version__}"
+    for cmd in ("run", "check-config", "simulate", "demo"):
+        res = subprocess.run([*APPLIANCE, cmd, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0 and "usage: appliance " + cmd in res.stdout
+
+
+def test_run_without_config_is_a_usage_error() -> None:
+    res = subprocess.run([*APPLIANCE, "run"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--config" in res.stderr
+
+
+@pytest.mark.slow
+def test_run_publishes_then_stops_cleanly_on_sigterm(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    port = free_port()
+    sim = subprocess.Popen(
+        [
+            *APPLIANCE,
+            "simulate",
+            "--machines",
+            "1",
+            "--base-port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+    )
+    cfg = tmp_path / "cell.toml"
+    cfg.write_text(
+        '[appliance]\nid = "cli"\n'
+        f'[[devices]]\nname = "cnc-1"\nport = {port}\nprofile = "cnc-sim"\n'
+        '[outbox]\npath = "outbox.sqlite"\n'
+        f"[mqtt]\nport = {mosquitto.port}\n"
+    )
+    sub = DemoSubscriber("127.0.0.1", mosquitto.port, "edge", "cli", client_id="cli-sub")
+    app = None
+    try:
+        wait_port(port)
+        sub.start()
+        app = subprocess.Popen(
+            [*APPLIANCE, "run", "-c", str(cfg)], stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 30
+        while sub.summary()["telemetry_messages"] < 3:
+            assert time.monotonic() < deadline, "no telemetry from `appliance run`"
+            assert app.poll() is None, app.stderr.read() if app.stderr else ""
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        app.send_signal(signal.SIGTERM)
+        _, err = app.communicate(timeout=20)
+        assert app.returncode == 0, err
+        assert time.monotonic() - t0 < 15
+        assert "appliance stopped" in err
+        time.sleep(0.3)
+        assert sub.summary()["status"] == "offline"
+    finally:
+        if app is not None and app.poll() is None:
+            app.kill()
+            app.wait()
+        sim.send_signal(signal.SIGINT)
+        assert sim.wait(timeout=10) == 0
+        sub.stop()
+
+
+@pytest.mark.slow
+def test_demo_runs_headless_and_writes_its_summary(tmp_path: Path) -> None:
+    summary = tmp_path / "s.json"
+    res = subprocess.run(
+        [
+            *APPLIANCE,
+            "demo",
+            "--duration",
+            "25",
+            "--fault-at",
+            "2",
+            "--broker",
+            "embedded",
+            "--machines",
+            "2",
+            "--summary-json",
+            str(summary),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert res.returncode == 0, res.stderr
+    s = json.loads(summary.read_text())
+    assert s["broker"] == "embedded"
+    assert s["telemetry_messages"] >= 30 and s["alerts_raised"] >= 1
+    assert s["polls"] > 300 and s["published"] >= s["telemetry_messages"]
+    assert s["subscriber"]["gaps"] == 0
+    assert "demo summary:" in res.stdout
