@@ -38,16 +38,20 @@ class ApplianceSection(_Section, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class DeviceConfig(_Section, frozen=True):
-    """One Modbus TCP device. Registers come from ``profile`` or are listed inline."""
+class _DeviceBase(_Section, frozen=True, tag_field="protocol"):
+    """Fields every device has. ``protocol`` selects the concrete class (a tagged union)."""
 
     name: Name
-    protocol: Literal["modbus_tcp"] = "modbus_tcp"
+    poll_interval_ms: Annotated[int, msgspec.Meta(ge=1)] = 100
+    timeout_s: PositiveFloat = 1.0
+
+
+class ModbusTcpConfig(_DeviceBase, frozen=True, tag="modbus_tcp"):
+    """One Modbus TCP device. Registers come from ``profile`` or are listed inline."""
+
     host: str = "127.0.0.1"
     port: Port = 502
     unit_id: Annotated[int, msgspec.Meta(ge=0, le=255)] = 1
-    poll_interval_ms: Annotated[int, msgspec.Meta(ge=1)] = 100
-    timeout_s: PositiveFloat = 1.0
     profile: str = ""
     registers: tuple[Register, ...] = ()
 
@@ -59,6 +63,12 @@ class DeviceConfig(_Section, frozen=True):
                 raise ValueError(
                     f"registers[{i}] ({reg.name}): string values cannot be channels yet"
                 )
+
+
+#: Every device kind, selected by its ``protocol`` key (default ``modbus_tcp``). New protocols
+#: add their config class here.
+DeviceConfig = ModbusTcpConfig
+DEFAULT_PROTOCOL = "modbus_tcp"
 
 
 class FeaturesSection(_Section, frozen=True):
@@ -179,6 +189,11 @@ def _cross_checks(cfg: Config) -> Config:
 
 def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Path) -> Config:
     """Validate a decoded TOML document. Raises :class:`ConfigError` naming ``source``."""
+    devices = data.get("devices")
+    if isinstance(devices, list):  # `protocol` may be omitted: Modbus TCP is the default
+        data = {**data, "devices": [
+            {"protocol": DEFAULT_PROTOCOL, **d} if isinstance(d, dict) else d for d in devices
+        ]}
     try:
         cfg = msgspec.convert(data, Config)
         cfg = _cross_checks(cfg)

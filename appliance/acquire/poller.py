@@ -36,7 +36,7 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from appliance.config import DeviceConfig
+from appliance.config import DeviceConfig, ModbusTcpConfig
 from appliance.contracts import Frame
 from drivers.errors import DeviceUnavailable
 from drivers.modbus.tcp import ModbusTcpDevice
@@ -68,11 +68,11 @@ def make_driver(device: DeviceConfig) -> PolledDevice:
             f"device {device.name}: no registers (load the config with load_config, which "
             f"resolves profile {device.profile!r})"
         )
-    if device.protocol == "modbus_tcp":
+    if isinstance(device, ModbusTcpConfig):
         return ModbusTcpDevice(
             device.host, device.port, device.unit_id, device.registers, device.timeout_s
         )
-    raise ValueError(f"device {device.name}: unsupported protocol {device.protocol!r}")
+    raise ValueError(f"device {device.name}: unsupported device type {type(device).__name__}")
 
 
 class DevicePoller:
