@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
 from appliance.errors import ConfigError
-from drivers.modbus.registers import Register, RegisterMapError, check_register_map, load_profile
+from drivers.modbus.registers import (
+    DEFAULT_GROUP,
+    GroupName,
+    Register,
+    RegisterMapError,
+    check_register_map,
+    load_profile,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,28 +53,248 @@ class _DeviceBase(_Section, frozen=True, tag_field="protocol"):
     timeout_s: PositiveFloat = 1.0
 
 
-class ModbusTcpConfig(_DeviceBase, frozen=True, tag="modbus_tcp"):
-    """One Modbus TCP device. Registers come from ``profile`` or are listed inline."""
+GroupMs = Annotated[int, msgspec.Meta(ge=1)]
 
-    host: str = "127.0.0.1"
-    port: Port = 502
-    unit_id: Annotated[int, msgspec.Meta(ge=0, le=255)] = 1
+
+class _ModbusBase(_DeviceBase, frozen=True):
+    """Fields every Modbus device has (TCP and RTU). Registers come from ``profile`` or are
+    listed inline. ``groups`` maps poll-group names to intervals in ms (default: one group
+    ``fast`` at ``poll_interval_ms``); every register's ``group`` must be declared.
+    ``max_gap``: unused addresses one read may span (coalescing); ``max_registers``/``max_bits``
+    cap one read for devices with small buffers. ``stale_after_s``: how long the last good value
+    is repeated with quality STALE when a read fails, before it turns BAD/NaN."""
+
     profile: str = ""
     registers: tuple[Register, ...] = ()
+    groups: dict[GroupName, GroupMs] = msgspec.field(default_factory=dict)
+    max_gap: Annotated[int, msgspec.Meta(ge=0, le=124)] = 0
+    max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] = 125
+    max_bits: Annotated[int, msgspec.Meta(ge=1, le=2000)] = 2000
+    stale_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
 
     def __post_init__(self) -> None:
         if not self.profile and not self.registers:
             raise ValueError("give `profile` (a register-map profile) or `registers`")
-        for i, reg in enumerate(self.registers):
-            if reg.type == "string":
+
+    def group_intervals_ms(self) -> dict[str, int]:
+        """Poll group → interval (ms): ``groups``, or ``{"fast": poll_interval_ms}``."""
+        return dict(self.groups) if self.groups else {DEFAULT_GROUP: self.poll_interval_ms}
+
+
+class ModbusTcpConfig(_ModbusBase, frozen=True, tag="modbus_tcp"):
+    """One Modbus TCP device (``host:port``, unit ``unit_id``)."""
+
+    host: str = "127.0.0.1"
+    port: Port = 502
+    unit_id: Annotated[int, msgspec.Meta(ge=0, le=255)] = 1
+
+
+class ModbusRtuConfig(_ModbusBase, frozen=True, kw_only=True, tag="modbus_rtu"):
+    """One Modbus RTU unit on a serial line (``port``: ``/dev/ttyUSB0``, ``socket://gw:4001``).
+
+    Units on the same ``port`` share one bus (one lock, one thread); their line settings must
+    agree. ``inter_frame_gap_ms`` defaults to 3.5 character times (1.75 ms above 19200 baud).
+    ``local_echo``: the RS-485 adapter echoes what it sends; read and discard the echo.
+    """
+
+    port: Annotated[str, msgspec.Meta(min_length=1)]
+    unit_id: Annotated[int, msgspec.Meta(ge=1, le=247)] = 1
+    baudrate: Annotated[int, msgspec.Meta(ge=300, le=4_000_000)] = 19200
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "E"
+    stopbits: Literal[1, 2] = 1
+    inter_frame_gap_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] | None = None
+    local_echo: bool = False
+
+    def line_settings(self) -> tuple[object, ...]:
+        """What units sharing a port must agree on."""
+        return (
+            self.baudrate,
+            self.bytesize,
+            self.parity,
+            self.stopbits,
+            self.inter_frame_gap_ms,
+            self.local_echo,
+        )
+
+
+def _resolve_modbus(dev: ModbusTcpConfig | ModbusRtuConfig, where: str) -> Any:
+    """Resolve a Modbus device's profile into registers and check its map (key-path errors)."""
+    groups = list(dev.group_intervals_ms())
+    if dev.profile:
+        if dev.registers:
+            raise ValueError(f"{where}: give `profile` or `registers`, not both")
+        try:
+            dev = msgspec.structs.replace(dev, registers=load_profile(dev.profile))
+        except RegisterMapError as err:
+            raise ValueError(f"{where}.profile: {err}") from None
+        try:
+            check_register_map(dev.registers, f"{where}.registers", groups)
+        except RegisterMapError as err:
+            raise ValueError(f"{err} (in profile {dev.profile!r})") from None
+    else:
+        try:
+            check_register_map(dev.registers, f"{where}.registers", groups)
+        except RegisterMapError as err:
+            raise ValueError(str(err)) from None
+    for i, reg in enumerate(dev.registers):  # each value must fit one read of this device
+        limit = dev.max_bits if reg.table in ("coil", "discrete") else dev.max_registers
+        if reg.count > limit:
+            raise ValueError(
+                f"{where}.registers[{i}] ({reg.name}): {reg.count} registers do not fit one "
+                f"read of at most {limit} (max_registers/max_bits)"
+            )
+    return dev
+
+
+def _check_rtu_buses(devices: list[Any]) -> None:
+    """Units on one serial port: same line settings, distinct unit ids."""
+    first: dict[str, tuple[int, ModbusRtuConfig]] = {}
+    units: dict[tuple[str, int], int] = {}
+    for i, dev in enumerate(devices):
+        if not isinstance(dev, ModbusRtuConfig):
+            continue
+        if dev.port in first:
+            j, other = first[dev.port]
+            if dev.line_settings() != other.line_settings():
                 raise ValueError(
-                    f"registers[{i}] ({reg.name}): string values cannot be channels yet"
+                    f"devices[{i}].port: {dev.port!r} is shared with devices[{j}] but the line "
+                    f"settings differ (baudrate, bytesize, parity, stopbits, "
+                    f"inter_frame_gap_ms, local_echo)"
                 )
+        else:
+            first[dev.port] = (i, dev)
+        key = (dev.port, dev.unit_id)
+        if key in units:
+            raise ValueError(
+                f"devices[{i}].unit_id: unit {dev.unit_id} on {dev.port!r} is already "
+                f"devices[{units[key]}]"
+            )
+        units[key] = i
+
+
+ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class ChannelRef(NamedTuple):
+    """A channel of a device that has no register map (serial text protocols): its name."""
+
+    name: str
+
+
+class _TextDeviceBase(_DeviceBase, frozen=True):
+    """Connection of a serial text-protocol device: ``serial_port`` or ``host``/``port``.
+
+    ``serial_port`` is a device path (``/dev/ttyUSB0``) or any pyserial URL
+    (``socket://moxa:4001`` for a raw terminal server, ``rfc2217://...``); ``host`` selects plain
+    TCP. Give exactly one. Line settings apply to real serial ports only.
+    """
+
+    host: str = ""
+    port: Port = 4001
+    serial_port: str = ""
+    baudrate: Annotated[int, msgspec.Meta(ge=50, le=4_000_000)] = 9600
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["N", "E", "O", "M", "S"] = "N"
+    stopbits: float = 1
+    xonxoff: bool = False
+    rtscts: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.host) == bool(self.serial_port):
+            raise ValueError("give exactly one of `serial_port` (serial/URL) or `host` (TCP)")
+        if self.stopbits not in (1, 1.5, 2):
+            raise ValueError(f"stopbits: {self.stopbits} is not one of 1, 1.5, 2")
+        names = [c.name for c in self.registers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate channel names {dup}")
+        if not names:
+            raise ValueError("the device has no channels")
+
+    @property
+    def registers(self) -> tuple[ChannelRef, ...]:
+        """The device's channels in ``ReadResult`` order (named like a register map's entries so
+        code written for register-map devices, e.g. the poller, can list them)."""
+        raise NotImplementedError
+
+
+class HaasVariable(_Section, frozen=True):
+    """A Q600 macro/system variable read as channel ``name`` (value * scale + offset)."""
+
+    name: ChannelName
+    var: Annotated[int, msgspec.Meta(ge=1, le=999999)]
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+class HaasConfig(_TextDeviceBase, frozen=True, tag="haas_q"):
+    """A Haas control read with machine-data-collection Q commands (docs/drivers-text.md)."""
+
+    port: Port = 5051
+    command_prefix: Literal["?", ""] = "?"
+    variables: tuple[HaasVariable, ...] = ()
+    parts_channel: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")] = (
+        "parts_count"
+    )
+    running_channel: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")] = (
+        "running"
+    )
+    query_mode: bool = True
+
+    @property
+    def registers(self) -> tuple[ChannelRef, ...]:
+        """Variables in config order, then ``parts_channel`` and ``running_channel`` if set."""
+        names = [v.name for v in self.variables]
+        names += [n for n in (self.parts_channel, self.running_channel) if n]
+        return tuple(ChannelRef(n) for n in names)
+
+
+class LineChannel(_Section, frozen=True):
+    """Field ``key`` of each line (default: ``name``) as channel ``name`` (x * scale + offset)."""
+
+    name: ChannelName
+    key: str = ""
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+class LineConfig(_TextDeviceBase, frozen=True, tag="line"):
+    """A sensor that streams CSV or key=value text lines (docs/drivers-text.md)."""
+
+    format: Literal["csv", "kv"] = "csv"
+    columns: tuple[str, ...] = ()
+    separator: Annotated[str, msgspec.Meta(min_length=1)] = ","
+    pair_separator: Annotated[str, msgspec.Meta(min_length=1)] = " "
+    kv_separator: Annotated[str, msgspec.Meta(min_length=1)] = "="
+    comment: str = "#"
+    channels: tuple[LineChannel, ...] = ()
+    max_line_bytes: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 1024
+    silence_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format == "csv":
+            if not self.columns:
+                raise ValueError("format 'csv' needs `columns`")
+            for i, ch in enumerate(self.channels):
+                if (ch.key or ch.name) not in self.columns:
+                    raise ValueError(
+                        f"channels[{i}] ({ch.name}): key {ch.key or ch.name!r} is not one of "
+                        f"columns {list(self.columns)}"
+                    )
+        elif self.columns:
+            raise ValueError("`columns` is for format 'csv' only")
+
+    @property
+    def registers(self) -> tuple[ChannelRef, ...]:
+        """The configured channels in config order."""
+        return tuple(ChannelRef(c.name) for c in self.channels)
 
 
 #: Every device kind, selected by its ``protocol`` key (default ``modbus_tcp``). New protocols
 #: add their config class here.
-DeviceConfig = ModbusTcpConfig
+DeviceConfig = ModbusTcpConfig | ModbusRtuConfig | HaasConfig | LineConfig
 DEFAULT_PROTOCOL = "modbus_tcp"
 
 
@@ -123,6 +350,13 @@ class OutboxSection(_Section, frozen=True):
 
 
 class MqttSection(_Section, frozen=True):
+    """The MQTT uplink (docs/configuration.md ``[mqtt]``, docs/mqtt.md for subscribers).
+
+    Secrets never live in this struct (so never in its ``repr`` or the effective-config dump):
+    ``password_file`` / ``password_env`` name where the uplink reads the password when it
+    connects. File paths must be absolute.
+    """
+
     host: str = "127.0.0.1"
     port: Port = 1883
     client_id: str = ""
@@ -132,6 +366,33 @@ class MqttSection(_Section, frozen=True):
     max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 100
     reconnect_min_s: PositiveFloat = 0.5
     reconnect_max_s: PositiveFloat = 30.0
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    tls_insecure: bool = False
+    username: str = ""
+    password_file: str = ""
+    password_env: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")] = ""
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
+    backlog_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    historical_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+
+    def __post_init__(self) -> None:
+        for key in ("ca_file", "cert_file", "key_file", "password_file"):
+            value = getattr(self, key)
+            if value and not value.startswith("/"):
+                raise ValueError(f"mqtt.{key}: must be an absolute path, not {value!r}")
+        if not self.tls:
+            for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+                if getattr(self, key):
+                    raise ValueError(f"mqtt.{key} needs mqtt.tls = true")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("mqtt.cert_file and mqtt.key_file go together (a client certificate)")
+        if self.password_file and self.password_env:
+            raise ValueError("mqtt: give password_file or password_env, not both")
+        if (self.password_file or self.password_env) and not self.username:
+            raise ValueError("mqtt.username is required with password_file / password_env")
 
 
 class Config(_Section, frozen=True):
@@ -154,25 +415,18 @@ def _resolve(base: Path, value: str) -> str:
 def _cross_checks(cfg: Config) -> Config:
     """Checks that span sections; resolves device profiles into registers."""
     names: dict[str, int] = {}
-    devices = []
+    devices: list[DeviceConfig] = []
     for i, dev in enumerate(cfg.devices):
         where = f"devices[{i}]"
         if dev.name in names:
             raise ValueError(f"{where}.name: duplicate device name {dev.name!r}")
         names[dev.name] = i
-        if dev.profile:
-            if dev.registers:
-                raise ValueError(f"{where}: give `profile` or `registers`, not both")
-            try:
-                dev = msgspec.structs.replace(dev, registers=load_profile(dev.profile))
-            except RegisterMapError as err:
-                raise ValueError(f"{where}.profile: {err}") from None
-        else:
-            try:
-                check_register_map(dev.registers, f"{where}.registers")
-            except RegisterMapError as err:
-                raise ValueError(str(err)) from None
+        if isinstance(dev, (HaasConfig, LineConfig)):  # channels checked by the class itself
+            devices.append(dev)
+            continue
+        dev = _resolve_modbus(dev, where)
         devices.append(dev)
+    _check_rtu_buses(devices)
     channels = {reg.name for dev in devices for reg in dev.registers}
     for i, rule in enumerate(cfg.alerts.rules):
         where = f"alerts.rules[{i}]"
@@ -191,9 +445,12 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     """Validate a decoded TOML document. Raises :class:`ConfigError` naming ``source``."""
     devices = data.get("devices")
     if isinstance(devices, list):  # `protocol` may be omitted: Modbus TCP is the default
-        data = {**data, "devices": [
-            {"protocol": DEFAULT_PROTOCOL, **d} if isinstance(d, dict) else d for d in devices
-        ]}
+        data = {
+            **data,
+            "devices": [
+                {"protocol": DEFAULT_PROTOCOL, **d} if isinstance(d, dict) else d for d in devices
+            ],
+        }
     try:
         cfg = msgspec.convert(data, Config)
         cfg = _cross_checks(cfg)

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 GOOD: Final[int] = 0
 """The device answered this value normally."""
 STALE: Final[int] = 1
-"""The last good value repeated because this poll failed (set by consumers, never by drivers)."""
+"""The last good value repeated: set by the poller when a read fails, and by streaming drivers
+(text line sensors) when nothing new arrived since the previous read. Not a device fault."""
 BAD: Final[int] = 2
 """The device answered this value with an exception response or garbage; the value is NaN."""
 
@@ -34,8 +35,13 @@ class ReadResult:
     ``exceptions`` holds one :class:`~drivers.errors.DeviceException` per request the device
     refused or garbled (empty when every value is GOOD). Arrays are fresh for each read and owned
     by the caller.
+
+    ``channels`` says which of the device's channels the values are, when a read covers only
+    part of the map (one poll group): ``values[i]`` belongs to channel ``channels[i]``. ``None``
+    means every channel, in order.
     """
 
     values: npt.NDArray[np.float64]
     quality: npt.NDArray[np.uint8]
     exceptions: tuple[DeviceException, ...] = ()
+    channels: npt.NDArray[np.intp] | None = None

@@ -1,27 +1,48 @@
-"""Per-device polling: one asyncio task per device, frames out, reconnects with backoff.
+"""Per-device polling: one asyncio task per device, poll groups on monotonic deadlines, frames
+out, stale values held explicitly, reconnects with backoff.
 
-:class:`DevicePoller` owns one driver (today :class:`drivers.modbus.tcp.ModbusTcpDevice`) and
-runs it on a fixed monotonic grid: the ``k``-th poll is due at ``t0 + k * interval``, so timing
-errors never accumulate (no drift). A poll that finishes so late that the next deadline is more
-than one interval gone skips the missed deadlines (counted in ``overruns``) instead of bursting
-to catch up.
+Scheduling
+----------
+A device's registers belong to poll groups, each with its own interval (``groups`` in the device
+config; default one group ``fast`` at ``poll_interval_ms``). One task per device runs every
+group on its own fixed monotonic grid: the ``k``-th poll of group ``g`` is due at
+``t0 + k * interval_g`` and the task always serves the earliest due group, so timing errors never
+accumulate (no drift) and groups share the device's connection without locking. A poll that
+finishes so late that its group's next deadline is more than one interval gone skips the missed
+deadlines (counted in ``overruns``) instead of bursting to catch up. How late each poll starts
+is kept over a rolling window of :data:`JITTER_WINDOW` polls (``jitter_ms_p50``/``p99``).
+
+RTU units on one serial line each have their own task; the bus lock in
+:mod:`drivers.modbus.transport` serialises them, and a silent unit holds the bus for at most
+its own ``timeout_s`` per attempt (then it backs off like any offline device).
 
 Failure handling follows the one-layer-per-concern rule: the driver does the transaction (and
-raises :class:`~drivers.errors.DeviceUnavailable` when the transport fails, closing its
-connection); the poller reconnects, with capped exponential backoff and full jitter
+the one retry worth doing, Modbus exception 6 "busy"); it raises
+:class:`~drivers.errors.DeviceUnavailable` when the transport fails, closing its connection;
+the poller reconnects, with capped exponential backoff and full jitter
 (``delay = rng() * min(cap, base * 2**attempt)``, AWS Architecture Blog "Exponential Backoff And
 Jitter"), so a cell full of machines that lost power together does not reconnect in lockstep.
 The attempt counter resets only after a successful poll, so a device that accepts TCP but never
 answers still backs off.
 
-Logging follows state transitions, not repetitions: one warning when a device goes offline,
-one info when it is back online, debug in between. The same holds for requests the device
-refuses with an exception response (one warning when they start, one info when they stop).
+Availability and quality
+------------------------
+``state`` is ``online`` (the last poll of every group was answered in full), ``degraded`` (the
+device answers, but some requests are refused or garbled), or ``offline`` (the transport
+failed). Each transition is logged once (warning going down, info coming back), debug between.
 
-Overload policy: frames go to ``sink`` synchronously on the event loop, one per successful
-poll; the sink must not block (see ``appliance.contracts.FrameSink``). A sink that raises stops
-this device's poller (the bug surfaces in the log through :class:`Acquisition`) rather than
-being silently skipped.
+Values are never silently dropped. When a value's read fails (BAD from the driver) its last good
+value is repeated with quality STALE for at most ``stale_after_s`` after it was read, then it is
+NaN with quality BAD. While the device is offline, one frame of every channel (STALE or BAD by
+the same rule) goes out at each failed connect or poll attempt (at the backoff's pace), until
+every channel is BAD and one all-BAD frame has been sent; a device that never answered has no
+value to repeat and sends nothing.
+
+Overload policy: frames go to ``sink`` synchronously on the event loop, one per poll of one
+group (it carries that group's channels; ``Frame.channel`` indexes the device's channel tuple);
+the sink must not block (see ``appliance.contracts.FrameSink``). A sink that raises stops this
+device's poller (the bug surfaces in the log through :class:`Acquisition`) rather than being
+silently skipped.
 """
 
 from __future__ import annotations
@@ -30,28 +51,35 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from appliance.config import DeviceConfig, ModbusTcpConfig
+from appliance.config import DeviceConfig, ModbusRtuConfig, ModbusTcpConfig
 from appliance.contracts import Frame
 from drivers.errors import DeviceUnavailable
+from drivers.modbus.registers import DEFAULT_GROUP
+from drivers.modbus.rtu import ModbusRtuDevice
 from drivers.modbus.tcp import ModbusTcpDevice
-from drivers.quality import ReadResult
+from drivers.modbus.transport import RtuBus
+from drivers.quality import BAD, GOOD, STALE, ReadResult
 
 log = logging.getLogger(__name__)
 
-State = Literal["connecting", "online", "offline"]
+State = Literal["connecting", "online", "degraded", "offline"]
 FrameCallback = Callable[[Frame], None]
+#: Polls over which start jitter percentiles are computed.
+JITTER_WINDOW = 1000
 
 
 class PolledDevice(Protocol):
     """What a poller needs from a driver. ``connect``/``read`` raise ``DeviceUnavailable`` when
     the transport fails (having closed the connection); ``close`` is idempotent and never
-    raises. ``read`` returns values aligned with the device's register list."""
+    raises. ``read()`` reads every channel and returns values aligned with
+    ``ReadResult.channels`` (indices into the device's channels; ``None``: all, in order)."""
 
     async def connect(self) -> None: ...
 
@@ -60,31 +88,81 @@ class PolledDevice(Protocol):
     async def close(self) -> None: ...
 
 
-def make_driver(device: DeviceConfig) -> PolledDevice:
-    """The driver for one configured device (no I/O). Raises ``ValueError`` on an unusable
-    config, e.g. a device whose profile was not resolved into registers by ``load_config``."""
-    if not device.registers:
+class GroupedDevice(PolledDevice, Protocol):
+    """A driver whose channels are split into poll groups (the Modbus drivers):
+    ``read(group)`` reads one group (``None``: all)."""
+
+    async def read(self, group: str | None = None) -> ReadResult: ...
+
+
+def make_driver(device: DeviceConfig, buses: dict[str, RtuBus] | None = None) -> PolledDevice:
+    """The driver for one configured device (no I/O). RTU devices on the same ``port`` share
+    one :class:`RtuBus` from ``buses`` (created there when missing). Raises ``ValueError`` on an
+    unusable config, e.g. a device whose profile was not resolved by ``load_config``."""
+    from appliance.acquire.text import HaasConfig, LineConfig, make_text_driver
+
+    if isinstance(device, (HaasConfig, LineConfig)):  # serial text protocols
+        return make_text_driver(device)
+    if isinstance(device, (ModbusTcpConfig, ModbusRtuConfig)) and not device.registers:
         raise ValueError(
             f"device {device.name}: no registers (load the config with load_config, which "
             f"resolves profile {device.profile!r})"
         )
     if isinstance(device, ModbusTcpConfig):
         return ModbusTcpDevice(
-            device.host, device.port, device.unit_id, device.registers, device.timeout_s
+            device.host,
+            device.port,
+            device.unit_id,
+            device.registers,
+            device.timeout_s,
+            max_gap=device.max_gap,
+            max_registers=device.max_registers,
+            max_bits=device.max_bits,
+        )
+    if isinstance(device, ModbusRtuConfig):
+        buses = {} if buses is None else buses
+        bus = buses.get(device.port)
+        if bus is None:
+            bus = buses[device.port] = RtuBus(
+                device.port,
+                baudrate=device.baudrate,
+                bytesize=device.bytesize,
+                parity=device.parity,
+                stopbits=device.stopbits,
+                inter_frame_gap_ms=device.inter_frame_gap_ms,
+                local_echo=device.local_echo,
+            )
+        return ModbusRtuDevice(
+            bus,
+            device.unit_id,
+            device.registers,
+            device.timeout_s,
+            max_gap=device.max_gap,
+            max_registers=device.max_registers,
+            max_bits=device.max_bits,
         )
     raise ValueError(f"device {device.name}: unsupported device type {type(device).__name__}")
 
 
+def _where(device: DeviceConfig) -> str:
+    if isinstance(device, ModbusTcpConfig):
+        return f"{device.host}:{device.port}"
+    if isinstance(device, ModbusRtuConfig):
+        return f"{device.port} unit {device.unit_id}"
+    return type(device).__name__
+
+
 class DevicePoller:
-    """Polls one device every ``device.poll_interval_ms`` and hands each poll to ``sink``.
+    """Polls one device's groups at their intervals and hands each poll to ``sink``.
 
     Construction does no I/O. :meth:`run` is the long-running coroutine (one task per device;
     it returns only when cancelled or closed); :meth:`close` stops it and closes the driver
     (idempotent). ``state`` and :meth:`stats` may be read from any code on the same loop.
 
     Seams for tests and simulation: ``clock`` (wall-clock seconds, stamps frames), ``monotonic``
-    (seconds, drives deadlines), ``rng`` (uniform in [0, 1), jitters backoff), ``sleep``
-    (awaits seconds), ``driver`` (replaces the driver built from ``device``).
+    (seconds, drives deadlines and staleness), ``rng`` (uniform in [0, 1), jitters backoff),
+    ``sleep`` (awaits seconds), ``driver`` (replaces the driver built from ``device``),
+    ``buses`` (RTU buses shared between pollers, by port).
     ``backoff_base_s``/``backoff_cap_s`` shape reconnect delays (seconds).
     """
 
@@ -100,6 +178,7 @@ class DevicePoller:
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         driver: PolledDevice | None = None,
+        buses: dict[str, RtuBus] | None = None,
     ) -> None:
         if not 0 < backoff_base_s <= backoff_cap_s:
             raise ValueError(
@@ -108,7 +187,7 @@ class DevicePoller:
         self.device = device
         self.name = device.name
         self.interval_s = device.poll_interval_ms / 1000.0
-        self._driver = driver if driver is not None else make_driver(device)
+        self._driver = driver if driver is not None else make_driver(device, buses)
         self._sink = sink
         self._clock = clock
         self._monotonic = monotonic
@@ -116,36 +195,75 @@ class DevicePoller:
         self._sleep = sleep
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
-        #: Channel names, created once and shared by every frame of this device.
-        self.channels: tuple[str, ...] = tuple(r.name for r in device.registers)
-        ids = np.arange(len(self.channels), dtype=np.int32)
+        self._where = _where(device)
+        registers = [r for r in device.registers if getattr(r, "type", "") != "string"]
+        #: Channel names (numeric registers), created once and shared by every frame.
+        self.channels: tuple[str, ...] = tuple(r.name for r in registers)
+        n = len(self.channels)
+        ids = np.arange(n, dtype=np.int32)
         ids.flags.writeable = False
         self._channel_ids: npt.NDArray[np.int32] = ids
+        intervals = (
+            device.group_intervals_ms()
+            if isinstance(device, (ModbusTcpConfig, ModbusRtuConfig))
+            else {DEFAULT_GROUP: device.poll_interval_ms}
+        )
+        used = {getattr(r, "group", DEFAULT_GROUP) for r in registers}
+        #: Poll group → interval (seconds), for groups that have channels.
+        self.group_intervals_s: dict[str, float] = {
+            g: ms / 1000.0 for g, ms in intervals.items() if g in used
+        } or {DEFAULT_GROUP: self.interval_s}
+        self._single_group = len(self.group_intervals_s) == 1
+        self._group_ids: dict[str, npt.NDArray[np.int32]] = {}
+        self.stale_after_s: float = float(getattr(device, "stale_after_s", 5.0))
+        self._last_value = np.full(n, np.nan)
+        self._last_good_at = np.full(n, -np.inf)
+        self._group_ok: dict[str, bool] = {}
+        self._offline_bad_sent = False
         self._state: State = "connecting"
-        self._refusing = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._jitter: deque[float] = deque(maxlen=JITTER_WINDOW)
         self.polls = 0
         self.errors = 0
         self.exception_responses = 0
         self.overruns = 0
         self.reconnects = 0
+        self.stale_values = 0
+        self.bad_values = 0
         self.last_jitter_ms = 0.0
         self.last_poll_ts = 0.0
 
     @property
     def state(self) -> State:
-        """``connecting`` until the first poll succeeds or fails, then ``online``/``offline``."""
+        """``connecting`` until the first poll succeeds or fails, then ``online``,
+        ``degraded`` or ``offline``."""
         return self._state
 
-    def stats(self) -> dict[str, float | int | str]:
+    @property
+    def driver(self) -> PolledDevice:
+        """The driver this poller runs (for writes and driver-level counters)."""
+        return self._driver
+
+    def stats(self) -> dict[str, Any]:
         """Counters for metrics and the devices API (a fresh dict; counts since construction).
 
         ``errors``: transport failures (connects and polls); ``reconnects``: reconnect attempts;
-        ``exception_responses``: requests the device refused; ``overruns``: skipped deadlines;
-        ``last_jitter_ms``: how late the last poll started; ``last_poll_ts``: its epoch seconds.
+        ``exception_responses``: requests the device refused or garbled; ``overruns``: skipped
+        deadlines; ``stale_values``/``bad_values``: values sent STALE/BAD; ``last_jitter_ms``:
+        how late the last poll started; ``jitter_ms_p50``/``jitter_ms_p99``: over the last
+        :data:`JITTER_WINDOW` polls; ``last_poll_ts``: epoch seconds of the last poll;
+        ``strings``: string registers read at connect (text, not channels); ``frame_errors``
+        (RTU): garbled replies of this unit; ``busy_retries``: requests resent after exception
+        6; ``bus`` (RTU): the shared bus's counters (:meth:`RtuBus.stats`).
         """
-        return {
+        jitter = np.fromiter(self._jitter, dtype=np.float64, count=len(self._jitter))
+        p50, p99 = (
+            (float(np.percentile(jitter, 50)), float(np.percentile(jitter, 99)))
+            if len(jitter)
+            else (0.0, 0.0)
+        )
+        out: dict[str, Any] = {
             "device": self.name,
             "state": self._state,
             "polls": self.polls,
@@ -153,9 +271,25 @@ class DevicePoller:
             "exception_responses": self.exception_responses,
             "overruns": self.overruns,
             "reconnects": self.reconnects,
+            "stale_values": self.stale_values,
+            "bad_values": self.bad_values,
             "last_jitter_ms": self.last_jitter_ms,
+            "jitter_ms_p50": p50,
+            "jitter_ms_p99": p99,
             "last_poll_ts": self.last_poll_ts,
+            "groups": {g: s * 1000.0 for g, s in self.group_intervals_s.items()},
         }
+        strings = getattr(self._driver, "strings", None)
+        if isinstance(strings, dict):
+            out["strings"] = dict(strings)
+        for key in ("frame_errors", "busy_retries"):
+            value = getattr(self._driver, key, None)
+            if isinstance(value, int):
+                out[key] = value
+        bus = getattr(self._driver, "bus", None)
+        if isinstance(bus, RtuBus):
+            out["bus"] = bus.stats()
+        return out
 
     async def run(self) -> None:
         """Connect, poll until the transport fails, back off, reconnect; until cancelled.
@@ -174,9 +308,10 @@ class DevicePoller:
                 except DeviceUnavailable as err:
                     self.errors += 1
                     await self._driver.close()
-                    if self._state == "online":
+                    if self._state in ("online", "degraded"):
                         attempt = 0
                     self._went_offline(err)
+                    self._emit_held()
                 if self._closed:
                     break
                 delay = self._rng() * min(
@@ -200,62 +335,144 @@ class DevicePoller:
         await self._driver.close()
 
     async def _poll_until_failure(self) -> None:
-        """Poll on the deadline grid until the driver raises ``DeviceUnavailable``."""
-        interval = self.interval_s
-        deadline = self._monotonic()
+        """Poll every group on its deadline grid until the driver raises ``DeviceUnavailable``."""
+        now = self._monotonic()
+        deadlines = dict.fromkeys(self.group_intervals_s, now)
         while not self._closed:
+            group = min(deadlines, key=deadlines.__getitem__)
+            interval = self.group_intervals_s[group]
+            deadline = deadlines[group]
             delay = deadline - self._monotonic()
             if delay > 0:
                 await self._sleep(delay)
             self.last_jitter_ms = (self._monotonic() - deadline) * 1000.0
-            result = await self._driver.read()
-            self._emit(result)
+            self._jitter.append(self.last_jitter_ms)
+            if self._single_group:
+                result = await self._driver.read()
+            else:
+                result = await cast(GroupedDevice, self._driver).read(group)
+            self._emit(group, result)
             deadline += interval
             late_s = self._monotonic() - deadline
             if late_s > interval:
                 missed = int(late_s // interval)
                 self.overruns += missed
                 deadline += missed * interval
-                log.debug("device %s: poll overran, skipped %d deadlines", self.name, missed)
+                log.debug(
+                    "device %s: group %s overran, skipped %d deadlines", self.name, group, missed
+                )
+            deadlines[group] = deadline
 
-    def _emit(self, result: ReadResult) -> None:
+    def _ids(self, group: str, result: ReadResult) -> npt.NDArray[np.int32]:
+        if result.channels is None or len(result.channels) == len(self.channels):
+            return self._channel_ids
+        ids = self._group_ids.get(group)
+        if ids is None or len(ids) != len(result.channels):
+            ids = np.asarray(result.channels, dtype=np.int32)
+            ids.flags.writeable = False
+            self._group_ids[group] = ids
+        return ids
+
+    def _emit(self, group: str, result: ReadResult) -> None:
         ts = self._clock()
         self.polls += 1
         self.last_poll_ts = ts
-        if self._state != "online":
-            log.info("device %s online (%s:%s)", self.name, self.device.host, self.device.port)
-            self._state = "online"
-        self._note_refusals(result)
+        ids = self._ids(group, result)
+        values, quality = result.values, result.quality
+        good = quality == GOOD
+        now = self._monotonic()
+        self._last_value[ids[good]] = values[good]
+        self._last_good_at[ids[good]] = now
+        if not good.all():
+            values, quality = self._hold(ids, values, quality, now)
+        # A driver's own STALE (a streaming sensor that sent nothing new since the last read)
+        # is not a fault of the device: only BAD values and refused requests degrade it.
+        self._group_ok[group] = not result.exceptions and bool((result.quality != BAD).all())
+        if result.exceptions:
+            self.exception_responses += len(result.exceptions)
+        self._note_state(result)
+        self._send(ts, ids, values, quality)
+
+    def _hold(
+        self,
+        ids: npt.NDArray[np.int32],
+        values: npt.NDArray[np.float64],
+        quality: npt.NDArray[np.uint8],
+        now: float,
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.uint8]]:
+        """Non-GOOD values → last good value (STALE) if fresh enough, else NaN (BAD)."""
+        values = values.copy()
+        quality = quality.copy()
+        bad = quality != GOOD
+        held = ids[bad]
+        fresh = (now - self._last_good_at[held]) <= self.stale_after_s
+        values[bad] = np.where(fresh, self._last_value[held], np.nan)
+        quality[bad] = np.where(fresh, STALE, BAD).astype(np.uint8)
+        n_stale = int(fresh.sum())
+        self.stale_values += n_stale
+        self.bad_values += len(held) - n_stale
+        return values, quality
+
+    def _emit_held(self) -> None:
+        """While offline: one frame of every channel held STALE (or BAD once too old)."""
+        if self._offline_bad_sent or not np.isfinite(self._last_good_at).any():
+            return
         n = len(self.channels)
+        values, quality = self._hold(
+            self._channel_ids,
+            np.full(n, np.nan),
+            np.full(n, BAD, dtype=np.uint8),
+            self._monotonic(),
+        )
+        if not (quality == STALE).any():
+            self._offline_bad_sent = True
+        self._send(self._clock(), self._channel_ids, values, quality)
+
+    def _send(
+        self,
+        ts: float,
+        ids: npt.NDArray[np.int32],
+        values: npt.NDArray[np.float64],
+        quality: npt.NDArray[np.uint8],
+    ) -> None:
         self._sink(
             Frame(
                 device=self.name,
                 channels=self.channels,
-                ts=np.full(n, ts, dtype=np.float64),
-                channel=self._channel_ids,
-                value=result.values,
-                quality=result.quality,
+                ts=np.full(len(ids), ts, dtype=np.float64),
+                channel=ids,
+                value=values,
+                quality=quality,
             )
         )
 
-    def _note_refusals(self, result: ReadResult) -> None:
-        if result.exceptions:
-            self.exception_responses += len(result.exceptions)
-            if not self._refusing:
-                log.warning(
-                    "device %s refuses %d of its reads: %s",
-                    self.name,
-                    len(result.exceptions),
-                    result.exceptions[0],
-                )
-                self._refusing = True
+    def _note_state(self, result: ReadResult) -> None:
+        """Online/degraded from the latest poll of every group; log transitions once."""
+        self._offline_bad_sent = False
+        state: State = "online" if all(self._group_ok.values()) else "degraded"
+        if state == self._state:
+            if result.exceptions:
+                log.debug("device %s still degraded: %s", self.name, result.exceptions[0])
+            return
+        previous, self._state = self._state, state
+        if state == "online":
+            if previous == "degraded":
+                log.info("device %s online (%s): all reads answered again", self.name, self._where)
             else:
-                log.debug("device %s still refuses: %s", self.name, result.exceptions[0])
-        elif self._refusing:
-            log.info("device %s answers all reads again", self.name)
-            self._refusing = False
+                log.info("device %s online (%s)", self.name, self._where)
+        elif result.exceptions:
+            log.warning(
+                "device %s degraded (%s): %d reads refused: %s",
+                self.name,
+                self._where,
+                len(result.exceptions),
+                result.exceptions[0],
+            )
+        else:
+            log.warning("device %s degraded (%s): some values BAD", self.name, self._where)
 
     def _went_offline(self, err: DeviceUnavailable) -> None:
+        self._group_ok.clear()
         if self._state != "offline":
             log.warning("device %s offline: %s", self.name, err)
             self._state = "offline"
@@ -266,7 +483,8 @@ class DevicePoller:
 class Acquisition:
     """Runs one :class:`DevicePoller` task per device; the acquisition stage of the pipeline.
 
-    Each device has its own task, so a slow or dead device never delays another. Keyword
+    Each device has its own task, so a slow or dead device never delays another (RTU units on
+    one port wait for each other's transactions on the bus, at most one timeout each). Keyword
     arguments are passed to every poller (seams and backoff, see :class:`DevicePoller`).
     ``start()`` creates the tasks (call it on the event loop, after the sinks are started);
     ``stop()`` cancels them and closes every driver (idempotent, safe before ``start``).
@@ -283,6 +501,8 @@ class Acquisition:
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
     ) -> None:
+        #: RTU buses by port, shared by the pollers of the units on each.
+        self.buses: dict[str, RtuBus] = {}
         self.pollers: tuple[DevicePoller, ...] = tuple(
             DevicePoller(
                 d,
@@ -292,6 +512,7 @@ class Acquisition:
                 rng=rng,
                 backoff_base_s=backoff_base_s,
                 backoff_cap_s=backoff_cap_s,
+                buses=self.buses,
             )
             for d in devices
         )
@@ -319,11 +540,12 @@ class Acquisition:
         if tasks:
             await asyncio.wait(tasks)
         await asyncio.gather(*(p.close() for p in self.pollers))
+        await asyncio.gather(*(bus.close() for bus in self.buses.values()))
         if tasks:
             log.info("acquisition stopped")
 
-    def stats(self) -> list[dict[str, float | int | str]]:
-        """Per-device counters, in device order."""
+    def stats(self) -> list[dict[str, Any]]:
+        """Per-device counters, in device order (see :meth:`DevicePoller.stats`)."""
         return [p.stats() for p in self.pollers]
 
     async def __aenter__(self) -> Acquisition:

@@ -46,12 +46,19 @@ class MosquittoProcess:
     """
 
     def __init__(
-        self, port: int, workdir: Path, *, persistence: bool = True, extra_conf: str = ""
+        self,
+        port: int,
+        workdir: Path,
+        *,
+        persistence: bool = True,
+        extra_conf: str = "",
+        allow_anonymous: bool = True,
     ) -> None:
         self.port = port
         self.workdir = workdir
         self.persistence = persistence
         self.extra_conf = extra_conf
+        self.allow_anonymous = allow_anonymous
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,7 +72,7 @@ class MosquittoProcess:
             # its persistence file here: sessions would silently not survive a restart.
             f"user {getpass.getuser()}",
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             f"log_dest file {self.workdir}/mosquitto.log",
             "max_queued_messages 100000",
             "max_inflight_messages 1000",
@@ -78,10 +85,17 @@ class MosquittoProcess:
             ]
         self.conf.write_text("\n".join(lines) + "\n" + self.extra_conf)
 
-    def reconfigure(self, extra_conf: str) -> None:
-        """Restart with ``extra_conf`` appended to the generated config (ACLs, auth, ...)."""
+    def reconfigure(self, extra_conf: str, *, allow_anonymous: bool | None = None) -> None:
+        """Restart with ``extra_conf`` appended to the generated config (ACLs, auth, more
+        listeners such as a TLS one: ``listener PORT`` then ``cafile``/``certfile``/``keyfile``).
+
+        ``allow_anonymous`` (when given) replaces the constructor's choice; ``false`` plus a
+        ``password_file`` line in ``extra_conf`` makes every client authenticate.
+        """
         self.stop()
         self.extra_conf = extra_conf
+        if allow_anonymous is not None:
+            self.allow_anonymous = allow_anonymous
         self.write_conf()
         self.start()
 

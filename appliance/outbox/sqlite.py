@@ -7,14 +7,21 @@ rejected. Anything not settled stays, across reconnects and process restarts.
 Durability window
 -----------------
 The file is opened in WAL mode (``PRAGMA journal_mode=WAL``) with an explicit ``synchronous``
-level:
+level. "Returned" below means ``append`` (or ``settle``) returned without raising.
 
-- ``FULL`` (default): every committed transaction is fsync'ed before ``append`` returns, so an
-  ``append`` that returned survives a crash *and* a power loss. Cost: one fsync per ``append``
-  call (batch your appends) and per ``settle`` call.
-- ``NORMAL``: the WAL is fsync'ed only at checkpoints. A process crash loses nothing; a power
-  loss may lose the transactions committed since the last checkpoint (at most the WAL's
-  auto-checkpoint interval, 1000 pages = 16 MiB), but never corrupts the file.
+- ``FULL`` (default): SQLite fsyncs the WAL at every commit, before ``append`` returns. An
+  appended record survives a process crash (SIGKILL, OOM kill), a kernel panic and a power loss,
+  provided the storage honours flush requests (cheap SD cards and some eMMC do not: use an
+  industrial-grade medium). Loss window: none. Cost: one fsync per ``append`` call, so batch
+  appends. ``settle`` commits are not fsync'ed at either level: a power loss can only undo a
+  deletion, which means a duplicate, never a loss.
+- ``NORMAL``: commits go to the WAL in the OS page cache without an fsync; the WAL is fsync'ed
+  only when a checkpoint copies it into the database (every 1000 WAL pages of 16 KiB, i.e. every
+  ~16 MiB of appended payload, and at ``close``). A process crash loses nothing (the page cache
+  belongs to the kernel). A power loss or kernel panic may lose the transactions committed since
+  the last checkpoint that the kernel had not yet written back on its own: at most ~16 MiB of
+  records, in time at most the kernel's write-back delay (``vm.dirty_expire_centisecs``, 30 s by
+  default on Linux). The file is never corrupted. A lost ``settle`` only means duplicates.
 
 Loss is otherwise explicit: records are deleted only when the broker acknowledged them
 (``accepted``), when the broker refused them (``rejected``: dropped, counted and logged, not
@@ -29,13 +36,48 @@ On-disk format (``PRAGMA user_version = 1``)
 ``records(id, stream, seq, priority, topic, payload, created)``, 16 KiB pages. ``id`` is
 ``priority << 48 | n`` with ``n`` a counter of appends, so the rowid order *is* the drain order
 (alerts, status, telemetry; oldest first) and draining or evicting a class is a rowid range scan:
-no secondary index to maintain (batched appends run at ~0.9-1.2e5 records/s on a 2-core x86 VM,
-about half of it SQLite, half payload encoding). Ids are never reused within a process (so an id
-in flight never names a newer record); after a restart ``n`` continues from the largest stored
-one. ``payload`` is the final MQTT payload (UTF-8 JSON, encoded
-once at append time); ``created`` is the append time in seconds (epoch). ``streams(stream, seq)``
-holds the last sequence number handed out per stream, so ``seq`` stays monotonic across restarts
-even when all of the stream's records were delivered.
+no secondary index to maintain. Ids are never reused within a process (so an id in flight never
+names a newer record); after a restart ``n`` continues from the largest stored one. ``payload``
+is the final MQTT payload (UTF-8 JSON, encoded once at append time); ``created`` is the append
+time in seconds (epoch). ``streams(stream, seq)`` holds the last sequence number handed out per
+stream, so ``seq`` stays monotonic across restarts even when all of the stream's records were
+delivered. ``meta(key, value)`` holds ``seq_floor`` (see below; absent means 0).
+
+Batched appends (1000 per call) run at ~0.6e5 records/s for demo-sized telemetry (~0.9 KB
+payloads) and 1.3-1.7e5 records/s for small bodies on a 2-core x86 VM (``benchmarks/uplink.py``,
+docs/benchmarks.md): CPU-bound, about a third body encoding, a third SQLite, a third Python.
+
+Unusable file at start
+----------------------
+``open()`` checks the file before trusting it: readable, a SQLite database, ``PRAGMA
+quick_check`` clean (O(file size): ~1 s per 100 MiB), ``user_version`` 0 (new) or 1, and the
+expected tables and columns. A file that fails (not a database, truncated, malformed, another
+application's schema or version, permission denied, not a regular file) is **moved aside, never
+deleted or overwritten**, to ``<path>.corrupt-<UTC timestamp>`` (``-1``, ``-2``... appended if
+that exists), together with its ``-wal`` and ``-shm`` files; an ERROR names both paths; a new,
+empty outbox takes its place and ``recovered_corrupt`` counts it. The records in the old file are
+not sent (they stay there for inspection). If the file cannot be moved aside, ``open()`` raises
+:class:`OutboxError` instead (the CLI exits 1) rather than touch it.
+
+The last sequence numbers went with the old file, so they are not knowable. Instead of
+restarting at 1, which subscribers would take for duplicates and drop silently, every stream of
+the new outbox continues from ``seq_floor = int(clock() * 1000)`` (milliseconds since the epoch,
+~1.8e12, exact in a JSON double): subscribers see a *gap* (``seq > last + 1``), which is the
+truth (the records in the old file may never arrive). This stays above what subscribers saw as
+long as the wall clock did not go backwards and no stream averaged more than 1000 messages/s
+since the previous recovery. Other errors at open (a locked file, an I/O error, a full disk)
+propagate unchanged: they are not evidence of a bad file.
+
+Disk full
+---------
+When SQLite reports ``database or disk is full`` during an ``append``, the transaction is rolled
+back, the oldest records are evicted as for the disk budget (telemetry first, alerts last) until
+at least twice the batch's payload bytes are freed, and the append is retried once. If it fails
+again, :class:`OutboxFullError` is raised and nothing of the batch is stored. Both are counted
+(``disk_full``: appends that hit a full disk; ``disk_full_failed``: of those, the ones that
+failed after the retry) and logged: a warning on the first hit of an episode (it ends with the
+next append that fits without eviction), an error on the first failed append; the counters carry
+the rest.
 
 Disk budget
 -----------
@@ -57,8 +99,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +112,7 @@ import numpy as np
 
 from appliance.config import OutboxSection
 from appliance.contracts import Envelope, OutboxRecord, Priority
+from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +129,10 @@ _MIN_EVICT_ROWS = 16
 _MAX_EVICT_ROUNDS = 64
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (
     stream TEXT PRIMARY KEY,
     seq INTEGER NOT NULL
@@ -107,9 +156,40 @@ _UPSERT_STREAM = (
     "INSERT INTO streams (stream, seq) VALUES (?, ?) "
     "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq"
 )
-_SELECT_DRAIN = "SELECT id, stream, seq, topic, priority, payload, created FROM records ORDER BY id"
+_SELECT_ROWS = "SELECT id, stream, seq, topic, priority, payload, created FROM records"
+_SELECT_DRAIN_LIMIT = f"{_SELECT_ROWS} ORDER BY id LIMIT ?"
+_SELECT_IDS = "SELECT id FROM records ORDER BY id"
+_COLUMNS = {
+    "records": ["id", "stream", "seq", "priority", "topic", "payload", "created"],
+    "streams": ["stream", "seq"],
+    "meta": ["key", "value"],
+}
+_OPTIONAL_TABLES = frozenset({"meta"})  # added after version 1 files existed: may be missing
+_SEQ_FLOOR_PER_S = 1000  # seq_floor after a recovery: milliseconds since the epoch
+_DISK_FULL_HEADROOM = 2  # on a full disk, evict this many times the batch's payload bytes
+_DISK_FULL_MIN_BYTES = 64 * 1024
 _CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append order)
 _CLASSES = tuple(sorted(int(p) for p in Priority))
+
+
+class OutboxError(ApplianceError):
+    """The outbox file cannot be used and cannot safely be replaced (the CLI exits 1)."""
+
+
+class OutboxFullError(OutboxError):
+    """The disk is full: evicting older records did not free room for an append."""
+
+
+class _Unusable(Exception):
+    """The outbox file at ``open()`` is unreadable or not an intact outbox (why: ``str()``)."""
+
+
+def _is_disk_full(err: sqlite3.Error) -> bool:
+    """Whether ``err`` is SQLITE_FULL (error code 13; the message on Python < 3.11)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return (int(code) & 0xFF) == 13
+    return "database or disk is full" in str(err)
 
 
 def _class_range(priority: int) -> tuple[int, int]:
@@ -196,12 +276,17 @@ class SqliteOutbox:
         self._pending = 0
         self._evicting = False
         self._alerts_lost = False
+        self._disk_full = False
+        self._seq_floor = 0
         self._counters = {
             "appended": 0,
             "published": 0,
             "rejected": 0,
             "evicted": 0,
             "evicted_alerts": 0,
+            "recovered_corrupt": 0,
+            "disk_full": 0,
+            "disk_full_failed": 0,
         }
 
     @classmethod
@@ -224,38 +309,38 @@ class SqliteOutbox:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create or open the file, switch it to WAL, create the tables, load the counters."""
+        """Create or open the file, check it, switch it to WAL, load the counters.
+
+        An unusable file is moved aside and replaced by a new, empty outbox (see "Unusable file
+        at start" in the module docstring); :class:`OutboxError` when that is impossible.
+        """
         if self._db is not None:
             return
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None)
         try:
-            db.execute("PRAGMA page_size=16384")  # before WAL: only a new, empty file takes it
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(
-                    f"{self.path}: cannot switch to WAL mode (got {mode!r})"
-                )
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute("PRAGMA busy_timeout=5000")
-            db.execute("PRAGMA journal_size_limit=4194304")
-            db.execute("PRAGMA cache_size=-16384")
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            self._seqs = dict(db.execute("SELECT stream, seq FROM streams").fetchall())
-            last_n = 0
-            for priority in _CLASSES:
-                lo, hi = _class_range(priority)
-                top = db.execute(
-                    "SELECT max(id) FROM records WHERE id >= ? AND id < ?", (lo, hi)
-                ).fetchone()[0]
-                if top is not None:
-                    last_n = max(last_n, top - lo)
-            self._next_n = last_n + 1
-            self._pending = db.execute("SELECT count(*) FROM records").fetchone()[0]
-        except BaseException:
-            db.close()
-            raise
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutboxError(f"outbox {self.path}: cannot create its directory: {err}") from None
+        try:
+            db = self._connect()
+        except _Unusable as why:
+            aside = self._move_aside()
+            self._counters["recovered_corrupt"] += 1
+            floor = int(self._clock() * _SEQ_FLOOR_PER_S)
+            log.error(
+                "outbox %s is unusable (%s): moved it aside to %s, untouched, and started a new, "
+                "empty outbox; its unsent records will not be published. Sequence numbers "
+                "continue from %d, so subscribers see a gap",
+                self.path,
+                why,
+                aside,
+                floor,
+            )
+            try:
+                db = self._connect(seq_floor=floor)
+            except _Unusable as again:
+                raise OutboxError(
+                    f"outbox {self.path}: a new outbox is unusable too ({again})"
+                ) from None
         self._db = db
         log.info(
             "outbox %s open (synchronous=%s, budget %.1f MiB): %d pending record(s)",
@@ -264,6 +349,137 @@ class SqliteOutbox:
             self.disk_budget_bytes / 2**20,
             self._pending,
         )
+
+    def _connect(self, seq_floor: int = 0) -> sqlite3.Connection:
+        """Open and check the file, create the schema, load ids and seqs; ``_Unusable`` if bad.
+
+        ``seq_floor`` > 0 is written to a new file's ``meta`` table (after a recovery).
+        """
+        path = Path(self.path)
+        if path.exists() or path.is_symlink():
+            if not path.is_file():
+                raise _Unusable("not a regular file")
+            try:
+                with open(path, "r+b"):
+                    pass
+            except OSError as err:
+                raise _Unusable(f"cannot open it for reading and writing: {err.strerror}") from None
+            self._check_read_only()
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            self._init(db, seq_floor)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _check_read_only(self) -> None:
+        """Check the existing file through a read-only connection (``_Unusable`` if bad).
+
+        Read-only, so that SQLite neither checkpoints a WAL into a damaged file nor deletes the
+        WAL when the connection closes: a bad file is moved aside exactly as it was found.
+        """
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        try:
+            ro = sqlite3.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.OperationalError as err:
+            raise _Unusable(str(err)) from None
+        try:
+            self._check(ro)
+        except sqlite3.OperationalError as err:
+            if any(word in str(err) for word in ("locked", "busy", "I/O")):
+                raise  # not evidence of a bad file
+            raise _Unusable(str(err)) from None
+        except sqlite3.DatabaseError as err:  # not a database, malformed, ...
+            raise _Unusable(str(err)) from None
+        finally:
+            ro.close()
+
+    @staticmethod
+    def _check(db: sqlite3.Connection) -> None:
+        """Raise ``_Unusable`` unless ``db`` is empty or an intact outbox of a known version."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {
+            name: [c[1] for c in db.execute(f"PRAGMA table_info({name})")]
+            for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+        }
+        if version == 0 and not tables:
+            return  # a new file
+        if version == 0:
+            raise _Unusable(f"not an outbox: user_version 0 and table(s) {sorted(tables)}")
+        if version != SCHEMA_VERSION:
+            raise _Unusable(f"user_version {version}, expected {SCHEMA_VERSION}")
+        for name, columns in _COLUMNS.items():
+            if name not in tables and name in _OPTIONAL_TABLES:
+                continue
+            if tables.get(name) != columns:
+                raise _Unusable(
+                    f"table {name!r} has columns {tables.get(name)}, expected {columns}"
+                )
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise _Unusable("integrity check failed: " + "; ".join(map(str, problems)))
+
+    def _init(self, db: sqlite3.Connection, seq_floor: int) -> None:
+        db.execute("PRAGMA page_size=16384")  # before WAL: only a new, empty file takes it
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA journal_size_limit=4194304")
+        db.execute("PRAGMA cache_size=-16384")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if seq_floor:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq_floor', ?)", (seq_floor,)
+            )
+        row = db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
+        self._seq_floor = int(row[0]) if row else 0
+        self._seqs = dict(db.execute("SELECT stream, seq FROM streams").fetchall())
+        last_n = 0
+        for priority in _CLASSES:
+            lo, hi = _class_range(priority)
+            top = db.execute(
+                "SELECT max(id) FROM records WHERE id >= ? AND id < ?", (lo, hi)
+            ).fetchone()[0]
+            if top is not None:
+                last_n = max(last_n, top - lo)
+        self._next_n = last_n + 1
+        self._pending = db.execute("SELECT count(*) FROM records").fetchone()[0]
+
+    def _move_aside(self) -> str:
+        """Rename the file (and its -wal/-shm) to a fresh ``.corrupt-<timestamp>`` name.
+
+        Never overwrites: a suffix is added until the name is free. ``OutboxError`` if the
+        rename fails (the file is then left exactly where it was).
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+        base = f"{self.path}.corrupt-{stamp}"
+        aside, i = base, 0
+        while any(os.path.lexists(aside + sfx) for sfx in ("", "-wal", "-shm")):
+            i += 1
+            aside = f"{base}-{i}"
+        try:
+            os.rename(self.path, aside)
+        except OSError as err:
+            raise OutboxError(
+                f"outbox {self.path} is unusable and cannot be moved aside to {aside}: {err}; "
+                "move or repair it by hand"
+            ) from None
+        for sfx in ("-wal", "-shm"):
+            if os.path.lexists(self.path + sfx):
+                try:
+                    os.rename(self.path + sfx, aside + sfx)
+                except OSError as err:
+                    raise OutboxError(
+                        f"outbox {self.path} moved aside to {aside}, but its {sfx} file cannot "
+                        f"follow: {err}; move it by hand"
+                    ) from None
+        return aside
 
     def close(self) -> None:
         """Close the file (checkpointing the WAL). Idempotent."""
@@ -301,6 +517,7 @@ class SqliteOutbox:
         created = self._clock()
         seqs: dict[str, int] = {}
         known = self._seqs
+        floor = self._seq_floor
         encode = self._encode
         heads = self._heads
         n = self._next_n
@@ -309,7 +526,7 @@ class SqliteOutbox:
         for env in envelopes:
             stream = env.stream
             seq = seqs.get(stream)
-            seq = (known.get(stream, 0) if seq is None else seq) + 1
+            seq = (known.get(stream, floor) if seq is None else seq) + 1
             seqs[stream] = seq
             body = env.body
             if body and not RESERVED_KEYS.isdisjoint(body):
@@ -334,6 +551,31 @@ class SqliteOutbox:
             n += 1
             rows.append((rid, stream, seq, priority, env.topic, payload, created))
             records.append(OutboxRecord(rid, stream, seq, env.topic, priority, payload, created))
+        try:
+            evicted = self._write(db, rows, seqs)
+        except sqlite3.OperationalError as err:
+            if not _is_disk_full(err):
+                raise
+            evicted = self._write_on_full_disk(db, rows, seqs, err)
+        else:
+            if self._disk_full:
+                self._disk_full = False
+                log.info("outbox %s: appends fit on the disk again", self.path)
+        self._next_n = n
+        known.update(seqs)
+        self._pending += len(rows)
+        self._counters["appended"] += len(rows)
+        if evicted:
+            self._count_evictions(evicted)
+        return records
+
+    def _write(
+        self,
+        db: sqlite3.Connection,
+        rows: list[tuple[int, str, int, int, str, bytes, float]],
+        seqs: dict[str, int],
+    ) -> dict[int, int]:
+        """Insert ``rows`` and their streams' seqs in one transaction, evicting over budget."""
         evicted: dict[int, int] = {}
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -346,35 +588,92 @@ class SqliteOutbox:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        self._next_n = n
-        known.update(seqs)
-        self._pending += len(rows)
-        self._counters["appended"] += len(rows)
-        if evicted:
-            self._count_evictions(evicted)
-        return records
+        return evicted
+
+    def _write_on_full_disk(
+        self,
+        db: sqlite3.Connection,
+        rows: list[tuple[int, str, int, int, str, bytes, float]],
+        seqs: dict[str, int],
+        err: sqlite3.OperationalError,
+    ) -> dict[int, int]:
+        """The disk is full: evict per policy, retry the write once, else ``OutboxFullError``."""
+        self._counters["disk_full"] += 1
+        need = max(_DISK_FULL_MIN_BYTES, _DISK_FULL_HEADROOM * sum(len(r[5]) for r in rows))
+        freed: dict[int, int] = {}
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                freed = self._evict_bytes(db, need)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as again:
+            if not _is_disk_full(again):
+                raise
+        if freed:
+            self._count_evictions(freed, budget=False)
+        if not self._disk_full:  # an episode ends with the next append that needs no eviction
+            self._disk_full = True
+            log.warning(
+                "outbox %s: %s; evicted %d of the oldest record(s), telemetry first, and retrying",
+                self.path,
+                err,
+                sum(freed.values()),
+            )
+        else:
+            log.debug("outbox %s: disk still full, evicted %d", self.path, sum(freed.values()))
+        try:
+            evicted = self._write(db, rows, seqs)
+        except sqlite3.OperationalError as again:
+            if not _is_disk_full(again):
+                raise
+            self._counters["disk_full_failed"] += 1
+            (log.error if self._counters["disk_full_failed"] == 1 else log.debug)(
+                "outbox %s: disk full even after evicting %d record(s): %d new record(s) "
+                "NOT stored (%d such append(s) so far)",
+                self.path,
+                sum(freed.values()),
+                len(rows),
+                self._counters["disk_full_failed"],
+            )
+            raise OutboxFullError(
+                f"outbox {self.path}: {again}; evicting older records did not free enough room "
+                f"for {len(rows)} new record(s)"
+            ) from again
+        return evicted
 
     def take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
         """Up to ``limit`` records to publish next, skipping the ids in ``exclude`` (in flight).
 
         Order: by priority class (alerts, then status, then telemetry), oldest first within a
         class, hence each stream in ``seq`` order. Reads only; the records stay until settled.
-        Cost grows with ``len(exclude)`` (in-flight rows are read and skipped).
+        Cost grows with ``len(exclude)``: the ids of in-flight rows are scanned and skipped
+        (their payloads are not read), then the chosen rows are fetched by id.
         """
         if limit <= 0:
             return []
+        db = self._conn
+        if not exclude:
+            return [OutboxRecord(*row) for row in db.execute(_SELECT_DRAIN_LIMIT, (limit,))]
         skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
-        out: list[OutboxRecord] = []
-        cur = self._conn.execute(_SELECT_DRAIN)
+        ids: list[int] = []
+        cur = db.execute(_SELECT_IDS)
         try:
-            for row in cur:
-                if row[0] in skip:
-                    continue
-                out.append(OutboxRecord(*row))
-                if len(out) >= limit:
-                    break
+            for (rid,) in cur:
+                if rid not in skip:
+                    ids.append(rid)
+                    if len(ids) >= limit:
+                        break
         finally:
             cur.close()
+        out: list[OutboxRecord] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            sql = f"{_SELECT_ROWS} WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id"
+            out.extend(OutboxRecord(*row) for row in db.execute(sql, chunk))
         return out
 
     def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
@@ -383,23 +682,34 @@ class SqliteOutbox:
         Both go in one transaction. Rejected records are dropped, not retried (the broker's
         verdict would not change), counted and logged with their topics. Unknown ids (already
         evicted or settled) are ignored.
+
+        The commit is never fsync'ed, even with ``synchronous=FULL`` (the WAL is synced by the
+        next append's commit or checkpoint): a power loss can only undo deletions, so it costs
+        duplicates, never a record, and settling stays cheap.
         """
         if not accepted and not rejected:
             return
         db = self._conn
         topics: list[str] = []
-        db.execute("BEGIN IMMEDIATE")
+        relaxed = self.synchronous != "NORMAL"
+        if relaxed:
+            db.execute("PRAGMA synchronous=NORMAL")
         try:
-            n_accepted = self._delete(db, accepted)
-            n_rejected = 0
-            if rejected:
-                topics = self._topics(db, rejected)
-                n_rejected = self._delete(db, rejected)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                n_accepted = self._delete(db, accepted)
+                n_rejected = 0
+                if rejected:
+                    topics = self._topics(db, rejected)
+                    n_rejected = self._delete(db, rejected)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            if relaxed:
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
         self._pending -= n_accepted + n_rejected
         self._counters["published"] += n_accepted
         self._counters["rejected"] += n_rejected
@@ -422,6 +732,8 @@ class SqliteOutbox:
         ``appended``, ``published`` (settled as accepted), ``rejected``, ``evicted`` (all
         classes) and ``evicted_alerts`` are counts; ``pending`` is the number of unsettled
         records; ``oldest_age_s`` the age of the oldest of them in seconds (0 when empty).
+        ``recovered_corrupt`` counts unusable files moved aside at ``open``; ``disk_full`` appends
+        that hit a full disk and ``disk_full_failed`` those of them that failed after the retry.
         """
         out: dict[str, float] = dict(self._counters)
         out["pending"] = self._pending
@@ -505,13 +817,40 @@ class SqliteOutbox:
                         break  # re-measure before touching a more important class
         return evicted
 
-    def _count_evictions(self, evicted: dict[int, int]) -> None:
+    def _evict_bytes(self, db: sqlite3.Connection, need: int) -> dict[int, int]:
+        """Delete the oldest records, least important class first, until their payloads add up
+        to ``need`` bytes (or nothing is left). Inside the caller's transaction."""
+        evicted: dict[int, int] = {}
+        for priority in reversed(_CLASSES):
+            if need <= 0:
+                break
+            lo, hi = _class_range(priority)
+            cutoff, n = None, 0
+            cur = db.execute(
+                "SELECT id, length(payload) + length(topic) + length(stream) + 32 FROM records "
+                "WHERE id >= ? AND id < ? ORDER BY id",
+                (lo, hi),
+            )
+            try:
+                for rid, size in cur:
+                    cutoff, n, need = rid, n + 1, need - size
+                    if need <= 0:
+                        break
+            finally:
+                cur.close()
+            if cutoff is not None:
+                db.execute("DELETE FROM records WHERE id >= ? AND id <= ?", (lo, cutoff))
+                evicted[priority] = n
+        return evicted
+
+    def _count_evictions(self, evicted: dict[int, int], *, budget: bool = True) -> None:
+        """Count evictions; log budget episodes (``budget``) and lost alerts once each."""
         total = sum(evicted.values())
         alerts = evicted.get(int(Priority.ALERT), 0)
         self._pending -= total
         self._counters["evicted"] += total
         self._counters["evicted_alerts"] += alerts
-        if not self._evicting:
+        if budget and not self._evicting:
             self._evicting = True
             self._alerts_lost = False
             log.warning(
@@ -525,7 +864,7 @@ class SqliteOutbox:
         if alerts and not self._alerts_lost:
             self._alerts_lost = True
             log.error(
-                "outbox holds nothing but alerts and is over budget: evicting the oldest alerts "
+                "outbox holds nothing but alerts and is out of room: evicting the oldest alerts "
                 "(%d lost now, %d in total)",
                 alerts,
                 self._counters["evicted_alerts"],

@@ -16,10 +16,27 @@ instead of bursting.
 Faults reach a machine three ways: a :class:`FaultSchedule` (``at_s`` simulated seconds after
 :meth:`SimulatedCell.start`), :meth:`SimulatedCell.inject`, or over Modbus through the
 fault-control holding registers :data:`FAULT_REQUEST_REGISTER` (write 1 = ``temp_ramp``,
-2 = ``vibration_surge``) and :data:`FAULT_DURATION_REGISTER` (seconds; 0 means
+2 = ``vibration_surge``, 3-6 the transport faults of :data:`FAULT_CODES`) and
+:data:`FAULT_DURATION_REGISTER` (seconds; 0 means
 :data:`DEFAULT_FAULT_DURATION_S`). The tick task reads the request, injects it and resets the
 request register to 0. These two registers are not in the polled profile on purpose: the
 appliance never needs them, only a demo or a test does.
+
+Extensions (``docs/simulator.md`` has the tables):
+
+* **Vibration FIFO**: each machine also serves a :class:`~appliance.simulate.fifo.VibrationFifo`
+  block (header + the newest 120 int16 samples at 1 kHz of simulated time) at input register
+  ``fifo_address`` (default :data:`FIFO_ADDRESS`), in the layout :mod:`drivers.modbus.waveform`
+  reads. Samples are produced per tick, so the block advances in steps of
+  ``rate_hz * time_scale / tick_hz`` samples.
+* **Byte-order variants**: ``byte_order=`` re-encodes the profile's 32/64-bit values
+  (:func:`with_byte_order`); the shipped ``cnc-sim-cdab``/``-badc``/``-dcba`` profiles match.
+* **Transport faults** (:data:`DEVICE_FAULT_KINDS`): ``timeout``, ``exception`` (code 4),
+  ``busy`` (code 6) and ``disconnect`` change how one machine's server answers, through the
+  same three ways as model faults (fault request codes 3-6). They are played by a subclass of
+  pymodbus' per-connection request handler.
+* **CSV replay**: ``replay=`` (:mod:`appliance.simulate.replay`) overrides mapped channels with
+  recorded values at their recorded times.
 
 Built on pymodbus' ``SimDevice``/``SimData`` datastore: the older ``ModbusDeviceContext`` /
 ``ModbusSequentialDataBlock`` classes are thin deprecated wrappers around it that pymodbus 4
@@ -32,16 +49,24 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-from pymodbus.server import ModbusTcpServer
+import msgspec
+from pymodbus import FramerType
+from pymodbus.pdu import ExceptionResponse
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from appliance.simulate.fifo import VibrationFifo
 from appliance.simulate.machine import CHANNELS, FAULT_KINDS, CncMachine
-from drivers.modbus.codec import encode
+from appliance.simulate.replay import Replay
+from drivers.modbus.codec import BYTE_ORDERS, encode
 from drivers.modbus.registers import Register, load_profile
+from drivers.modbus.waveform import HEADER_REGISTERS
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +76,28 @@ PROFILE = "cnc-sim"
 FAULT_REQUEST_REGISTER = 100
 #: Holding register with the requested fault's duration in seconds (0: the default).
 FAULT_DURATION_REGISTER = 101
+#: Transport faults of a machine's Modbus server (see :meth:`SimulatedCell.inject`).
+DEVICE_FAULT_KINDS: tuple[str, ...] = ("timeout", "exception", "busy", "disconnect", "crc_garbage")
+#: Every fault kind :meth:`SimulatedCell.inject` and :class:`FaultSchedule` accept.
+ALL_FAULT_KINDS: tuple[str, ...] = FAULT_KINDS + DEVICE_FAULT_KINDS
 #: Fault kind for each value of the fault request register.
-FAULT_CODES: dict[int, str] = {1: "temp_ramp", 2: "vibration_surge"}
+FAULT_CODES: dict[int, str] = {
+    1: "temp_ramp",
+    2: "vibration_surge",
+    3: "timeout",
+    4: "exception",
+    5: "busy",
+    6: "disconnect",
+    7: "crc_garbage",
+}
+#: Modbus exception code a server answers with during each exception fault.
+DEVICE_FAULT_EXCEPTION: dict[str, int] = {"exception": 4, "busy": 6}
+#: Default first input register of the vibration FIFO block (``drivers.modbus.waveform``).
+FIFO_ADDRESS = 200
 #: Duration of a fault requested over Modbus with a duration register of 0 (simulated s).
 DEFAULT_FAULT_DURATION_S = 20.0
+#: Samples in the served vibration FIFO block.
+_FIFO_CAPACITY = 120
 #: Ticks the tick task may fall behind before it drops them.
 MAX_LAG_TICKS = 5
 
@@ -86,8 +129,10 @@ class FaultSchedule:
     def __post_init__(self) -> None:
         if self.machine < 0:
             raise ValueError(f"fault schedule machine must be >= 0, got {self.machine}")
-        if self.kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r} (known: {', '.join(FAULT_KINDS)})")
+        if self.kind not in ALL_FAULT_KINDS:
+            raise ValueError(
+                f"unknown fault kind {self.kind!r} (known: {', '.join(ALL_FAULT_KINDS)})"
+            )
         if not (math.isfinite(self.at_s) and self.at_s >= 0.0):
             raise ValueError(f"fault schedule at_s must be >= 0, got {self.at_s!r}")
         if not (math.isfinite(self.duration_s) and self.duration_s > 0.0):
@@ -115,7 +160,24 @@ def _raw_value(reg: Register, value: float) -> float | bool:
     return raw
 
 
-def _plan(registers: Sequence[Register]) -> list[_Run]:
+def with_byte_order(registers: Sequence[Register], order: str) -> tuple[Register, ...]:
+    """``registers`` with every multi-register numeric value (32/64-bit) in byte ``order``.
+
+    16-bit values and strings keep their order: the variants this models are devices that lay
+    out the *words* (and bytes within them) of wide values differently, the common real-world
+    case. Raises ``ValueError`` for an unknown order.
+    """
+    if order not in BYTE_ORDERS:
+        raise ValueError(f"unknown byte order {order!r} (known: {', '.join(BYTE_ORDERS)})")
+    return tuple(
+        msgspec.structs.replace(r, order=order)
+        if r.count > 1 and r.type != "string" and r.table in ("holding", "input")
+        else r
+        for r in registers
+    )
+
+
+def _plan(registers: Sequence[Register], fifo_address: int | None = None) -> list[_Run]:
     """Group a profile's registers into contiguous runs per table; reject clashes."""
     unknown = [r.name for r in registers if r.name not in CHANNELS]
     if unknown:
@@ -136,6 +198,14 @@ def _plan(registers: Sequence[Register]) -> list[_Run]:
                         f"simulator's fault-control registers {FAULT_REQUEST_REGISTER}-"
                         f"{FAULT_DURATION_REGISTER}"
                     )
+        if table == "input" and fifo_address is not None:
+            fifo_end = fifo_address + HEADER_REGISTERS + _FIFO_CAPACITY
+            for r in regs:
+                if r.address < fifo_end and r.address + r.count > fifo_address:
+                    raise ValueError(
+                        f"profile register {r.name!r} (input {r.address}) overlaps the "
+                        f"vibration FIFO block {fifo_address}-{fifo_end - 1}"
+                    )
         group: list[Register] = []
         start = end = 0
         for r in regs:
@@ -151,12 +221,12 @@ def _plan(registers: Sequence[Register]) -> list[_Run]:
     return runs
 
 
-async def _shutdown(server: ModbusTcpServer) -> None:
+async def _shutdown(server: ModbusTcpServer | ModbusSerialServer) -> None:
     """Close a server's listening socket and its connections (pymodbus leaves this untyped)."""
     await server.shutdown()  # type: ignore[no-untyped-call]
 
 
-def _device(unit_id: int, runs: Sequence[_Run]) -> SimDevice:
+def _device(unit_id: int, runs: Sequence[_Run], fifo_address: int | None = None) -> SimDevice:
     """A pymodbus device with one block per table; addresses outside the runs are invalid."""
     blocks: dict[str, list[SimData]] = {t: [] for t in _WRITE_FC}
     for run in runs:
@@ -171,6 +241,16 @@ def _device(unit_id: int, runs: Sequence[_Run]) -> SimDevice:
     blocks["holding"].append(
         SimData(FAULT_REQUEST_REGISTER, count=2, values=0, datatype=DataType.REGISTERS)
     )
+    if fifo_address is not None:
+        blocks["input"].append(
+            SimData(
+                fifo_address,
+                count=HEADER_REGISTERS + _FIFO_CAPACITY,
+                values=0,
+                datatype=DataType.REGISTERS,
+            )
+        )
+        blocks["input"].sort(key=lambda b: b.address)
     # pymodbus needs at least one entry per table; a lone zero at address 0 is harmless.
     for table in ("coil", "discrete"):
         if not blocks[table]:
@@ -181,6 +261,109 @@ def _device(unit_id: int, runs: Sequence[_Run]) -> SimDevice:
         unit_id,
         simdata=(blocks["coil"], blocks["discrete"], blocks["holding"], blocks["input"]),
     )
+
+
+class _DeviceFault:
+    """The transport fault a machine's server is playing, until ``until`` (``time.monotonic``)."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.until = 0.0
+        #: Requests the fault swallowed, refused or cut off.
+        self.hits = 0
+
+    def active(self) -> str | None:
+        """The fault in force now, or None."""
+        if self.kind is not None and time.monotonic() >= self.until:
+            self.kind = None
+        return self.kind
+
+
+class _Handler(ServerRequestHandler):
+    """pymodbus' per-connection handler, playing the addressed unit's transport fault if set."""
+
+    _garble = False
+
+    async def handle_request(self) -> None:
+        pdu = self.last_pdu
+        server: _FaultyTcpServer | _FaultySerialServer = self.server
+        fault = server.device_faults.get(pdu.dev_id) if pdu is not None else None
+        kind = fault.active() if fault is not None else None
+        if kind == "crc_garbage" and not server.is_serial:
+            kind = None  # no CRC on TCP: answer normally
+        if fault is None or kind is None or pdu is None or kind == "crc_garbage":
+            self._garble = kind == "crc_garbage"
+            if fault is not None and self._garble:
+                fault.hits += 1
+            try:
+                await super().handle_request()  # type: ignore[no-untyped-call]
+            finally:
+                self._garble = False
+            return
+        fault.hits += 1
+        if kind in DEVICE_FAULT_EXCEPTION:
+            response = ExceptionResponse(
+                pdu.function_code,
+                DEVICE_FAULT_EXCEPTION[kind],
+                device_id=pdu.dev_id,
+                transaction=pdu.transaction_id,
+            )
+            self.server_send(response, self.last_addr)  # type: ignore[no-untyped-call]
+        elif kind == "disconnect" and not server.is_serial:
+            self.close()
+        # "timeout" (and "disconnect" on a serial line, which has no connection to drop):
+        # swallow the request; the client waits out its own timeout.
+
+    def send(self, data: bytes, addr: tuple[str, int] | None = None) -> None:
+        """Send an answer; during ``crc_garbage`` with its last (CRC) byte inverted."""
+        if self._garble and data:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        super().send(data, addr)
+
+
+class _FaultyTcpServer(ModbusTcpServer):
+    """A pymodbus TCP server whose connections can play a :class:`_DeviceFault` per unit id."""
+
+    is_serial = False
+
+    def __init__(
+        self, context: SimDevice, address: tuple[str, int], faults: dict[int, _DeviceFault]
+    ) -> None:
+        super().__init__(context, address=address)
+        self.device_faults = faults
+
+    def callback_new_connection(self) -> _Handler:
+        return _Handler(  # type: ignore[no-untyped-call]
+            self, self.trace_packet, self.trace_pdu, self.trace_connect
+        )
+
+    def drop_connections(self) -> int:
+        """Close every client connection now; return how many."""
+        conns = list(self.active_connections.values())
+        for conn in conns:
+            conn.close()
+        return len(conns)
+
+
+class _FaultySerialServer(ModbusSerialServer):
+    """A pymodbus Modbus RTU server on a serial port, one unit id per machine, with faults."""
+
+    is_serial = True
+
+    def __init__(
+        self,
+        context: list[SimDevice],
+        port: str,
+        baudrate: int,
+        faults: dict[int, _DeviceFault],
+    ) -> None:
+        super().__init__(context, framer=FramerType.RTU, port=port, baudrate=baudrate)
+        self.device_faults = faults
+
+    def callback_new_connection(self) -> _Handler:
+        return _Handler(  # type: ignore[no-untyped-call]
+            self, self.trace_packet, self.trace_pdu, self.trace_connect
+        )
 
 
 class SimulatedCell:
@@ -205,12 +388,25 @@ class SimulatedCell:
         time_scale: float = 1.0,
         unit_id: int = 1,
         profile: str = PROFILE,
+        byte_order: str | None = None,
+        fifo_address: int | None = FIFO_ADDRESS,
+        fifo_rate_hz: int = 1000,
+        replay: Replay | None = None,
+        serial_port: str | None = None,
+        serial_baudrate: int = 19200,
     ) -> None:
         """Validate the cell's shape.
 
         ``tick_hz`` is the wall-clock tick rate (Hz); ``time_scale`` simulated seconds per wall
         second (values above 1 fast-forward, for tests and demos); ``ports`` overrides
-        ``base_port`` with one explicit port per machine.
+        ``base_port`` with one explicit port per machine. ``byte_order`` (``ABCD``, ``CDAB``,
+        ``BADC``, ``DCBA``) re-encodes the profile's 32/64-bit values in that order (see
+        :func:`with_byte_order`). ``fifo_address`` places the vibration FIFO block (input
+        registers, ``None``: no FIFO), sampled at ``fifo_rate_hz`` of simulated time.
+        ``replay`` overrides the channels it maps with recorded values (see
+        :mod:`appliance.simulate.replay`). ``serial_port`` (e.g. one end of a socat pty pair)
+        additionally serves every machine over Modbus RTU on that port at ``serial_baudrate``
+        (8N1), machine ``i`` as unit ``unit_id + i``.
         """
         if machines < 1:
             raise ValueError(f"machines must be >= 1, got {machines}")
@@ -235,7 +431,19 @@ class SimulatedCell:
             raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
         if not 1 <= unit_id <= 247:
             raise ValueError(f"unit_id must be in 1..247, got {unit_id}")
+        if byte_order is not None and byte_order not in BYTE_ORDERS:
+            raise ValueError(f"unknown byte order {byte_order!r} (known: {', '.join(BYTE_ORDERS)})")
+        if serial_port is not None and unit_id + machines - 1 > 247:
+            raise ValueError(
+                f"{machines} machines from unit id {unit_id} exceed unit id 247 on the serial line"
+            )
+        if fifo_address is not None and not (
+            0 <= fifo_address <= 65536 - HEADER_REGISTERS - _FIFO_CAPACITY
+        ):
+            raise ValueError(f"fifo_address {fifo_address} does not leave room for the block")
         for f in faults:
+            if f.kind == "crc_garbage" and serial_port is None:
+                raise ValueError("fault crc_garbage needs the RTU server (serial_port=/--serial)")
             if f.machine >= machines:
                 raise ValueError(
                     f"fault {f.kind} at {f.at_s} s is for machine index {f.machine}, "
@@ -249,14 +457,24 @@ class SimulatedCell:
         self.time_scale = float(time_scale)
         self.unit_id = unit_id
         self.profile = profile
+        self.byte_order = byte_order
+        self.fifo_address = fifo_address
+        self.replay = replay
+        self.serial_port = serial_port
+        self.serial_baudrate = serial_baudrate
+        self._faults: tuple[_DeviceFault, ...] = tuple(_DeviceFault() for _ in range(machines))
+        self._serial: _FaultySerialServer | None = None
         #: Ticks dropped because the event loop fell behind (see the module docstring).
         self.overruns = 0
         self._models: tuple[CncMachine, ...] = tuple(CncMachine(seed, i) for i in range(machines))
         self._schedule: list[FaultSchedule] = sorted(faults, key=lambda f: f.at_s)
         self._next_fault = 0
         self._active: list[frozenset[str]] = [frozenset() for _ in range(machines)]
+        self._fifos: tuple[VibrationFifo, ...] = tuple(
+            VibrationFifo(seed * 1000 + i, fifo_rate_hz, _FIFO_CAPACITY) for i in range(machines)
+        )
         self._runs: list[_Run] = []
-        self._servers: list[ModbusTcpServer] = []
+        self._servers: list[_FaultyTcpServer] = []
         self._task: asyncio.Task[None] | None = None
         self._sim_time_s = 0.0
 
@@ -273,6 +491,11 @@ class SimulatedCell:
         return self._sim_time_s
 
     @property
+    def transport_fault_hits(self) -> list[int]:
+        """Per machine: requests a transport fault swallowed, refused, cut off or garbled."""
+        return [f.hits for f in self._faults]
+
+    @property
     def running(self) -> bool:
         """True between :meth:`start` and :meth:`stop`."""
         return bool(self._servers)
@@ -285,8 +508,14 @@ class SimulatedCell:
     def inject(self, machine_index: int, kind: str, duration_s: float) -> None:
         """Start fault ``kind`` on machine ``machine_index`` (0-based) for ``duration_s``.
 
-        ``duration_s`` is in simulated seconds. Raises ``ValueError`` for an unknown machine or
-        kind, or a non-positive duration.
+        ``duration_s`` is in simulated seconds. Model faults are in
+        :data:`~appliance.simulate.machine.FAULT_KINDS`; the transport faults of
+        :data:`DEVICE_FAULT_KINDS` change how the machine's server answers, for ``duration_s /
+        time_scale`` wall seconds: ``timeout`` (requests get no answer), ``exception`` /
+        ``busy`` (every request is answered with exception 4 / 6), ``disconnect`` (every client
+        connection is closed now, and again on each request while the fault lasts). A transport
+        fault replaces the one in force. Raises ``ValueError`` for an unknown machine or kind, or
+        a non-positive duration.
         """
         self._inject(machine_index, kind, duration_s, "api")
 
@@ -298,13 +527,18 @@ class SimulatedCell:
         """
         if self._servers:
             raise RuntimeError("simulated cell is already running")
-        self._runs = _plan(load_profile(self.profile))
+        registers = load_profile(self.profile)
+        if self.byte_order is not None:
+            registers = with_byte_order(registers, self.byte_order)
+        self._runs = _plan(registers, self.fifo_address)
         try:
             for i, port in enumerate(self.ports):
-                server = ModbusTcpServer(
-                    _device(self.unit_id, self._runs), address=(self.host, port)
+                server = _FaultyTcpServer(
+                    _device(self.unit_id, self._runs, self.fifo_address),
+                    (self.host, port),
+                    {self.unit_id: self._faults[i]},
                 )
-                await self._publish(server, self._models[i])
+                await self._publish(server, self.unit_id, i)
                 try:
                     await server.serve_forever(background=True)
                 except RuntimeError:
@@ -322,6 +556,8 @@ class SimulatedCell:
                     self.unit_id,
                     self.profile,
                 )
+            if self.serial_port is not None:
+                await self._start_serial(self.serial_port)
         except BaseException:
             await self._close_servers()
             raise
@@ -352,7 +588,36 @@ class SimulatedCell:
 
     # ------------------------------------------------------------------ internals
 
+    async def _start_serial(self, port: str) -> None:
+        """Serve every machine over Modbus RTU on ``port`` (unit ``unit_id + i``)."""
+        units = [self.unit_id + i for i in range(len(self._models))]
+        serial = _FaultySerialServer(
+            [_device(u, self._runs, self.fifo_address) for u in units],
+            port,
+            self.serial_baudrate,
+            {u: f for u, f in zip(units, self._faults, strict=True)},
+        )
+        for i, unit in enumerate(units):
+            await self._publish(serial, unit, i)
+        try:
+            await serial.serve_forever(background=True)
+        except RuntimeError:
+            await _shutdown(serial)
+            raise OSError(f"cannot open serial port {port}") from None
+        self._serial = serial
+        logger.info(
+            "Modbus RTU on %s at %d baud: units %d-%d (cnc-1..cnc-%d)",
+            port,
+            self.serial_baudrate,
+            units[0],
+            units[-1],
+            len(units),
+        )
+
     async def _close_servers(self) -> None:
+        serial, self._serial = self._serial, None
+        if serial is not None:
+            await _shutdown(serial)
         servers, self._servers = self._servers, []
         for server in servers:
             await _shutdown(server)
@@ -362,6 +627,26 @@ class SimulatedCell:
     def _inject(self, i: int, kind: str, duration_s: float, via: str) -> None:
         if not 0 <= i < len(self._models):
             raise ValueError(f"machine index {i} is outside 0..{len(self._models) - 1}")
+        if kind in DEVICE_FAULT_KINDS:
+            if not (math.isfinite(duration_s) and duration_s > 0.0):
+                raise ValueError(f"fault duration must be > 0, got {duration_s!r}")
+            if not self._servers:
+                raise RuntimeError("transport faults need a running cell (call start() first)")
+            if kind == "crc_garbage" and self._serial is None:
+                raise ValueError("crc_garbage needs the RTU server (serial_port=)")
+            server = self._servers[i]
+            self._faults[i].kind = kind
+            self._faults[i].until = time.monotonic() + duration_s / self.time_scale
+            dropped = server.drop_connections() if kind == "disconnect" else 0
+            logger.info(
+                "%s: transport fault %s for %.1f s (via %s)%s",
+                self.machine_names[i],
+                kind,
+                duration_s,
+                via,
+                f", {dropped} connections dropped" if dropped else "",
+            )
+            return
         self._models[i].inject(kind, duration_s)
         self._active[i] = self._models[i].active_faults
         logger.info(
@@ -411,14 +696,19 @@ class SimulatedCell:
             await self._poll_fault_request(i, server)
             model = self._models[i]
             model.step(dt_s)
+            if self.fifo_address is not None:
+                values = self._values(i)
+                self._fifos[i].advance(dt_s, values["vibration_rms"], values["spindle_speed"])
             if self._active[i]:
                 now = model.active_faults
                 for kind in self._active[i] - now:
                     logger.info("%s: fault %s ended", self.machine_names[i], kind)
                 self._active[i] = now
-            await self._publish(server, model)
+            await self._publish(server, self.unit_id, i)
+            if self._serial is not None:
+                await self._publish(self._serial, self.unit_id + i, i)
 
-    async def _poll_fault_request(self, i: int, server: ModbusTcpServer) -> None:
+    async def _poll_fault_request(self, i: int, server: _FaultyTcpServer) -> None:
         """Inject a fault a client requested through the fault-control registers."""
         regs = await server.async_getValues(self.unit_id, 3, FAULT_REQUEST_REGISTER, 2)
         code = int(regs[0])
@@ -436,17 +726,31 @@ class SimulatedCell:
             )
             return
         duration_s = float(regs[1]) or DEFAULT_FAULT_DURATION_S
-        self._inject(i, kind, duration_s, "modbus")
+        try:
+            self._inject(i, kind, duration_s, "modbus")
+        except ValueError as err:
+            logger.warning("%s: ignoring fault request %s: %s", self.machine_names[i], code, err)
 
-    async def _publish(self, server: ModbusTcpServer, model: CncMachine) -> None:
-        """Encode the model's current values into the server's datastore."""
-        values = model.values()
+    def _values(self, i: int) -> dict[str, float]:
+        """Machine ``i``'s channel values now: the model's, overridden by the replay's."""
+        values = self._models[i].values()
+        if self.replay is not None:
+            values.update(self.replay.values_at(self._sim_time_s))
+        return values
+
+    async def _publish(
+        self, server: _FaultyTcpServer | _FaultySerialServer, unit: int, i: int
+    ) -> None:
+        """Encode machine ``i``'s current values (and FIFO block) into ``server``'s ``unit``."""
+        values = self._values(i)
+        if self.fifo_address is not None:
+            await server.async_setValues(unit, 4, self.fifo_address, self._fifos[i].registers())
         for run in self._runs:
             if run.table in ("coil", "discrete"):
                 bits = [False] * run.count
                 for reg in run.registers:
                     bits[reg.address - run.start] = bool(_raw_value(reg, values[reg.name]))
-                await server.async_setValues(self.unit_id, _WRITE_FC[run.table], run.start, bits)
+                await server.async_setValues(unit, _WRITE_FC[run.table], run.start, bits)
                 continue
             words = [0] * run.count
             for reg in run.registers:
@@ -462,4 +766,4 @@ class SimulatedCell:
                     words[at] |= regs[0]
                 else:
                     words[at : at + len(regs)] = regs
-            await server.async_setValues(self.unit_id, _WRITE_FC[run.table], run.start, words)
+            await server.async_setValues(unit, _WRITE_FC[run.table], run.start, words)

@@ -17,13 +17,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from appliance.simulate.cell import (
+    ALL_FAULT_KINDS,
     DEFAULT_FAULT_DURATION_S,
     FAULT_DURATION_REGISTER,
     FAULT_REQUEST_REGISTER,
+    FIFO_ADDRESS,
     FaultSchedule,
     SimulatedCell,
 )
-from appliance.simulate.machine import FAULT_KINDS
+from appliance.simulate.replay import load_replay, parse_map
+from drivers.modbus.codec import BYTE_ORDERS
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +42,19 @@ EPILOG = f"""\
 faults:
   --fault KIND@MACHINE:AT_S[:DURATION_S]   e.g. temp_ramp@2:10:20 = machine 2, 10 s after start,
                                            for 20 s (default {DEFAULT_FAULT_DURATION_S:g} s)
-  kinds: {", ".join(FAULT_KINDS)}
-  At run time, write holding register {FAULT_REQUEST_REGISTER} (1 = temp_ramp,
-  2 = vibration_surge) and register {FAULT_DURATION_REGISTER} (seconds, 0 = default) on a
-  machine's server to inject a fault over Modbus.
+  kinds: {", ".join(ALL_FAULT_KINDS)}
+  (timeout, exception, busy, disconnect, crc_garbage: the machine's server stops answering,
+  answers exception 4 / 6, drops its connections, or sends RTU answers with a bad CRC (--serial),
+  for the duration)
+  At run time, write holding register {FAULT_REQUEST_REGISTER} (1 = temp_ramp, 2 = vibration_surge,
+  3 = timeout, 4 = exception, 5 = busy, 6 = disconnect, 7 = crc_garbage (RTU only)) and
+  register {FAULT_DURATION_REGISTER} (seconds, 0 = default) on a machine's server to inject a
+  fault over Modbus.
+
+replay:
+  --replay rec.csv --map rpm=spindle_speed --map vib=vibration_rms
+  serves the CSV's columns (first column: seconds or ISO 8601 time) on the named registers of
+  every machine at the recorded times, looping at the end; other registers stay simulated.
 
 Stops cleanly with exit status 0 on SIGINT/SIGTERM or after --duration seconds.
 """
@@ -56,9 +68,9 @@ def parse_fault(spec: str) -> FaultSchedule:
         raise argparse.ArgumentTypeError(
             f"{spec!r} is not KIND@MACHINE:AT_S[:DURATION_S] (e.g. temp_ramp@2:10:20)"
         )
-    if kind not in FAULT_KINDS:
+    if kind not in ALL_FAULT_KINDS:
         raise argparse.ArgumentTypeError(
-            f"{spec!r}: unknown fault kind {kind!r} (known: {', '.join(FAULT_KINDS)})"
+            f"{spec!r}: unknown fault kind {kind!r} (known: {', '.join(ALL_FAULT_KINDS)})"
         )
     try:
         machine = int(parts[0])
@@ -150,7 +162,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KIND@MACHINE:AT_S[:DURATION_S]",
         help="schedule a fault (repeatable), times in simulated seconds after start; "
-        f"kinds: {', '.join(FAULT_KINDS)}",
+        f"kinds: {', '.join(ALL_FAULT_KINDS)}",
+    )
+    parser.add_argument(
+        "--byte-order",
+        choices=BYTE_ORDERS,
+        default=None,
+        help="serve 32/64-bit values in this order (profiles cnc-sim-cdab etc. match; "
+        "default: the profile's own, ABCD)",
+    )
+    parser.add_argument(
+        "--fifo-address",
+        type=int,
+        default=FIFO_ADDRESS,
+        metavar="ADDR",
+        help="first input register of the 1 kHz vibration FIFO block; -1 disables it "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--replay",
+        default=None,
+        metavar="FILE.csv",
+        help="serve recorded values from this CSV file (needs --map)",
+    )
+    parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="COLUMN=REGISTER",
+        help="with --replay: CSV column -> register name of the profile (repeatable)",
+    )
+    parser.add_argument(
+        "--serial",
+        default=None,
+        metavar="PORT",
+        help="also serve every machine over Modbus RTU on this serial port (e.g. one end of a "
+        "socat pty pair); machine N is unit N",
+    )
+    parser.add_argument(
+        "--serial-baud",
+        type=_positive_int,
+        default=19200,
+        metavar="BAUD",
+        help="baud rate of --serial, 8N1 (default: %(default)s)",
     )
     parser.add_argument(
         "--duration",
@@ -168,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
     try:
+        replay = None
+        if args.replay is not None:
+            replay = load_replay(args.replay, parse_map(args.map))
+        elif args.map:
+            raise ValueError("--map needs --replay")
         cell = SimulatedCell(
             machines=args.machines,
             host=args.host,
@@ -176,8 +235,13 @@ def run(args: argparse.Namespace) -> int:
             tick_hz=args.tick_hz,
             faults=tuple(args.fault),
             time_scale=args.time_scale,
+            byte_order=args.byte_order,
+            fifo_address=None if args.fifo_address < 0 else args.fifo_address,
+            replay=replay,
+            serial_port=args.serial,
+            serial_baudrate=args.serial_baud,
         )
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"appliance simulate: {err}", file=sys.stderr)
         return 2
     pymodbus_logger = logging.getLogger("pymodbus")

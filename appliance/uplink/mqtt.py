@@ -11,9 +11,10 @@ callbacks only hand their results to the loop with ``call_soon_threadsafe``.
 Delivery
 --------
 At least once, ordered per stream: a record is deleted from the outbox only after its PUBACK
-(``reason_code.is_failure`` settles it as *rejected*: dropped and counted, since the broker would
-refuse it again; MQTT 5's 0x10 "no matching subscribers" is a success). At most ``max_inflight``
-records are unacknowledged at a time; the next ones are taken as acks free slots, alerts first.
+(a failure reason code settles it as *rejected*, except 0x97: see *Reason codes* below; MQTT 5's
+0x10 "no matching subscribers" is a success). At most ``max_inflight`` records are
+unacknowledged at a time; the next ones are taken as acks free slots, alerts first. Over MQTT 5
+every record goes out with *payload format indicator* 1 and *content type* ``application/json``.
 
 paho keeps unacknowledged QoS 1 messages in memory and resends them (same mid, DUP set) after a
 reconnect, so in-flight records are not taken again after a disconnect; their mids stay mapped and
@@ -35,8 +36,46 @@ the retained last will ``{"state": "offline"}`` when the connection dies without
 ``stop()`` publishes ``offline`` itself before disconnecting cleanly. The status ``ts`` of the
 will is the time that connection was opened.
 
-Left for later: TLS and authentication, MQTT 5 properties (message expiry, topic aliases) and
-reason strings, a downlink, rate-limited backlog replay.
+Security
+--------
+``tls = true`` verifies the broker's certificate chain (``ca_file``, or the system CA store when
+empty) and its host name, TLS 1.2 at least; ``cert_file``/``key_file`` add a client certificate.
+``tls_insecure = true`` turns both checks off and logs a warning at every start. The password is
+read from ``password_file`` (re-read before every connection attempt, so a corrected file is
+picked up by the next retry) or the environment variable ``password_env``; it is never in the
+config struct, never logged. A refused CONNACK (bad credentials, not authorised) or a TLS
+failure logs one error naming ``host:port`` and the reason, is counted (``auth_failures``,
+``tls_failures``, ``connect_failures``), and the uplink keeps retrying with the backoff above.
+
+Sessions: MQTT 3.1.1 connects with ``clean_session=False``; MQTT 5 with ``clean_start=False``
+and ``SessionExpiryInterval = session_expiry_s``.
+
+Reason codes (MQTT 5 PUBACK)
+----------------------------
+A failure reason settles the record as *rejected* (dropped, counted per reason in
+:meth:`MqttUplink.rejected_by_reason`, first occurrence of each reason logged as an error):
+the broker's verdict on that message would not change on a resend. The exception is 0x97
+*quota exceeded*, a flow-control signal: the record stays in the outbox, publishing pauses for
+a jittered backoff (``reconnect_min_s`` .. ``reconnect_max_s``, doubling per consecutive 0x97)
+and it is published again (counted as ``quota_retries``). Records already in flight with it can
+then overtake it: its ``seq`` arrives late, so subscribers should deduplicate by ``id`` rather
+than by "``seq`` <= last". Records larger than the broker's advertised MQTT 5 *Maximum Packet
+Size* are rejected locally (``packet_too_large``) rather than sent, since the broker would drop
+the connection over them. Known limit: mosquitto 2.0 answers a PUBLISH over its (deprecated)
+``message_size_limit`` with PUBACK 0x95, which is not a PUBACK code in MQTT 5; paho treats the
+packet as malformed and drops the connection, and the record is resent after every reconnect.
+Configure brokers with ``max_packet_size`` (advertised, so checked here) instead.
+
+Backlog and the ``historical`` flag
+-----------------------------------
+A record is *historical* when it was appended before the current connection came up, or more
+than ``historical_after_s`` seconds before it is published. Its payload then gets
+``"historical":true`` inserted before the closing brace at publish time (the stored payload is
+untouched); live messages carry no ``historical`` key. Paho's resends after a reconnect repeat
+the bytes first handed to it. Historical records other than alerts are published at most
+``backlog_rate_per_s`` per second (token bucket, burst 50 ms worth; 0 = unlimited); alerts are
+never rate-limited and one slot of the in-flight window is kept for them (when ``max_inflight``
+> 1), so a live alert appended during a long backlog drain goes out at once.
 """
 
 from __future__ import annotations
@@ -44,7 +83,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import ssl
+import stat
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -52,9 +95,13 @@ from typing import Any, Literal
 import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.config import MqttSection
+from appliance.contracts import Priority
+from appliance.errors import ConfigError
 from appliance.outbox.sqlite import SqliteOutbox
 from appliance.uplink.topics import status_topic
 
@@ -63,8 +110,18 @@ log = logging.getLogger(__name__)
 STATUS_ACK_TIMEOUT_S = 1.0
 """How long ``stop()`` waits for the broker to acknowledge the ``offline`` status, seconds."""
 
+QUOTA_EXCEEDED = 0x97
+"""MQTT 5 PUBACK reason retried after a pause instead of rejecting the record."""
+
+AUTH_REASONS = frozenset({0x86, 0x87, 0x8C})
+"""CONNACK reasons that mean the credentials are wrong or not allowed."""
+
 _RETRY_AFTER_ERROR_S = 1.0
+_MIN_RATE_WAIT_S = 0.01  # the publisher never wakes more often than this for the rate limit
+_BURST_S = 0.05  # token bucket capacity, seconds of backlog_rate_per_s
+_PACKET_OVERHEAD_BYTES = 64  # PUBLISH header + packet id + our properties, upper bound
 _PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
+_HISTORICAL_TAIL = b',"historical":true}'
 _encode = msgspec.json.Encoder().encode
 
 
@@ -79,6 +136,119 @@ def backoff_delay_s(attempt: int, min_s: float, max_s: float, u: float) -> float
     return u * window
 
 
+def mark_historical(payload: bytes) -> bytes:
+    """``payload`` (a JSON object) with ``"historical":true`` added as its last member.
+
+    The outbox stores ``{...}`` with at least the header members, so inserting before the final
+    brace keeps the JSON valid; anything else is returned unchanged.
+    """
+    if len(payload) > 2 and payload.endswith(b"}"):
+        return payload[:-1] + _HISTORICAL_TAIL
+    return payload
+
+
+def reason_key(reason: ReasonCode) -> str:
+    """A metric-friendly name of a reason code: ``Not authorized`` -> ``not_authorized``."""
+    return str(reason).strip().lower().replace(" ", "_").replace("-", "_")
+
+
+class Secret:
+    """A string that stays out of ``repr``/``str`` (logs, tracebacks, debug dumps)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.value == self.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def read_password(cfg: MqttSection) -> Secret | None:
+    """The MQTT password from ``password_file`` (trailing newline stripped) or ``password_env``.
+
+    ``None`` when neither is configured. Raises :class:`ConfigError` naming the key (never the
+    value) when the file cannot be read or the variable is unset.
+    """
+    if cfg.password_file:
+        try:
+            with open(cfg.password_file, encoding="utf-8") as f:
+                return Secret(f.read().rstrip("\r\n"))
+        except (OSError, UnicodeDecodeError) as err:
+            detail = err.strerror if isinstance(err, OSError) else "not UTF-8"
+            raise ConfigError(
+                f"mqtt.password_file: cannot read {cfg.password_file}: {detail or err}"
+            ) from None
+    if cfg.password_env:
+        value = os.environ.get(cfg.password_env)
+        if value is None:
+            raise ConfigError(f"mqtt.password_env: environment variable {cfg.password_env} unset")
+        return Secret(value)
+    return None
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails.
+
+    paho 2.2 drops the socket without closing it when ``do_handshake`` raises (a verification
+    failure): without this, every failed attempt would leak a file descriptor until GC.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def tls_context(cfg: MqttSection) -> ssl.SSLContext:
+    """The client TLS context: verification on (chain + host name) unless ``tls_insecure``.
+
+    Raises :class:`ConfigError` naming the key when a CA, certificate or key file is unusable.
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file or None)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"mqtt.ca_file: cannot load {cfg.ca_file}: {err}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.cert_file:
+        try:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigError(
+                f"mqtt.cert_file/key_file: cannot load {cfg.cert_file} / {cfg.key_file}: {err}"
+            ) from None
+    if cfg.tls_insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.sslsocket_class = _ClosingSSLSocket
+    return ctx
+
+
+def describe_connect_error(err: BaseException | None, host: str) -> tuple[str, str]:
+    """(category, text) of a failed connection attempt: ``tls`` or ``connect``."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return "tls", (
+            f"TLS certificate verification failed: {err.verify_message or err.reason}; check "
+            f"mqtt.ca_file and that the broker's certificate is issued for {host!r}"
+        )
+    if isinstance(err, ssl.SSLError):
+        return "tls", f"TLS handshake failed: {err.reason or err}"
+    if isinstance(err, ConnectionRefusedError):
+        return "connect", "connection refused"
+    if err is None:
+        return "connect", "connection failed"
+    return "connect", f"connection failed: {err}"
+
+
 class MqttUplink:
     """Publishes the outbox to an MQTT broker (see the module docstring for the guarantees).
 
@@ -89,7 +259,8 @@ class MqttUplink:
     :param appliance_id: names the status topic and, by default, the MQTT client id.
     :param outbox: the open outbox to drain; the uplink never closes it.
     :param rng: uniform [0, 1) source of the reconnect jitter (called from paho's thread).
-    :param clock: wall-clock seconds (epoch) for the status messages' ``ts``.
+    :param clock: wall-clock seconds (epoch) for the status messages' ``ts`` and the
+        ``historical`` decision (compared with the outbox's ``created``).
     """
 
     def __init__(
@@ -119,21 +290,42 @@ class MqttUplink:
         self._settled: asyncio.Event | None = None
         self._stopped = False
         self._closing = False
+        self._pub_props: Properties | None = None
         # Owned by the event loop:
         self._connected = False
         self._link_logged: Literal["", "up", "down"] = ""
+        self._fail_logged = ""  # category+reason of the last logged connect failure
         self._down_since = 0.0
+        self._link_up_wall = float("inf")  # wall time the current connection came up
+        self._max_packet = 0  # the broker's MQTT 5 Maximum Packet Size; 0 = not advertised
         self._inflight: dict[int, int] = {}  # paho mid -> outbox record id
         self._inflight_ids: set[int] = set()
         self._carried: set[int] = set()  # mids unacked across a reconnect: resent by paho
         self._acked: list[int] = []
         self._rejected: list[int] = []
         self._status_waiters: dict[int, asyncio.Future[bool]] = {}
-        self._counters = {"published": 0, "rejected": 0, "connects": 0, "disconnects": 0}
+        self._counters = {
+            "published": 0,
+            "rejected": 0,
+            "quota_retries": 0,
+            "historical": 0,
+            "connects": 0,
+            "disconnects": 0,
+            "auth_failures": 0,
+            "tls_failures": 0,
+            "connect_failures": 0,
+        }
+        self._by_reason: dict[str, int] = {}
+        self._tokens = max(1.0, cfg.backlog_rate_per_s * _BURST_S)
+        self._tokens_at = 0.0
+        self._hold_until = 0.0  # loop time before which nothing is published (0x97 pause)
+        self._quota_attempt = 0
         self._seen_gen = 0  # the link generation the loop has caught up with
         # Written by paho's thread only:
         self._attempt = 0
         self._link_gen = 0  # bumped on every connect and disconnect
+        self._paho_error = ""  # paho's last error log line since the last connection attempt
+        self._password: Secret | None = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -143,9 +335,21 @@ class MqttUplink:
         return self._connected
 
     def stats(self) -> dict[str, int]:
-        """``published`` and ``rejected`` (records acked either way), ``in_flight`` (records
-        awaiting a PUBACK), ``connects`` and ``disconnects`` (since ``start``)."""
+        """Counters since ``start``.
+
+        ``published`` and ``rejected`` (records acked either way, rejections local or by the
+        broker), ``quota_retries`` (0x97 PUBACKs, record kept), ``historical`` (records
+        published with ``historical: true``), ``connects``, ``disconnects``, refused or failed
+        connection attempts (``auth_failures``, ``tls_failures``, ``connect_failures``) and
+        ``in_flight`` (records awaiting a PUBACK).
+        """
         return {**self._counters, "in_flight": len(self._inflight)}
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        """Rejected records per reason (:func:`reason_key` of the PUBACK reason code, e.g.
+        ``not_authorized``; ``topic_refused`` and ``packet_too_large`` for local refusals) and
+        ``quota_exceeded`` for 0x97 PUBACKs (retried, not rejected)."""
+        return dict(self._by_reason)
 
     def notify(self) -> None:
         """Wake the publisher: the outbox has new records. Call on the event loop."""
@@ -153,40 +357,84 @@ class MqttUplink:
             self._wake.set()
 
     async def start(self) -> None:
-        """Create the client, connect in the background and start the publisher task.
+        """Read the credentials, create the client, connect in the background, start publishing.
 
-        Returns at once; the connection comes up (and is retried) in paho's thread.
+        Returns at once; the connection comes up (and is retried) in paho's thread. Raises
+        :class:`ConfigError` when the password, CA, certificate or key cannot be loaded.
         """
-        if self._client is not None:
+        if self._loop is not None:
             raise RuntimeError("MqttUplink.start() called twice")
         cfg = self._cfg
+        password = read_password(cfg)
+        self._check_password_file_mode()
+        ctx = tls_context(cfg) if cfg.tls else None
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
+        self._tokens_at = self._loop.time()
+        v5 = cfg.protocol == "5"
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id or self.appliance_id,
             protocol=_PROTOCOLS[cfg.protocol],
+            clean_session=None if v5 else False,
         )
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
-        client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+        if cfg.username:
+            self._password = password
+            client.username_pw_set(cfg.username, password.value if password else None)
+        if ctx is not None:
+            client.tls_set_context(ctx)
+        connect_props: Properties | None = None
+        if v5:
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.SessionExpiryInterval = cfg.session_expiry_s
+            self._pub_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            self._pub_props.PayloadFormatIndicator = 1
+            self._pub_props.ContentType = "application/json"
+        client.connect_async(
+            cfg.host,
+            cfg.port,
+            keepalive=cfg.keepalive_s,
+            clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_props,
+        )
         self._client = client
         client.loop_start()
         self._task = asyncio.create_task(self._publish_loop(), name="mqtt-uplink-publisher")
         log.info(
-            "MQTT uplink starting: %s:%d, MQTT %s, client id %r, status topic %s",
+            "MQTT uplink starting: %s:%d, MQTT %s, %s, user %s, client id %r, status topic %s",
             cfg.host,
             cfg.port,
             cfg.protocol,
+            ("TLS" + (" with client certificate" if cfg.cert_file else ""))
+            if cfg.tls
+            else "no TLS",
+            repr(cfg.username) if cfg.username else "none",
             cfg.client_id or self.appliance_id,
             self.status_topic,
         )
+        if cfg.tls_insecure:
+            log.warning(
+                "mqtt.tls_insecure = true: the certificate of %s:%d is NOT verified; anyone on the "
+                "network path can impersonate the broker and read the credentials and data. "
+                "Bench tests only: set mqtt.ca_file instead",
+                cfg.host,
+                cfg.port,
+            )
+        elif not cfg.tls and cfg.username:
+            log.warning(
+                "MQTT credentials for %s:%d travel in clear text: set mqtt.tls = true",
+                cfg.host,
+                cfg.port,
+            )
 
     async def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Drain, say ``offline``, disconnect cleanly. Idempotent.
@@ -218,6 +466,11 @@ class MqttUplink:
             await self._publish_offline(client, loop)
         client.disconnect()
         await loop.run_in_executor(None, client.loop_stop)
+        # paho closes its wake-up socket pair only in Client.__del__; dropping the last
+        # reference here (the client's callbacks point back at us: a cycle) closes it now
+        # instead of whenever the garbage collector breaks the cycle.
+        self._client = None
+        del client
         await asyncio.sleep(0)  # run the handlers paho's thread queued before it ended
         try:
             self._flush_settled()
@@ -232,15 +485,16 @@ class MqttUplink:
     # -- event loop side ---------------------------------------------------------------------
 
     async def _publish_loop(self) -> None:
-        """Take, publish, settle; sleep until an append, an ack or a connect wakes it."""
+        """Take, publish, settle; sleep until an append, an ack, a connect or a token wakes it."""
         assert self._wake is not None
         failing = False
         while True:
+            delay: float | None = None
             try:
                 self._flush_settled()
                 if self._closing:
                     return
-                self._publish_more()
+                delay = self._publish_more()
                 if failing:
                     failing = False
                     log.info("MQTT uplink publisher recovered")
@@ -256,24 +510,68 @@ class MqttUplink:
                 await asyncio.sleep(_RETRY_AFTER_ERROR_S)
                 continue
             self._wake.clear()
-            await self._wake.wait()
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
 
-    def _publish_more(self) -> None:
-        client = self._client
-        if client is None or not self._can_publish():
-            return
-        room = self._cfg.max_inflight - len(self._inflight)
+    def _publish_more(self) -> float | None:
+        """Publish what the in-flight window, the quota pause and the backlog rate allow.
+
+        Returns seconds after which to try again without a wake-up (a token or the end of a
+        quota pause), or ``None`` to wait for one.
+        """
+        client, loop = self._client, self._loop
+        if client is None or loop is None or not self._can_publish():
+            return None
+        cfg = self._cfg
+        now = loop.time()
+        if now < self._hold_until:
+            return self._hold_until - now
+        room = cfg.max_inflight - len(self._inflight)
         if room <= 0:
-            return
+            return None
+        bulk_limit = cfg.max_inflight - 1 if cfg.max_inflight > 1 else 1  # a slot for alerts
+        rate = cfg.backlog_rate_per_s
+        if rate > 0:
+            self._tokens = min(
+                max(1.0, rate * _BURST_S), self._tokens + (now - self._tokens_at) * rate
+            )
+            self._tokens_at = now
+        wall = self._clock()
+        delay: float | None = None
         for rec in self._outbox.take(room, exclude=self._inflight_ids):
             if not self._can_publish():
                 break
+            alert = rec.priority == Priority.ALERT
+            if not alert and len(self._inflight) >= bulk_limit:
+                break
+            historical = (
+                rec.created < self._link_up_wall or wall - rec.created > cfg.historical_after_s
+            )
+            if historical and not alert and rate > 0:
+                if self._tokens < 1.0:
+                    delay = max(_MIN_RATE_WAIT_S, (1.0 - self._tokens) / rate)
+                    break
+                self._tokens -= 1.0
+            payload = mark_historical(rec.payload) if historical else rec.payload
+            if self._max_packet and (
+                len(payload) + len(rec.topic.encode()) + _PACKET_OVERHEAD_BYTES > self._max_packet
+            ):
+                self._reject(
+                    rec.id,
+                    "packet_too_large",
+                    rec.topic,
+                    f"larger than the broker's maximum packet size of {self._max_packet} bytes",
+                )
+                continue
             try:
-                info = client.publish(rec.topic, rec.payload, qos=1, retain=False)
+                info = client.publish(
+                    rec.topic, payload, qos=1, retain=False, properties=self._pub_props
+                )
             except ValueError as err:  # a topic paho refuses (wildcard, empty): never sendable
-                log.error("cannot publish record %d on topic %r: %s", rec.id, rec.topic, err)
-                self._rejected.append(rec.id)
-                self.notify()
+                self._reject(rec.id, "topic_refused", rec.topic, str(err))
                 continue
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 # Not queued by paho (mid clash, queue full): retry on the next wake-up.
@@ -282,6 +580,27 @@ class MqttUplink:
             # NO_CONN: paho keeps the message and sends it after the reconnect.
             self._inflight[info.mid] = rec.id
             self._inflight_ids.add(rec.id)
+            if historical:
+                self._counters["historical"] += 1
+        return delay
+
+    def _reject(self, rid: int, key: str, topic: str, detail: str) -> None:
+        """Settle record ``rid`` as rejected (at the next flush) and count it under ``key``."""
+        first = key not in self._by_reason
+        self._by_reason[key] = self._by_reason.get(key, 0) + 1
+        self._rejected.append(rid)
+        if first:
+            log.error(
+                "MQTT record on %s refused (%s: %s): dropped and counted as rejected; further "
+                "%s refusals are logged at debug level",
+                topic,
+                key,
+                detail,
+                key,
+            )
+        else:
+            log.debug("MQTT record %d on %s refused: %s", rid, topic, key)
+        self.notify()
 
     def _can_publish(self) -> bool:
         """Connected, caught up with paho's view of the link, and no resend pending.
@@ -327,18 +646,49 @@ class MqttUplink:
                 waiter.set_result(not reason.is_failure)
             return
         self._inflight_ids.discard(rid)
-        if reason.is_failure:
-            log.debug("broker rejected record %d: %s", rid, reason)
-            self._rejected.append(rid)
+        if reason.is_failure and reason.value == QUOTA_EXCEEDED:
+            self._pause_for_quota()
+        elif reason.is_failure:
+            self._reject(rid, reason_key(reason), f"record {rid}", f"0x{reason.value:02x}")
         else:
+            self._quota_attempt = 0
             self._acked.append(rid)
         self.notify()
 
-    def _handle_connected(self, gen: int, session_present: bool) -> None:
+    def _pause_for_quota(self) -> None:
+        """0x97 quota exceeded: keep the record, pause all publishing for a jittered backoff."""
+        cfg, loop = self._cfg, self._loop
+        self._counters["quota_retries"] += 1
+        self._by_reason["quota_exceeded"] = self._by_reason.get("quota_exceeded", 0) + 1
+        if loop is None:
+            return
+        pause = max(
+            cfg.reconnect_min_s,
+            backoff_delay_s(
+                self._quota_attempt, cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng()
+            ),
+        )
+        if self._quota_attempt == 0:
+            log.warning(
+                "MQTT broker %s:%d: quota exceeded (0x97); pausing publishing for %.2f s, the "
+                "record stays in the outbox and is sent again",
+                cfg.host,
+                cfg.port,
+                pause,
+            )
+        self._quota_attempt += 1
+        self._hold_until = max(self._hold_until, loop.time() + pause)
+
+    def _handle_connected(
+        self, gen: int, session_present: bool, up_wall: float, max_packet: int
+    ) -> None:
         cfg = self._cfg
         self._seen_gen = gen
         self._carried = set(self._inflight)
         self._connected = True
+        self._link_up_wall = up_wall
+        self._max_packet = max_packet
+        self._fail_logged = ""
         self._counters["connects"] += 1
         if self._link_logged == "down":
             log.info(
@@ -357,14 +707,19 @@ class MqttUplink:
         self._link_logged = "up"
         self.notify()
 
-    def _handle_disconnected(self, gen: int, reason: ReasonCode) -> None:
+    def _handle_disconnected(self, gen: int, reason: ReasonCode, paho_error: str) -> None:
         cfg = self._cfg
         self._seen_gen = gen
         self._carried = set(self._inflight)
         if not self._connected:
-            log.debug("MQTT connection attempt to %s:%d ended: %s", cfg.host, cfg.port, reason)
+            if paho_error and ("SSL" in paho_error or "TLS" in paho_error):
+                # TLS 1.3: a refused client certificate shows up after the handshake, as an alert
+                self._handle_connect_failed("tls", f"TLS session refused: {paho_error}")
+            else:
+                log.debug("MQTT connection attempt to %s:%d ended: %s", cfg.host, cfg.port, reason)
             return
         self._connected = False
+        self._link_up_wall = float("inf")
         self._counters["disconnects"] += 1
         if self._closing:
             log.info("MQTT uplink disconnected from %s:%d", cfg.host, cfg.port)
@@ -380,20 +735,57 @@ class MqttUplink:
             len(self._inflight),
         )
 
-    def _handle_connect_failed(self, reason: str) -> None:
+    def _handle_refused(self, reason: ReasonCode) -> None:
         cfg = self._cfg
+        if reason.value in AUTH_REASONS:
+            where = "password_env" if cfg.password_env else "password_file"
+            self._handle_connect_failed(
+                "auth",
+                f"not authorised: check mqtt.username / {where} ({reason}, 0x{reason.value:02x})",
+            )
+        else:
+            self._handle_connect_failed(
+                "connect", f"refused by the broker: {reason} (0x{reason.value:02x})"
+            )
+
+    def _handle_connect_failed(self, category: str, reason: str) -> None:
+        """Count a failed attempt; log it once per change of reason (error for auth and TLS)."""
+        cfg = self._cfg
+        self._counters[f"{category}_failures"] += 1
         if self._link_logged != "down":
             self._link_logged = "down"
             self._down_since = time.monotonic()
-            log.warning(
-                "MQTT uplink cannot connect to %s:%d (%s); retrying with backoff up to %s s",
-                cfg.host,
-                cfg.port,
-                reason,
-                cfg.reconnect_max_s,
-            )
-        else:
+        key = f"{category}:{reason}"
+        if self._fail_logged == key:
             log.debug("MQTT connect to %s:%d failed: %s", cfg.host, cfg.port, reason)
+            return
+        self._fail_logged = key
+        log.log(
+            logging.WARNING if category == "connect" else logging.ERROR,
+            "MQTT uplink cannot connect to %s:%d (%s); retrying with backoff up to %s s",
+            cfg.host,
+            cfg.port,
+            reason,
+            cfg.reconnect_max_s,
+        )
+
+    def _handle_password_error(self, message: str) -> None:
+        if self._fail_logged != message:
+            self._fail_logged = message
+            log.error("MQTT uplink: %s; keeping the previous password", message)
+
+    def _check_password_file_mode(self) -> None:
+        path = self._cfg.password_file
+        if not path:
+            return
+        with contextlib.suppress(OSError):
+            mode = os.stat(path).st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                log.warning(
+                    "mqtt.password_file %s can be read by other users (mode %o): chmod 600 it",
+                    path,
+                    stat.S_IMODE(mode),
+                )
 
     # -- paho's thread -----------------------------------------------------------------------
 
@@ -416,7 +808,18 @@ class MqttUplink:
         client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._paho_error = ""
         client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
+        cfg = self._cfg
+        if cfg.password_file:  # picked up without a restart once corrected on disk
+            try:
+                password = read_password(cfg)
+            except ConfigError as err:
+                self._to_loop(self._handle_password_error, str(err))
+                return
+            if password is not None and password != self._password:
+                self._password = password
+                client.username_pw_set(cfg.username, password.value)
 
     def _on_connect(
         self,
@@ -427,16 +830,22 @@ class MqttUplink:
         properties: Any,
     ) -> None:
         if reason.is_failure:
-            self._to_loop(self._handle_connect_failed, f"refused: {reason}")
+            self._to_loop(self._handle_refused, reason)
             return  # paho closes the socket and calls on_disconnect, which schedules a retry
         self._attempt = 0
         self._link_gen += 1
+        up_wall = self._clock()
+        max_packet = int(getattr(properties, "MaximumPacketSize", 0) or 0)
         client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
-        self._to_loop(self._handle_connected, self._link_gen, flags.session_present)
+        self._to_loop(
+            self._handle_connected, self._link_gen, flags.session_present, up_wall, max_packet
+        )
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError:` block: the exception is current.
+        category, text = describe_connect_error(sys.exc_info()[1], self._cfg.host)
         self._set_next_delay(client)
-        self._to_loop(self._handle_connect_failed, "connection failed")
+        self._to_loop(self._handle_connect_failed, category, text)
 
     def _on_disconnect(
         self,
@@ -448,7 +857,7 @@ class MqttUplink:
     ) -> None:
         self._link_gen += 1
         self._set_next_delay(client)
-        self._to_loop(self._handle_disconnected, self._link_gen, reason)
+        self._to_loop(self._handle_disconnected, self._link_gen, reason, self._paho_error)
 
     def _on_publish(
         self,
@@ -459,6 +868,10 @@ class MqttUplink:
         properties: Any,
     ) -> None:
         self._to_loop(self._handle_ack, mid, reason)
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._paho_error = buf
 
     # -- payloads ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from drivers.modbus.codec import CodecError
 from drivers.modbus.registers import Register, Table
 from drivers.quality import BAD, GOOD
+from drivers.units import conversion
 
 #: Most registers one read holding/input registers request may return (FC 3/4).
 MAX_REGISTERS = 125
@@ -163,8 +164,14 @@ class Decoder:
             total += req.count
         self._bases = tuple(bases)
         self._size = total
-        self._scale = np.array([r.scale for r in self.registers], dtype=np.float64)
-        self._offset = np.array([r.offset for r in self.registers], dtype=np.float64)
+        conv = [conversion(r.convert) for r in self.registers]  # affine: folds into scale
+        self._scale = np.array(
+            [r.scale * a for r, (a, _) in zip(self.registers, conv, strict=True)], dtype=np.float64
+        )
+        self._offset = np.array(
+            [r.offset * a + b for r, (a, b) in zip(self.registers, conv, strict=True)],
+            dtype=np.float64,
+        )
         groups: dict[tuple[str, bool, bool], list[tuple[int, list[int], int]]] = {}
         members: list[npt.NDArray[np.intp]] = []
         for req, base in zip(self.requests, self._bases, strict=True):

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from drivers.modbus.codec import ByteOrder, ValueType, register_count
+from drivers.units import UnknownConversion, conversion
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,13 +25,23 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 Table = Literal["holding", "input", "coil", "discrete"]
 
+#: The poll group a register belongs to unless it names one (see ``group`` on :class:`Register`).
+DEFAULT_GROUP = "fast"
+GroupName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,31}$")]
+
 
 class RegisterMapError(ValueError):
     """A register map is invalid; the message names the key path."""
 
 
 class Register(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """One value on a device. Engineering value = raw * scale + offset."""
+    """One value on a device. Engineering value = ``convert(raw * scale + offset)``.
+
+    ``convert`` names a unit conversion from :data:`drivers.units.CONVERSIONS` (applied after
+    scale and offset). ``group`` names the poll group (its interval is set per device).
+    ``string`` registers are not numeric channels: drivers read them once per connection and
+    expose them as text (``strings``), never in frames.
+    """
 
     name: Annotated[str, msgspec.Meta(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
     address: Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -42,12 +53,16 @@ class Register(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     unit: str = ""
     bit: Annotated[int, msgspec.Meta(ge=0, le=15)] = 0
     length: Annotated[int, msgspec.Meta(ge=0, le=250)] = 0
+    convert: str = ""
+    group: GroupName = DEFAULT_GROUP
 
     def __post_init__(self) -> None:
         if self.type == "string" and self.length == 0:
             raise ValueError("type 'string' needs `length` (characters)")
         if self.table in ("coil", "discrete") and self.type not in ("bool", "bit"):
             raise ValueError(f"table {self.table!r} holds single bits: type must be 'bool'")
+        if self.type == "string" and self.convert:
+            raise ValueError("a string register cannot have `convert`")
         if self.address + self.count > 65536:
             raise ValueError(f"address {self.address} + {self.count} registers exceeds 65535")
 
@@ -58,11 +73,31 @@ class Register(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             return 1
         return register_count(self.type, self.length)
 
+    @property
+    def numeric(self) -> bool:
+        """True for registers that are channels (everything but ``string``)."""
+        return self.type != "string"
 
-def check_register_map(registers: Sequence[Register], where: str) -> None:
-    """Cross-register checks that a single entry cannot make: duplicate names."""
+
+def check_register_map(
+    registers: Sequence[Register], where: str, groups: Sequence[str] | None = None
+) -> None:
+    """Checks a single entry cannot make: duplicate names, unknown conversions, unknown groups.
+
+    ``groups`` lists the poll groups the device declares (``None``: any group is accepted).
+    Errors name the key path, e.g. ``devices[2].registers[7].group: ...``.
+    """
     seen: dict[str, int] = {}
     for i, reg in enumerate(registers):
+        try:
+            conversion(reg.convert)
+        except UnknownConversion as err:
+            raise RegisterMapError(f"{where}[{i}].convert: {err}") from None
+        if groups is not None and reg.group not in groups:
+            raise RegisterMapError(
+                f"{where}[{i}].group: {reg.group!r} is not a poll group of this device "
+                f"(declared: {sorted(groups)})"
+            )
         if reg.name in seen:
             raise RegisterMapError(
                 f"{where}[{i}].name: duplicate register name {reg.name!r} "

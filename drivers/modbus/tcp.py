@@ -23,7 +23,8 @@ request in flight fails immediately instead of waiting out ``timeout_s``.
 
 Requests are sent one after another on the one connection (pymodbus serialises them anyway, and
 many devices cannot pipeline). A Modbus exception response to one request marks only that
-request's values BAD; the connection stays up.
+request's values BAD; the connection stays up. Poll groups, decoding, the busy retry and writes
+live in :mod:`drivers.modbus.device`, shared with RTU.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
 from drivers.errors import MODBUS_EXCEPTION_NAMES, DeviceException, DeviceUnavailable
-from drivers.modbus.plan import Block, Decoder, ReadRequest, plan_reads
+from drivers.modbus.device import ModbusDevice
+from drivers.modbus.plan import Block, ReadRequest
 from drivers.modbus.registers import Register
 from drivers.quality import BAD, GOOD, STALE, ReadResult
 
@@ -48,12 +50,14 @@ __all__ = ["BAD", "GOOD", "STALE", "ModbusTcpDevice", "ReadResult"]
 log = logging.getLogger(__name__)
 
 
-class ModbusTcpDevice:
+class ModbusTcpDevice(ModbusDevice):
     """A Modbus TCP server (``host:port``, unit ``unit_id``) read as one register map.
 
-    Construction validates and plans, and does no I/O. Call :meth:`connect`, then :meth:`read`
-    once per poll, and :meth:`close` when done (idempotent). Use from one asyncio task at a time;
-    the instance is not shared between event loops.
+    Construction validates and plans, and does no I/O. Call :meth:`connect`, then
+    :meth:`~drivers.modbus.device.ModbusDevice.read` once per poll (of one group or all), and
+    :meth:`close` when done (idempotent). Use from one asyncio task at a time; the instance is
+    not shared between event loops. Writes (``write_registers``, ``write_coils``, ...) come from
+    :class:`~drivers.modbus.device.ModbusDevice`.
 
     ``timeout_s`` bounds the TCP connect and each request's answer (seconds). ``max_gap`` is
     passed to :func:`~drivers.modbus.plan.plan_reads` (unused addresses one read may span).
@@ -70,24 +74,23 @@ class ModbusTcpDevice:
         max_gap: int = 0,
         max_registers: int = 125,
         max_bits: int = 2000,
+        busy_retry_delay_s: float = 0.05,
     ) -> None:
-        if not registers:
-            raise ValueError("a device needs at least one register")
         if not 1 <= port <= 65535:
             raise ValueError(f"port must be in 1..65535, got {port}")
         if not 0 <= unit_id <= 255:
             raise ValueError(f"unit_id must be in 0..255, got {unit_id}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        super().__init__(
+            unit_id,
+            registers,
+            timeout_s,
+            max_gap=max_gap,
+            max_registers=max_registers,
+            max_bits=max_bits,
+            busy_retry_delay_s=busy_retry_delay_s,
+        )
         self.host = host
         self.port = port
-        self.unit_id = unit_id
-        self.timeout_s = float(timeout_s)
-        self.registers: tuple[Register, ...] = tuple(registers)
-        self.requests: tuple[ReadRequest, ...] = plan_reads(
-            self.registers, max_gap=max_gap, max_registers=max_registers, max_bits=max_bits
-        )
-        self._decoder = Decoder(self.registers, self.requests)
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None
         self._connect_error: BaseException | None = None
@@ -100,7 +103,7 @@ class ModbusTcpDevice:
         """True while a connection is open (it may still fail on the next request)."""
         return self._client is not None and self._client.connected
 
-    async def connect(self) -> None:
+    async def _open(self) -> None:
         """Open the TCP connection (a no-op when connected).
 
         Raises :class:`DeviceUnavailable` if the connection is refused or not made within
@@ -140,29 +143,6 @@ class ModbusTcpDevice:
         self._client, self._lost = client, lost
         log.debug("connected to %s:%s", self.host, self.port)
 
-    async def read(self) -> ReadResult:
-        """Run every planned read once and decode all values.
-
-        Returns values and per-value quality aligned with ``registers``; a request refused with
-        a Modbus exception response (or answered short) has its values BAD and is listed in
-        ``exceptions``. Raises :class:`DeviceUnavailable` (and closes the connection) when not
-        connected, on a timeout, or when the connection is lost.
-        """
-        client = self._client
-        if client is None or not client.connected:
-            await self.close()
-            raise DeviceUnavailable(f"{self.host}:{self.port}: not connected")
-        blocks: list[Block | None] = []
-        refused: list[DeviceException] = []
-        for req in self.requests:
-            pdu = await self._exchange(client, req)
-            block, problem = self._check(req, pdu)
-            blocks.append(block)
-            if problem is not None:
-                refused.append(problem)
-        values, quality = self._decoder.decode(blocks)
-        return ReadResult(values=values, quality=quality, exceptions=tuple(refused))
-
     async def close(self) -> None:
         """Close the connection. Idempotent; never raises."""
         client, self._client = self._client, None
@@ -174,21 +154,74 @@ class ModbusTcpDevice:
 
     # -- internals ---------------------------------------------------------------------------
 
-    async def _exchange(self, client: AsyncModbusTcpClient, req: ReadRequest) -> ModbusPDU:
-        """Send one read and wait for its answer, or for the peer to drop the connection."""
+    def _live_client(self) -> AsyncModbusTcpClient:
+        client = self._client
+        if client is None or not client.connected:
+            raise DeviceUnavailable(f"{self.host}:{self.port}: not connected")
+        return client
+
+    async def _read_block(self, req: ReadRequest) -> Block:
+        """One read request; raises ``DeviceException`` for an exception or a short answer."""
+        try:
+            client = self._live_client()
+        except DeviceUnavailable:
+            await self.close()
+            raise
         call: Callable[..., Awaitable[ModbusPDU]] = {
             "coil": client.read_coils,
             "discrete": client.read_discrete_inputs,
             "holding": client.read_holding_registers,
             "input": client.read_input_registers,
         }[req.table]
+        pdu = await self._exchange(
+            lambda: call(req.address, count=req.count, device_id=self.unit_id)
+        )
+        if pdu.isError():
+            code = int(pdu.exception_code)
+            name = MODBUS_EXCEPTION_NAMES.get(code, "unknown exception")
+            raise self._refused(req, f"exception {code} ({name})", code)
+        block: Block = pdu.bits if req.table in ("coil", "discrete") else pdu.registers
+        if len(block) < req.count:
+            raise self._refused(req, f"answered {len(block)} values", 0)
+        return block
+
+    async def _write(
+        self, function_code: int, address: int, values: list[int] | list[bool]
+    ) -> None:
+        """One write request (FC 5/6/15/16); ``DeviceException`` when refused."""
+        try:
+            client = self._live_client()
+        except DeviceUnavailable:
+            await self.close()
+            raise
+        unit = self.unit_id
+        calls: dict[int, Callable[[], Awaitable[ModbusPDU]]] = {
+            5: lambda: client.write_coil(address, bool(values[0]), device_id=unit),
+            6: lambda: client.write_register(address, int(values[0]), device_id=unit),
+            15: lambda: client.write_coils(address, [bool(v) for v in values], device_id=unit),
+            16: lambda: client.write_registers(address, [int(v) for v in values], device_id=unit),
+        }
+        pdu = await self._exchange(calls[function_code])
+        if pdu.isError():
+            code = int(pdu.exception_code)
+            name = MODBUS_EXCEPTION_NAMES.get(code, "unknown exception")
+            table = "coil" if function_code in (5, 15) else "holding"
+            raise DeviceException(
+                f"{self!r} write FC {function_code} at {address}: exception {code} ({name})",
+                table=table,
+                address=address,
+                count=len(values),
+                function_code=function_code,
+                exception_code=code,
+            )
+
+    async def _exchange(self, send: Callable[[], Awaitable[ModbusPDU]]) -> ModbusPDU:
+        """Send one request and wait for its answer, or for the peer to drop the connection."""
         lost = self._lost
         task: asyncio.Future[ModbusPDU] | None = None
         try:
             try:
-                task = asyncio.ensure_future(
-                    call(req.address, count=req.count, device_id=self.unit_id)
-                )
+                task = asyncio.ensure_future(send())
                 waiting: tuple[asyncio.Future[Any], ...] = (task,) if lost is None else (task, lost)
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if not task.done():
@@ -205,34 +238,6 @@ class ModbusTcpDevice:
                     task.cancel()
                 elif not task.cancelled():
                     task.exception()  # mark retrieved: no "exception never retrieved" noise
-
-    def _check(
-        self, req: ReadRequest, pdu: ModbusPDU
-    ) -> tuple[Block | None, DeviceException | None]:
-        """The usable block of one answer, or ``None`` and why it is not usable."""
-        where = f"{self.host}:{self.port} unit {self.unit_id} {req.table} {req.address}+{req.count}"
-        if pdu.isError():
-            code = int(pdu.exception_code)
-            name = MODBUS_EXCEPTION_NAMES.get(code, "unknown exception")
-            return None, DeviceException(
-                f"{where}: exception {code} ({name})",
-                table=req.table,
-                address=req.address,
-                count=req.count,
-                function_code=req.function_code,
-                exception_code=code,
-            )
-        block: Block = pdu.bits if req.table in ("coil", "discrete") else pdu.registers
-        if len(block) < req.count:
-            return None, DeviceException(
-                f"{where}: answered {len(block)} values",
-                table=req.table,
-                address=req.address,
-                count=req.count,
-                function_code=req.function_code,
-                exception_code=0,
-            )
-        return block, None
 
     def _on_link(self, lost: asyncio.Future[None], up: bool) -> None:
         """pymodbus' connect trace: resolve ``lost`` when the peer drops the connection."""

@@ -17,7 +17,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 import drivers.quality as dq
 from appliance.acquire import Acquisition, DevicePoller
-from appliance.config import DeviceConfig
+from appliance.config import DeviceConfig, ModbusTcpConfig
 from appliance.contracts import Frame, Quality
 from drivers.errors import DeviceUnavailable
 from drivers.modbus.registers import load_profile
@@ -67,7 +67,7 @@ async def start_server(port: int) -> ModbusTcpServer:
 
 
 def cnc(name: str, port: int, interval_ms: int = 20, timeout_s: float = 0.5) -> DeviceConfig:
-    return DeviceConfig(
+    return ModbusTcpConfig(
         name=name, port=port, poll_interval_ms=interval_ms, timeout_s=timeout_s, registers=CNC_SIM
     )
 
@@ -127,13 +127,13 @@ def test_polls_a_pymodbus_server_at_the_configured_rate_with_correct_values() ->
     assert float(np.median(gaps)) == pytest.approx(0.020, abs=0.008)
 
 
-def test_an_outage_logs_one_warning_stops_frames_and_recovery_resumes_them(
+def test_an_outage_logs_one_warning_holds_values_stale_and_recovery_resumes_good_frames(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=POLLER_LOG)
     frames: list[Frame] = []
 
-    async def main() -> DevicePoller:
+    async def main() -> tuple[DevicePoller, int, int]:
         port = free_port()
         server = await start_server(port)
         poller = DevicePoller(
@@ -147,23 +147,33 @@ def test_an_outage_logs_one_warning_stops_frames_and_recovery_resumes_them(
             await wait_for(lambda: poller.state == "offline")
             seen = len(frames)
             await asyncio.sleep(0.4)  # several failed reconnects while the server is down
-            assert len(frames) == seen
+            during = len(frames)
             assert poller.reconnects >= 2 and not task.done()
             server = await start_server(port)
             await wait_for(lambda: poller.state == "online")
-            await wait_for(lambda: len(frames) >= seen + 3)
+            await wait_for(lambda: len(frames) >= during + 3)
         finally:
             await poller.close()
             await server.shutdown()
-        return poller
+        return poller, seen, during
 
-    poller = asyncio.run(main())
+    poller, seen, during = asyncio.run(main())
     offline = poller_records(caplog, logging.WARNING, "offline")
     assert len(offline) == 1 and offline[0].startswith("device cnc-1 offline: ")
     assert len(poller_records(caplog, logging.INFO, "device cnc-1 online")) == 2  # start, back
     assert poller_records(caplog, logging.DEBUG, "still offline")
     assert poller.errors >= 3
-    assert all((f.quality == Quality.GOOD).all() for f in frames)
+    names = [r.name for r in CNC_SIM]
+    expected = [CNC_VALUES[n] for n in names]
+    held = frames[seen - 1 : during]  # from the failure on: the last good values, STALE
+    assert len(held) >= 3 and poller.stale_values >= 30
+    kinds = ["good" if (f.quality == Quality.GOOD).all() else "stale" for f in frames]
+    runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+    assert runs == ["good", "stale", "good"]  # the outage is one explicit STALE stretch
+    for frame, kind in zip(frames, kinds, strict=True):
+        if kind == "stale":
+            assert frame.quality.tolist() == [Quality.STALE] * 10
+        assert frame.value.tolist() == pytest.approx(expected)
 
 
 def test_a_dead_device_does_not_delay_polls_of_a_live_device() -> None:
@@ -230,7 +240,7 @@ class ScriptedDriver:
             raise step
         self.clock.now += step
 
-    async def read(self) -> ReadResult:
+    async def read(self, group: str | None = None) -> ReadResult:
         self.read_starts.append(self.clock.now)
         step = self.reads.pop(0) if self.reads else 0.0
         if isinstance(step, Exception):
@@ -288,7 +298,8 @@ def test_polls_stay_on_the_deadline_grid_and_overruns_skip_missed_deadlines() ->
     # t0 = 100: polls at 100 and 101; the second takes 3.5 s, so deadlines 102 and 103 are
     # skipped (2 overruns), 104 runs late at 104.5, and the grid continues at 105, 106, 107.
     assert [round(t - 100.0, 6) for t in driver.read_starts] == [0, 1, 4.5, 5, 6, 7]
-    assert poller.overruns == 2 and poller.polls == 5 and len(frames) == 5
+    assert poller.overruns == 2 and poller.polls == 5 and len(frames) == 6
+    assert frames[-1].quality.tolist() == [Quality.STALE] * 10  # the outage, made explicit
     assert poller.last_jitter_ms == pytest.approx(0.0)
     assert frames[0].ts.tolist() == [5.0] * 10
     assert driver.closes == 3  # after the failure, by close(), when run() ended
@@ -354,6 +365,6 @@ def test_close_before_run_and_twice_is_harmless() -> None:
 
 
 def test_a_device_without_resolved_registers_is_refused_at_construction() -> None:
-    device = DeviceConfig(name="cnc-9", profile="cnc-sim")  # not passed through load_config
+    device = ModbusTcpConfig(name="cnc-9", profile="cnc-sim")  # not passed through load_config
     with pytest.raises(ValueError, match="no registers"):
         DevicePoller(device, lambda f: None)

@@ -279,3 +279,57 @@ def test_construction_rejects_unusable_settings(kwargs: dict[str, Any], message:
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         ModbusTcpDevice(**settings)
+
+
+def test_writes_of_registers_and_coils_round_trip_and_refusals_raise() -> None:
+    async def main() -> None:
+        port = free_port()
+        async with pymodbus_server(port, pymodbus_device()):
+            device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0)
+            await device.connect()
+            try:
+                await device.write_registers(2, [0xFF9C, 77])  # load -10.0, speed 77
+                await device.write_register(5, 3)  # parts = 0x0001_0003 * 2 + 1
+                await device.write_coils(0, [True, False])
+                await device.write_coil(2, True)
+                with pytest.raises(DeviceException, match="exception 2 .illegal data address."):
+                    await device.write_registers(60000, [1])
+                result = await device.read()
+            finally:
+                await device.close()
+            with pytest.raises(DeviceUnavailable, match="not connected"):
+                await device.write_coil(0, True)
+        assert result.values.tolist() == pytest.approx(
+            [38.25, -10.0, 77.0, 65539 * 2 + 1.0, 12.34, 0.0, 0.0]
+        )
+        assert result.quality.tolist() == [GOOD] * len(REGISTERS)
+
+    asyncio.run(main())
+
+
+def test_poll_groups_are_planned_and_read_separately() -> None:
+    registers = (
+        Register(name="temp", address=0, type="float32"),
+        Register(name="speed", address=3, type="uint16", group="slow"),
+        Register(name="load", address=2, type="int16", scale=0.1),
+    )
+
+    async def main() -> None:
+        port = free_port()
+        async with pymodbus_server(port, pymodbus_device()):
+            device = ModbusTcpDevice("127.0.0.1", port, 1, registers, timeout_s=1.0)
+            await device.connect()
+            try:
+                fast, slow = await device.read("fast"), await device.read("slow")
+                with pytest.raises(KeyError, match="no poll group 'medium'"):
+                    await device.read("medium")
+            finally:
+                await device.close()
+        assert device.groups == ("fast", "slow")
+        assert [(r.address, r.count) for r in device.requests] == [(0, 3), (3, 1)]
+        assert fast.channels is not None and fast.channels.tolist() == [0, 2]
+        assert fast.values.tolist() == pytest.approx([38.25, -45.6])
+        assert slow.channels is not None and slow.channels.tolist() == [1]
+        assert slow.values.tolist() == [1200.0]
+
+    asyncio.run(main())

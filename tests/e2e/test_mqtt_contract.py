@@ -40,3 +40,13 @@ def test_schema_rejects_a_telemetry_message_without_seq() -> None:
     del example["seq"]
     with pytest.raises(jsonschema.ValidationError, match="'seq' is a required property"):
         jsonschema.validate(example, load_schema("telemetry"))
+
+
+def test_docs_show_a_historical_example_and_the_schemas_accept_only_a_boolean_flag() -> None:
+    late = [e for e in doc_examples() if "historical" in e]
+    assert late and all(e["historical"] is True for e in late)
+    for kind in ("telemetry", "alert"):
+        example = next(e for e in doc_examples() if e["kind"] == kind)
+        jsonschema.validate({**example, "historical": True}, load_schema(kind))
+        with pytest.raises(jsonschema.ValidationError, match="is not of type 'boolean'"):
+            jsonschema.validate({**example, "historical": "yes"}, load_schema(kind))

@@ -233,6 +233,9 @@ def test_settle_deletes_accepted_and_rejected_and_counts_them(
             "rejected": 1,
             "evicted": 0,
             "evicted_alerts": 0,
+            "recovered_corrupt": 0,
+            "disk_full": 0,
+            "disk_full_failed": 0,
             "pending": 1,
             "oldest_age_s": 7.5,
         }
@@ -303,3 +306,12 @@ def test_an_eviction_episode_ends_when_the_backlog_drains(
                     ob.settle([r.id for r in batch])
         assert caplog.text.count("over its disk budget") == 2
         assert caplog.text.count("eviction episode over") == 2
+
+
+def test_settle_is_not_fsynced_but_leaves_appends_at_the_configured_level(tmp_path: Path) -> None:
+    with outbox(tmp_path, synchronous="FULL") as ob:
+        recs = ob.append([telemetry(), telemetry()])
+        ob.settle([recs[0].id])
+        db = ob._conn  # the connection's level after a settle: FULL again (2)
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert ob.take(5) == [recs[1]]

@@ -134,3 +134,49 @@ def test_signal_stops_the_simulator_cleanly_with_exit_zero(sig: signal.Signals) 
     text = out.decode()
     assert proc.returncode == 0, text
     assert "simulated cell stopped" in text
+
+
+def test_transport_fault_kinds_are_accepted_on_the_command_line() -> None:
+    assert parse_fault("timeout@1:2:3") == FaultSchedule(0, "timeout", 2.0, 3.0)
+    assert parse_fault("disconnect@2:0") == FaultSchedule(1, "disconnect", 0.0, 20.0)
+
+
+def test_new_options_default_to_the_plain_cnc_sim_cell() -> None:
+    args = parse()
+    assert (args.byte_order, args.fifo_address, args.replay, args.map) == (None, 200, None, [])
+    args = parse("--byte-order", "CDAB", "--fifo-address", "-1")
+    assert (args.byte_order, args.fifo_address) == ("CDAB", -1)
+
+
+def test_run_serves_a_replay_with_a_byte_order_and_exits_zero(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    csv = tmp_path / "rec.csv"
+    csv.write_text("t,rpm\n0,1000\n1,2000\n")
+    port = free_port()
+    args = parse(
+        *("--machines", "1", "--base-port", str(port), "--duration", "0.2"),
+        *("--replay", str(csv), "--map", "rpm=spindle_speed", "--byte-order", "DCBA"),
+        *("--fault", "timeout@1:0:1"),
+    )
+    caplog.set_level("INFO", logger="appliance.simulate")
+    assert run(args) == 0
+    assert "cnc-1: transport fault timeout" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--map", "rpm=spindle_speed"), "--map needs --replay"),
+        (("--replay", "/nonexistent/rec.csv", "--map", "a=spindle_speed"), "rec.csv"),
+        (("--replay", "REC", "--map", "rpm"), "is not COLUMN=REGISTER"),
+    ],
+)
+def test_run_rejects_unusable_replay_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    csv = tmp_path / "rec.csv"
+    csv.write_text("t,rpm\n0,1000\n1,2000\n")
+    argv = tuple(str(csv) if a == "REC" else a for a in argv)
+    assert run(parse("--machines", "1", *argv)) == 2
+    assert message in capsys.readouterr().err

@@ -10,171 +10,31 @@ import asyncio
 import logging
 import signal
 import socket
-import threading
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any
 
-import msgspec
-import paho.mqtt.client as mqtt
 import pytest
 from conftest import Mosquitto, free_port
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+from mqtt_helpers import (
+    ANY_FLOAT,
+    APP,
+    PREFIX,
+    Subscriber,
+    alert,
+    await_condition,
+    eventually,
+    mqtt_cfg,
+    outbox,
+    run_with_uplink,
+    telemetry,
+)
 
-from appliance.config import MqttSection
-from appliance.contracts import Envelope, Priority
 from appliance.outbox import SqliteOutbox
-from appliance.uplink import MqttUplink, alert_topic, backoff_delay_s, telemetry_topic
+from appliance.uplink import MqttUplink, backoff_delay_s
 from appliance.uplink.topics import status_topic
 
-APP = "app-01"
-PREFIX = "edge"
+__all__ = ["outbox"]  # the fixture, imported for pytest
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(30)]
-
-
-class Subscriber:
-    """A real paho client subscribed with QoS 1 that records what it receives.
-
-    ``persistent`` uses a fixed client id, MQTT 5 ``clean_start=False`` and a session expiry,
-    so the broker queues QoS 1 messages for it while it is away (or the broker restarts); paho
-    reconnects it by itself (``loop_start``).
-    """
-
-    def __init__(self, port: int, topic: str, *, persistent: bool = False) -> None:
-        self.port = port
-        self.topic = topic
-        self.persistent = persistent
-        client_id = "sub-persistent" if persistent else f"sub-{uuid.uuid4().hex[:8]}"
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
-        self.client.reconnect_delay_set(1, 1)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self._lock = threading.Lock()
-        self._messages: list[tuple[str, bytes, bool]] = []
-        self._subscribed = threading.Event()
-
-    def __enter__(self) -> Subscriber:
-        props = None
-        if self.persistent:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 300
-        self.client.connect(
-            "127.0.0.1", self.port, keepalive=5, clean_start=not self.persistent, properties=props
-        )
-        self.client.loop_start()
-        if not self._subscribed.wait(5):
-            raise TimeoutError("no SUBACK within 5 s")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def _on_connect(
-        self, client: mqtt.Client, u: Any, flags: mqtt.ConnectFlags, rc: ReasonCode, p: Any
-    ) -> None:
-        if not flags.session_present:
-            client.subscribe(self.topic, qos=1)
-        else:
-            self._subscribed.set()
-
-    def _on_subscribe(self, client: mqtt.Client, u: Any, mid: int, rcs: Any, p: Any) -> None:
-        self._subscribed.set()
-
-    def _on_message(self, client: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self._messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
-
-    def messages(self, topic_part: str = "") -> list[dict[str, Any]]:
-        """Decoded payloads received so far (on topics containing ``topic_part``), in order."""
-        with self._lock:
-            got = list(self._messages)
-        return [msgspec.json.decode(p) for t, p, _ in got if topic_part in t]
-
-    def seqs(self, topic_part: str = "") -> list[int]:
-        return [int(m["seq"]) for m in self.messages(topic_part)]
-
-
-async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` on the event loop (letting the uplink run) until true or timeout."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.01)
-
-
-class _AnyFloat:
-    """Equal to any float (status timestamps)."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, float)
-
-
-ANY_FLOAT: Any = _AnyFloat()
-
-
-def mqtt_cfg(port: int, **kw: Any) -> MqttSection:
-    kw.setdefault("reconnect_min_s", 0.05)
-    kw.setdefault("reconnect_max_s", 0.5)
-    kw.setdefault("keepalive_s", 5)
-    return MqttSection(host="127.0.0.1", port=port, topic_prefix=PREFIX, **kw)
-
-
-def telemetry(machine: str = "cnc-1", i: int = 0) -> Envelope:
-    return Envelope(
-        stream=f"telemetry/{machine}",
-        kind="telemetry",
-        topic=telemetry_topic(PREFIX, APP, machine),
-        priority=Priority.TELEMETRY,
-        ts=1_700_000_000.0 + i,
-        body={"i": i},
-    )
-
-
-def alert(machine: str = "cnc-1") -> Envelope:
-    return Envelope(
-        stream=f"alerts/{machine}",
-        kind="alert",
-        topic=alert_topic(PREFIX, APP, machine),
-        priority=Priority.ALERT,
-        ts=1_700_000_000.0,
-        body={"rule": "overheat", "state": "raised"},
-    )
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[SqliteOutbox]:
-    ob = SqliteOutbox(str(tmp_path / "outbox.sqlite"), appliance_id=APP, synchronous="NORMAL")
-    ob.open()
-    try:
-        yield ob
-    finally:
-        ob.close()
-
-
-def run_with_uplink(
-    uplink: MqttUplink, scenario: Callable[[MqttUplink], Awaitable[None]], stop_s: float = 5.0
-) -> None:
-    """Start the uplink, run ``scenario``, always stop the uplink (joining paho's thread)."""
-
-    async def main() -> None:
-        await uplink.start()
-        try:
-            await scenario(uplink)
-        finally:
-            await uplink.stop(drain_timeout_s=stop_s)
-
-    asyncio.run(main())
 
 
 def test_backoff_window_doubles_from_the_minimum_is_capped_and_fully_jittered() -> None:
@@ -227,8 +87,13 @@ def test_appended_records_reach_a_subscriber_once_in_order_and_leave_the_outbox_
     assert uplink.stats() == {
         "published": n,
         "rejected": 0,
+        "quota_retries": 0,
+        "historical": 0,
         "connects": 1,
         "disconnects": 1,
+        "auth_failures": 0,
+        "tls_failures": 0,
+        "connect_failures": 0,
         "in_flight": 0,
     }
 
@@ -355,7 +220,7 @@ def test_records_in_flight_when_the_link_drops_are_resent_once_by_paho_and_never
         try:
             outbox.append([telemetry(i=i) for i in range(25)])
             up.notify()
-            await eventually(lambda: up.stats()["in_flight"] == 10)
+            await eventually(lambda: up.stats()["in_flight"] == 9)  # 1 slot kept for alerts
             sock = up._client.socket() if up._client is not None else None
             assert isinstance(sock, socket.socket)
             sock.shutdown(socket.SHUT_RDWR)
@@ -363,7 +228,7 @@ def test_records_in_flight_when_the_link_drops_are_resent_once_by_paho_and_never
             outbox.append([telemetry(i=i) for i in range(25, 40)])
             up.notify()
             await asyncio.sleep(0.05)
-            assert up.stats()["in_flight"] == 10  # nothing new while the link is down
+            assert up.stats()["in_flight"] == 9  # nothing new while the link is down
         finally:
             proc.send_signal(signal.SIGCONT)
         await eventually(lambda: outbox.pending == 0, timeout_s=10)
@@ -375,16 +240,7 @@ def test_records_in_flight_when_the_link_drops_are_resent_once_by_paho_and_never
         seqs = sub.seqs()
     assert list(dict.fromkeys(seqs)) == list(range(1, 41))
     assert uplink.stats()["published"] == 40  # one PUBACK per record, resends included
-    assert "10 message(s) in flight will be resent" in caplog.text
-
-
-def await_condition(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` from plain (non-async) test code until true or timeout."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.01)
+    assert "9 message(s) in flight will be resent" in caplog.text
 
 
 def test_records_the_broker_refuses_are_dropped_and_counted_as_rejected(
