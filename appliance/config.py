@@ -354,7 +354,7 @@ class MqttSection(_Section, frozen=True):
 
     Secrets never live in this struct (so never in its ``repr`` or the effective-config dump):
     ``password_file`` / ``password_env`` name where the uplink reads the password when it
-    connects. File paths must be absolute.
+    connects. Relative file paths are resolved against the config file's directory.
     """
 
     host: str = "127.0.0.1"
@@ -379,10 +379,6 @@ class MqttSection(_Section, frozen=True):
     historical_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
 
     def __post_init__(self) -> None:
-        for key in ("ca_file", "cert_file", "key_file", "password_file"):
-            value = getattr(self, key)
-            if value and not value.startswith("/"):
-                raise ValueError(f"mqtt.{key}: must be an absolute path, not {value!r}")
         if not self.tls:
             for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
                 if getattr(self, key):
@@ -461,7 +457,13 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     if "/" in model or model.endswith(".onnx"):
         model = _resolve(base_dir, model)
     engine = msgspec.structs.replace(cfg.engine, model=model)
-    return msgspec.structs.replace(cfg, outbox=outbox, engine=engine)
+    mqtt_files = {
+        key: _resolve(base_dir, getattr(cfg.mqtt, key))
+        for key in ("ca_file", "cert_file", "key_file", "password_file")
+        if getattr(cfg.mqtt, key)
+    }
+    mqtt = msgspec.structs.replace(cfg.mqtt, **mqtt_files)
+    return msgspec.structs.replace(cfg, outbox=outbox, engine=engine, mqtt=mqtt)
 
 
 def load_config(path: str | Path) -> Config:

@@ -51,6 +51,7 @@ class Batcher:
         self._executor = executor
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.submitted = 0
         self.dropped = 0
         self.batches = 0
@@ -80,7 +81,7 @@ class Batcher:
     async def _run(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -116,6 +117,12 @@ class Batcher:
         )
 
     async def _cancel_loop(self) -> None:
+        """Stop the batch loop. A flag plus a wake-up ends it even if the cancellation is lost
+        (Python 3.10/3.11's ``asyncio.wait_for`` can swallow a cancel that races with the
+        awaited event), so shutdown cannot hang here."""
+        self._stopping = True
+        if self._wakeup is not None:
+            self._wakeup.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -27,7 +27,7 @@ from appliance.downsample import TelemetryDownsampler
 from appliance.errors import ConfigError
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.infer import load_bundle, select_engine
-from appliance.outbox import SqliteOutbox
+from appliance.outbox import OutboxFullError, SqliteOutbox
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
@@ -80,6 +80,8 @@ class Appliance:
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
         self.frames = 0
+        self.append_failures = 0
+        self._append_failing = False
         self.started_at = 0.0
         self._started = False
         self._stopped = False
@@ -91,7 +93,20 @@ class Appliance:
         self.alerts.on_frame(frame)
 
     def _append(self, envelopes: Sequence[Envelope]) -> None:
-        self.outbox.append(envelopes)
+        """Hand envelopes to the outbox. If even eviction cannot make room on a full disk, the
+        envelopes are lost: counted in ``append_failures`` and logged once per episode, so the
+        pipeline (acquisition, alerts) keeps running rather than crashing."""
+        try:
+            self.outbox.append(envelopes)
+        except OutboxFullError as err:
+            self.append_failures += len(envelopes)
+            if not self._append_failing:
+                self._append_failing = True
+                log.error("outbox full: %s; messages are being lost (counted)", err)
+            return
+        if self._append_failing:
+            self._append_failing = False
+            log.info("outbox accepts messages again (%d lost while full)", self.append_failures)
         self.uplink.notify()
 
     def on_window(self, window: Window) -> None:
@@ -178,6 +193,6 @@ class Appliance:
                 "active": self.alerts.active(),
             },
             "telemetry_messages": self.telemetry.messages,
-            "outbox": self.outbox.stats(),
+            "outbox": {**self.outbox.stats(), "append_failures": self.append_failures},
             "uplink": self.uplink.stats(),
         }

@@ -79,7 +79,7 @@ def test_run_publishes_then_stops_cleanly_on_sigterm(
     finally:
         if app is not None and app.poll() is None:
             app.kill()
-            app.wait()
+            app.communicate()  # reaps it and closes the stderr pipe
         sim.send_signal(signal.SIGINT)
         assert sim.wait(timeout=10) == 0
         sub.stop()

@@ -316,7 +316,6 @@ def test_an_inline_password_in_the_toml_is_refused_without_echoing_it() -> None:
     [
         ({"cert_file": "/c.pem", "key_file": "/k.pem"}, "needs mqtt.tls = true"),
         ({"tls": True, "cert_file": "/c.pem"}, "go together"),
-        ({"tls": True, "ca_file": "ca.pem"}, "absolute path"),
         ({"tls_insecure": True}, "needs mqtt.tls = true"),
         ({"password_file": "/p"}, "mqtt.username is required"),
         ({"username": "u", "password_file": "/p", "password_env": "P"}, "not both"),
@@ -327,6 +326,23 @@ def test_an_inline_password_in_the_toml_is_refused_without_echoing_it() -> None:
 def test_mqtt_security_settings_are_checked_at_load(section: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_mqtt(section)
+
+
+def test_relative_tls_and_password_paths_resolve_against_the_config_directory() -> None:
+    cfg = parse_config(
+        {
+            "mqtt": {
+                "tls": True,
+                "ca_file": "certs/ca.pem",
+                "username": "u",
+                "password_file": "/etc/appliance/mqtt.pass",
+            }
+        },
+        source="t.toml",
+        base_dir=Path("/etc/appliance"),
+    ).mqtt
+    assert cfg.ca_file == "/etc/appliance/certs/ca.pem"
+    assert cfg.password_file == "/etc/appliance/mqtt.pass"
 
 
 def test_the_defaults_verify_certificates_once_tls_is_on() -> None:
