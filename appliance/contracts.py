@@ -39,8 +39,10 @@ class Quality(enum.IntEnum):
 class Frame:
     """One poll of one device, columnar: ``n`` values of the device's channels.
 
-    ``channel[i]`` indexes ``channels`` (the device's channel names, shared, never copied).
-    ``ts`` is wall-clock seconds (UNIX epoch, float64) at which the poll completed.
+    ``channel[i]`` indexes ``channels`` (the device's channel names: one tuple per device, shared
+    by all its frames, never copied). A frame may carry a subset of the channels (one poll group)
+    and several samples of one channel (a waveform block), each with its own ``ts``: wall-clock
+    seconds (UNIX epoch, float64) at which the value was read or, for waveforms, sampled.
     """
 
     device: str
