@@ -18,22 +18,15 @@ import numpy as np
 
 from appliance.contracts import Frame, Window
 from appliance.features.windows import FeatureSpec, WindowAggregator
+from appliance.simulate.machine import CHANNELS as MACHINE_CHANNELS
 from appliance.simulate.machine import CncMachine
 
 NAME = "cnc_anomaly"
 VERSION = "1.0.0"
 WINDOW_S = 1.0
 POLL_S = 0.1
-CHANNELS = (
-    "spindle_speed",
-    "spindle_load",
-    "axis_load_x",
-    "axis_load_y",
-    "axis_load_z",
-    "spindle_temp",
-    "coolant_temp",
-    "vibration_rms",
-)
+#: Continuous channels only: the part counter and program state are not features.
+CHANNELS = tuple(c for c in MACHINE_CHANNELS if c not in ("part_counter", "program_state"))
 FEATURES = tuple(FeatureSpec(c, s) for c in CHANNELS for s in ("mean", "max"))
 OPSET, IR_VERSION = 17, 10
 
