@@ -25,6 +25,7 @@ from drivers.modbus.registers import (
     check_register_map,
     load_profile,
 )
+from drivers.modbus.waveform import HEADER_REGISTERS, MAX_CAPACITY
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,12 +82,45 @@ class _ModbusBase(_DeviceBase, frozen=True):
         return dict(self.groups) if self.groups else {DEFAULT_GROUP: self.poll_interval_ms}
 
 
+ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class WaveformConfig(_Section, frozen=True):
+    """A high-rate signal (e.g. 1 kHz vibration) read from the device's sample FIFO window.
+
+    The block (layout in :mod:`drivers.modbus.waveform`) is ``HEADER_REGISTERS + capacity``
+    registers of ``table`` starting at request address ``address``, read whole every
+    ``interval_ms`` on its own connection; its samples become channel ``channel`` of the device.
+    Keep ``interval_ms`` below ``capacity / rate_hz`` (120 ms for 120 samples at 1 kHz) or
+    samples are overwritten before they are read (counted as ``lost``; the device's rate is only
+    known at run time, so this is not checked at load). ``max_skew_s``: how far (seconds) the
+    read time may drift from the sample clock before sample timestamps are re-anchored.
+    """
+
+    channel: ChannelName = "vibration_wave"
+    address: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 200
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=MAX_CAPACITY)] = MAX_CAPACITY
+    table: Literal["holding", "input"] = "input"
+    interval_ms: Annotated[int, msgspec.Meta(ge=1)] = 50
+    max_skew_s: PositiveFloat = 0.25
+
+    def __post_init__(self) -> None:
+        end = self.address + HEADER_REGISTERS + self.capacity
+        if end > 65536:
+            raise ValueError(
+                f"the block {self.address}..{end - 1} ({HEADER_REGISTERS} header registers + "
+                f"{self.capacity} samples) runs past register 65535"
+            )
+
+
 class ModbusTcpConfig(_ModbusBase, frozen=True, tag="modbus_tcp"):
-    """One Modbus TCP device (``host:port``, unit ``unit_id``)."""
+    """One Modbus TCP device (``host:port``, unit ``unit_id``); ``waveform``: an optional
+    high-rate signal read from the device's sample FIFO (:class:`WaveformConfig`)."""
 
     host: str = "127.0.0.1"
     port: Port = 502
     unit_id: Annotated[int, msgspec.Meta(ge=0, le=255)] = 1
+    waveform: WaveformConfig | None = None
 
 
 class ModbusRtuConfig(_ModbusBase, frozen=True, kw_only=True, tag="modbus_rtu"):
@@ -137,6 +171,13 @@ def _resolve_modbus(dev: ModbusTcpConfig | ModbusRtuConfig, where: str) -> Any:
             check_register_map(dev.registers, f"{where}.registers", groups)
         except RegisterMapError as err:
             raise ValueError(str(err)) from None
+    waveform = getattr(dev, "waveform", None)
+    if isinstance(waveform, WaveformConfig) and any(
+        r.name == waveform.channel for r in dev.registers
+    ):
+        raise ValueError(
+            f"{where}.waveform.channel: {waveform.channel!r} is also a register of this device"
+        )
     for i, reg in enumerate(dev.registers):  # each value must fit one read of this device
         limit = dev.max_bits if reg.table in ("coil", "discrete") else dev.max_registers
         if reg.count > limit:
@@ -171,9 +212,6 @@ def _check_rtu_buses(devices: list[Any]) -> None:
                 f"devices[{units[key]}]"
             )
         units[key] = i
-
-
-ChannelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class ChannelRef(NamedTuple):
@@ -424,6 +462,7 @@ def _cross_checks(cfg: Config) -> Config:
         devices.append(dev)
     _check_rtu_buses(devices)
     channels = {reg.name for dev in devices for reg in dev.registers}
+    channels |= {w.channel for dev in devices if (w := getattr(dev, "waveform", None)) is not None}
     for i, rule in enumerate(cfg.alerts.rules):
         where = f"alerts.rules[{i}]"
         if rule.source == "channel" and rule.channel not in channels:

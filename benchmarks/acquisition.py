@@ -370,8 +370,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stagger-bare",
         action="store_true",
-        help="paced bare loop: spread the devices' deadlines evenly over one interval instead "
-        "of aligning them like the pollers do (shows what staggering would do to jitter)",
+        help="paced bare loop: spread the devices' deadlines evenly over one interval (the "
+        "appliance's pollers stagger theirs in 10 ms slots); default: all deadlines aligned",
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write JSON summary")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from appliance.contracts import FeatureRow, Frame, Quality, Window
 
@@ -100,6 +101,34 @@ class WindowAggregator:
     def on_frame(self, frame: Frame) -> None:
         if frame.ts.size == 0:
             return
+        first, last = self._bounds(float(frame.ts[0])), self._bounds(float(frame.ts[-1]))
+        if first != last or frame.ts.size > 2 and not self._one_window(frame.ts):
+            self._split(frame)
+            return
+        self._add(frame)
+
+    def _one_window(self, ts: npt.NDArray[np.float64]) -> bool:
+        k = np.floor(ts / self.window_s)
+        return bool(k.min() == k.max())
+
+    def _split(self, frame: Frame) -> None:
+        """A frame spanning several windows (a waveform block read across a boundary): each
+        window gets exactly its own samples, oldest window first."""
+        k = np.floor(frame.ts / self.window_s)
+        for kk in np.unique(k):
+            m = k == kk
+            self._add(
+                Frame(
+                    frame.device,
+                    frame.channels,
+                    frame.ts[m],
+                    frame.channel[m],
+                    frame.value[m],
+                    frame.quality[m],
+                )
+            )
+
+    def _add(self, frame: Frame) -> None:
         ts = float(frame.ts[-1])
         acc = self._open.get(frame.device)
         if acc is not None and (ts >= acc.end or acc.channels is not frame.channels):

@@ -204,6 +204,7 @@ class FifoTracker:
             raise ValueError(f"max_skew_s must be > 0, got {max_skew_s}")
         self.max_skew_s = float(max_skew_s)
         self._next_seq: int | None = None  # unwrapped sequence number of the next new sample
+        self._next_dev = 0  # the device's (wrapped) counter value of that same sample
         self._anchor_seq = 0
         self._anchor_t = 0.0
         self._rate_hz = 0
@@ -235,7 +236,8 @@ class FifoTracker:
             start = first
             flags0 = FLAG_RESYNC
         else:
-            delta = (block.first_seq - expected) % SEQ_MODULUS
+            # Compare in the device's numbering: after a device restart ours runs ahead of it.
+            delta = (block.first_seq - self._next_dev) % SEQ_MODULUS
             if delta >= SEQ_MODULUS // 2:
                 delta -= SEQ_MODULUS
             first = expected + delta
@@ -279,6 +281,7 @@ class FifoTracker:
         flags = np.zeros(new, dtype=np.uint8)
         flags[0] = flags0
         self._next_seq = start + new
+        self._next_dev = (block.first_seq + n) % SEQ_MODULUS
         self.samples += new
         return WaveformChunk(
             seq=seq,

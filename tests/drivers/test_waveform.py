@@ -194,3 +194,36 @@ def test_reader_raises_device_exception_for_an_undefined_block() -> None:
                 await reader.close()
 
     asyncio.run(scenario())
+
+
+def test_stream_yields_gap_free_chunks_on_its_polling_grid() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        async with SimulatedCell(machines=1, ports=[port], tick_hz=50.0):
+            reader = WaveformReader("127.0.0.1", port, address=FIFO_ADDRESS, capacity=120)
+            await reader.connect()
+            chunks = []
+            try:
+                async for chunk in reader.stream(interval_s=0.05):
+                    chunks.append(chunk)
+                    if sum(len(c) for c in chunks) >= 300:
+                        break
+            finally:
+                await reader.close()
+            seq = np.concatenate([c.seq for c in chunks])
+            assert np.all(np.diff(seq) == 1)
+            assert all(len(c) for c in chunks)
+
+    asyncio.run(scenario())
+
+
+def test_after_a_counter_reset_later_blocks_are_new_samples_not_more_resets() -> None:
+    tracker = FifoTracker()
+    tracker.update(block(1000, 10), 0.0)
+    # The device restarts its counter at 0 and keeps sampling: 10, then 10 more.
+    after_reset = tracker.update(block(0, 10), 0.5)
+    assert after_reset.reset and len(after_reset.seq) == 10
+    nxt = tracker.update(block(10, 10), 0.51)
+    assert not nxt.reset and nxt.lost == 0 and len(nxt.seq) == 10
+    assert nxt.seq[0] == after_reset.seq[-1] + 1  # our numbering keeps increasing
+    assert tracker.resets == 1 and tracker.duplicates == 0

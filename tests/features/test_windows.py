@@ -101,3 +101,17 @@ def test_window_missing_a_model_channel_is_counted_not_scored() -> None:
 def test_unknown_feature_stat_is_rejected() -> None:
     with pytest.raises(ValueError, match="stat must be one of"):
         FeatureBuilder([FeatureSpec("a", "median")], lambda r: None)
+
+
+def test_a_waveform_frame_across_a_window_boundary_is_split_by_sample_time() -> None:
+    out: list[Window] = []
+    agg = WindowAggregator(1.0, [out.append])
+    ts = np.arange(0.5, 1.5, 0.125)  # 8 samples, 4 in [0, 1) and 4 in [1, 2)
+    agg.on_frame(
+        Frame("m1", ("w",), ts, np.zeros(8, np.int32), np.arange(8.0), np.zeros(8, np.uint8))
+    )
+    agg.flush()
+    assert [(w.start, int(w.count[0]), float(w.max[0])) for w in out] == [
+        (0.0, 4, 3.0),
+        (1.0, 4, 7.0),
+    ]
