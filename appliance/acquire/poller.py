@@ -417,14 +417,20 @@ class DevicePoller:
             self._task = None
             await self._driver.close()
 
+    def request_stop(self) -> None:
+        """Make :meth:`run` (and the waveform task) end at their next loop turn, whether or not
+        a cancellation reaches them (Python 3.10/3.11's ``wait_for`` can swallow one)."""
+        self._closed = True
+        if self.waveform is not None:
+            self.waveform.request_stop()
+
     async def close(self) -> None:
         """Stop :meth:`run` (cancelling its task), close the driver and the waveform reader.
         Idempotent."""
-        self._closed = True
+        self.request_stop()
         task = self._task
         if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
-            await asyncio.wait((task,))
+            await _cancel_and_wait([task], f"device {self.name}")
         await self._driver.close()
         if self.waveform is not None:
             await self.waveform.close()
@@ -691,11 +697,10 @@ class Acquisition:
     async def stop(self) -> None:
         """Cancel every polling task and close every driver. Idempotent."""
         self._stopped = True
+        for poller in self.pollers:
+            poller.request_stop()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await _cancel_and_wait(tasks, "acquisition")
         await asyncio.gather(*(p.close() for p in self.pollers))
         await asyncio.gather(*(bus.close() for bus in self.buses.values()))
         if tasks:
@@ -719,3 +724,24 @@ class Acquisition:
         err = task.exception()
         if err is not None:
             log.error("%s crashed: %r", task.get_name(), err, exc_info=err)
+
+
+STOP_WAIT_S = 5.0
+"""How long stopping waits for a task to end after cancelling it, per attempt, seconds."""
+
+
+async def _cancel_and_wait(tasks: Sequence[asyncio.Task[Any]], what: str) -> None:
+    """Cancel ``tasks`` and wait for them, re-cancelling stragglers; never waits forever.
+
+    Each loop also checks a stop flag (``request_stop``), so a task whose cancellation was lost
+    still ends at its next turn; this bound only guards against a task stuck elsewhere.
+    """
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(3):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_WAIT_S)
+    if pending:
+        log.error("%s: %d task(s) did not stop after cancelling; leaving them", what, len(pending))

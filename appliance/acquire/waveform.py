@@ -258,13 +258,17 @@ class WaveformPoller:
             self._task = None
             await self._source.close()
 
+    def request_stop(self) -> None:
+        """Make :meth:`run` end at its next loop turn, even if a cancellation is lost."""
+        self._closed = True
+
     async def close(self) -> None:
         """Stop :meth:`run` (cancelling its task) and close the connection. Idempotent."""
         self._closed = True
         task = self._task
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
-            await asyncio.wait((task,))
+            await asyncio.wait((task,), timeout=5.0)
         await self._source.close()
 
     async def _read_until_failure(self) -> None:
