@@ -10,9 +10,9 @@ channels x ``n mean min max``, ~0.9 KB of JSON):
 ``drain``
     messages/s (and values/s, 40 values per telemetry message) published from a full outbox by
     :class:`~appliance.uplink.MqttUplink` (QoS 1, PUBACK, settled in SQLite) to a Mosquitto it
-    starts itself, against ``bare``: a plain paho QoS 1 publish loop sending the same payloads
-    on the same topics with the same in-flight window to the same broker. Target: drain >= 80 %
-    of bare.
+    starts itself, against ``bare``: a plain paho QoS 1 publish loop sending the same wire bytes
+    (MQTT 5, the same topics, payloads and PUBLISH properties) with the same in-flight window to
+    the same broker. Target: drain >= 80 % of bare.
 ``catch-up``
     seconds to drain the backlog of a ``--outage-s`` outage at demo load (``--machines``
     machines, one telemetry message per machine per second, plus ``--outage-alerts`` alerts),
@@ -46,12 +46,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 
 from appliance.config import MqttSection
 from appliance.contracts import Envelope, Priority
 from appliance.demo.mosquitto import MosquittoProcess, free_port, mosquitto_binary
 from appliance.outbox import SqliteOutbox
 from appliance.uplink import MqttUplink
+from appliance.uplink.mqtt import PackedProperties, mark_historical
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
 APP = "bench-01"
@@ -230,7 +232,11 @@ def bench_drain(
 
 def bench_bare(port: int, messages: list[tuple[str, bytes]], inflight: int) -> dict[str, Any]:
     """A plain paho QoS 1 loop: publish everything (paho holds all but ``inflight`` back), wait
-    for the last PUBACK. The ceiling the uplink is compared with."""
+    for the last PUBACK. The ceiling the uplink is compared with.
+
+    Same wire bytes as the uplink: MQTT 5, QoS 1, the same topics and payloads (``messages``
+    carries them as the uplink publishes a backlog, i.e. with ``"historical":true``), the same
+    PUBLISH properties (packed once, as the uplink does), the same in-flight window."""
     done = threading.Event()
     acked = [0]
     n = len(messages)
@@ -254,8 +260,11 @@ def bench_bare(port: int, messages: list[tuple[str, bytes]], inflight: int) -> d
     try:
         if not connected.wait(10):
             raise RuntimeError("bare paho client: no CONNACK")
+        props = PackedProperties(
+            PacketTypes.PUBLISH, PayloadFormatIndicator=1, ContentType="application/json"
+        )
         for topic, payload in messages:
-            client.publish(topic, payload, qos=1)
+            client.publish(topic, payload, qos=1, properties=props)
         if not done.wait(600):
             raise RuntimeError(f"bare paho client: {acked[0]}/{n} acked after 600 s")
         dt = time.perf_counter() - t
@@ -459,11 +468,14 @@ def run(args: argparse.Namespace, workdir: Path, say: Callable[[str], None]) -> 
 
 
 def _payloads(workdir: Path, envs: list[Envelope]) -> list[bytes]:
-    """The exact payloads the outbox would store for ``envs`` (same bytes for the bare loop)."""
+    """The exact payloads the uplink publishes for ``envs`` drained as a backlog: as the outbox
+    stores them, marked ``"historical":true`` (same bytes for the bare loop)."""
     path = workdir / "payloads.sqlite"
     with SqliteOutbox(str(path), appliance_id=APP, synchronous="NORMAL") as ob:
         payloads = [
-            r.payload for k in range(0, len(envs), 1000) for r in ob.append(envs[k : k + 1000])
+            mark_historical(r.payload)
+            for k in range(0, len(envs), 1000)
+            for r in ob.append(envs[k : k + 1000])
         ]
     for sfx in ("", "-wal", "-shm"):
         Path(f"{path}{sfx}").unlink(missing_ok=True)

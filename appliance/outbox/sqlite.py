@@ -43,9 +43,10 @@ time in seconds (epoch). ``streams(stream, seq)`` holds the last sequence number
 stream, so ``seq`` stays monotonic across restarts even when all of the stream's records were
 delivered. ``meta(key, value)`` holds ``seq_floor`` (see below; absent means 0).
 
-Batched appends (1000 per call) run at ~0.6e5 records/s for demo-sized telemetry (~0.9 KB
+Batched appends (1000 per call) run at 0.5-0.6e5 records/s for demo-sized telemetry (~0.9 KB
 payloads) and 1.3-1.7e5 records/s for small bodies on a 2-core x86 VM (``benchmarks/uplink.py``,
-docs/benchmarks.md): CPU-bound, about a third body encoding, a third SQLite, a third Python.
+docs/benchmarks.md): CPU-bound, about half SQLite (WAL write, commit, checkpoints), a fifth
+body encoding, a quarter per-record Python.
 
 Unusable file at start
 ----------------------
@@ -170,6 +171,7 @@ _DISK_FULL_HEADROOM = 2  # on a full disk, evict this many times the batch's pay
 _DISK_FULL_MIN_BYTES = 64 * 1024
 _CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append order)
 _CLASSES = tuple(sorted(int(p) for p in Priority))
+_MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
 
 
 class OutboxError(ApplianceError):
@@ -190,6 +192,23 @@ def _is_disk_full(err: sqlite3.Error) -> bool:
     if code is not None:
         return (int(code) & 0xFF) == 13
     return "database or disk is full" in str(err)
+
+
+def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted ``ids`` as inclusive ``(first, last)`` runs of consecutive integers."""
+    runs: list[tuple[int, int]] = []
+    if not ids:
+        return runs
+    first = last = ids[0]
+    for i in ids[1:]:
+        if i != last + 1:
+            runs.append((first, last))
+            if len(runs) > _MAX_EXCLUDE_RUNS:
+                return runs  # too fragmented for the SQL form anyway
+            first = i
+        last = i
+    runs.append((first, last))
+    return runs
 
 
 def _class_range(priority: int) -> tuple[int, int]:
@@ -272,6 +291,7 @@ class SqliteOutbox:
         self._db: sqlite3.Connection | None = None
         self._next_n = 1
         self._heads: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        self._take_sql: dict[int, str] = {}
         self._seqs: dict[str, int] = {}
         self._pending = 0
         self._evicting = False
@@ -521,8 +541,9 @@ class SqliteOutbox:
         encode = self._encode
         heads = self._heads
         n = self._next_n
-        records: list[OutboxRecord] = []
         rows: list[tuple[int, str, int, int, str, bytes, float]] = []
+        last_ts: object = None
+        ts_json = b""
         for env in envelopes:
             stream = env.stream
             seq = seqs.get(stream)
@@ -535,22 +556,22 @@ class SqliteOutbox:
             head = heads.get((env.kind, stream))
             if head is None:
                 head = heads[(env.kind, stream)] = self._head(env.kind, stream)
+            ts = env.ts
+            if ts != last_ts or type(ts) is not type(last_ts) or not ts:  # same window: reuse
+                last_ts, ts_json = ts, encode(ts)
             tail = encode(body) if body else b"{}"
             # Spliced by hand rather than encoding a merged dict: 2x faster, same bytes (tested
             # against encode_payload()).
-            payload = b'%b%d,"id":%b%d","ts":%b%b' % (
-                head[0],
-                seq,
-                head[1],
-                seq,
-                encode(env.ts),
-                b"," + tail[1:] if len(tail) > 2 else b"}",
+            payload = (
+                b'%b%d,"id":%b%d","ts":%b,%b' % (head[0], seq, head[1], seq, ts_json, tail[1:])
+                if len(tail) > 2
+                else b'%b%d,"id":%b%d","ts":%b}' % (head[0], seq, head[1], seq, ts_json)
             )
             priority = int(env.priority)
-            rid = priority << _CLASS_SHIFT | n
+            rows.append(
+                (priority << _CLASS_SHIFT | n, stream, seq, priority, env.topic, payload, created)
+            )
             n += 1
-            rows.append((rid, stream, seq, priority, env.topic, payload, created))
-            records.append(OutboxRecord(rid, stream, seq, env.topic, priority, payload, created))
         try:
             evicted = self._write(db, rows, seqs)
         except sqlite3.OperationalError as err:
@@ -567,7 +588,7 @@ class SqliteOutbox:
         self._counters["appended"] += len(rows)
         if evicted:
             self._count_evictions(evicted)
-        return records
+        return [OutboxRecord(r[0], r[1], r[2], r[4], r[3], r[5], r[6]) for r in rows]
 
     def _write(
         self,
@@ -650,14 +671,29 @@ class SqliteOutbox:
 
         Order: by priority class (alerts, then status, then telemetry), oldest first within a
         class, hence each stream in ``seq`` order. Reads only; the records stay until settled.
-        Cost grows with ``len(exclude)``: the ids of in-flight rows are scanned and skipped
-        (their payloads are not read), then the chosen rows are fetched by id.
+        ``exclude`` made of up to 16 runs of consecutive ids (an in-flight window) is skipped
+        inside SQLite, in one query; a more fragmented one is scanned id by id in Python (cost
+        grows with ``len(exclude)``) and the chosen rows fetched by id.
         """
         if limit <= 0:
             return []
         db = self._conn
         if not exclude:
             return [OutboxRecord(*row) for row in db.execute(_SELECT_DRAIN_LIMIT, (limit,))]
+        runs = _runs(sorted(exclude))
+        if len(runs) <= _MAX_EXCLUDE_RUNS:
+            # The excluded ids are a few contiguous runs (the in-flight window): SQLite skips
+            # them while it walks the rowid order, without a row reaching Python.
+            sql = self._take_sql.get(len(runs))
+            if sql is None:
+                sql = self._take_sql[len(runs)] = (
+                    f"{_SELECT_ROWS} WHERE "
+                    + " AND ".join(["NOT (id BETWEEN ? AND ?)"] * len(runs))
+                    + " ORDER BY id LIMIT ?"
+                )
+            params = [bound for run in runs for bound in run]
+            params.append(limit)
+            return [OutboxRecord(*row) for row in db.execute(sql, params)]
         skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
         ids: list[int] = []
         cur = db.execute(_SELECT_IDS)

@@ -88,6 +88,7 @@ import random
 import ssl
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -145,6 +146,60 @@ def mark_historical(payload: bytes) -> bytes:
     if len(payload) > 2 and payload.endswith(b"}"):
         return payload[:-1] + _HISTORICAL_TAIL
     return payload
+
+
+class PackedProperties(Properties):
+    """MQTT 5 properties packed once, at construction, instead of on every PUBLISH.
+
+    paho packs a :class:`Properties` object for every packet it sends (~50 µs in pure Python
+    for two properties); the publish properties never change, so their bytes are reused. Frozen:
+    setting a property afterwards raises ``AttributeError``.
+    """
+
+    _packed: bytes
+    _text: str
+
+    def __init__(self, packet_type: int, **values: Any) -> None:
+        super().__init__(packet_type)  # type: ignore[no-untyped-call]
+        for name, value in values.items():
+            setattr(self, name, value)
+        object.__setattr__(self, "_packed", Properties.pack(self))  # type: ignore[no-untyped-call]
+        object.__setattr__(self, "_text", Properties.__str__(self))  # type: ignore[no-untyped-call]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_packed" in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name}")
+        super().__setattr__(name, value)  # type: ignore[no-untyped-call]
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:
+        return self._text
+
+
+class _PahoErrors(logging.Handler):
+    """Keeps paho's last error line (its ``on_log`` formatted every packet's debug line)."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        super().__init__(logging.ERROR)
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._sink(record.getMessage())
+
+
+def _paho_logger(sink: Callable[[str], None]) -> logging.Logger:
+    """A private logger (not in the logging tree) handing paho's ERROR lines to ``sink``.
+
+    paho's ``_easy_log`` formats its message eagerly for ``on_log`` (a debug line with the
+    properties' ``str()`` for every PUBLISH and PUBACK); a logger at ERROR level filters those
+    out before formatting.
+    """
+    logger = logging.Logger(f"{__name__}.paho", logging.ERROR)
+    logger.propagate = False
+    logger.addHandler(_PahoErrors(sink))
+    return logger
 
 
 def reason_key(reason: ReasonCode) -> str:
@@ -290,7 +345,7 @@ class MqttUplink:
         self._settled: asyncio.Event | None = None
         self._stopped = False
         self._closing = False
-        self._pub_props: Properties | None = None
+        self._pub_props: PackedProperties | None = None
         # Owned by the event loop:
         self._connected = False
         self._link_logged: Literal["", "up", "down"] = ""
@@ -321,6 +376,10 @@ class MqttUplink:
         self._hold_until = 0.0  # loop time before which nothing is published (0x97 pause)
         self._quota_attempt = 0
         self._seen_gen = 0  # the link generation the loop has caught up with
+        # paho's thread -> event loop hand-off (see _to_loop):
+        self._handoff_lock = threading.Lock()
+        self._handoff: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._handoff_scheduled = False
         # Written by paho's thread only:
         self._attempt = 0
         self._link_gen = 0  # bumped on every connect and disconnect
@@ -384,7 +443,7 @@ class MqttUplink:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.on_log = self._on_log
+        client.enable_logger(_paho_logger(self._set_paho_error))
         client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         if cfg.username:
@@ -396,9 +455,9 @@ class MqttUplink:
         if v5:
             connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             connect_props.SessionExpiryInterval = cfg.session_expiry_s
-            self._pub_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            self._pub_props.PayloadFormatIndicator = 1
-            self._pub_props.ContentType = "application/json"
+            self._pub_props = PackedProperties(
+                PacketTypes.PUBLISH, PayloadFormatIndicator=1, ContentType="application/json"
+            )
         client.connect_async(
             cfg.host,
             cfg.port,
@@ -790,13 +849,33 @@ class MqttUplink:
     # -- paho's thread -----------------------------------------------------------------------
 
     def _to_loop(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run ``fn(*args)`` on the event loop (called from paho's thread)."""
+        """Run ``fn(*args)`` on the event loop (called from paho's thread), in call order.
+
+        Calls are queued and the loop is woken once per batch (``call_soon_threadsafe`` costs a
+        self-pipe write and a loop wake-up: once per PUBACK was a large part of the drain cost).
+        """
         loop = self._loop
         if loop is None:
             return
+        with self._handoff_lock:
+            self._handoff.append((fn, args))
+            if self._handoff_scheduled:
+                return
+            self._handoff_scheduled = True
         # A closed loop means stop() was never awaited: nobody is left to tell.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(fn, *args)
+            loop.call_soon_threadsafe(self._run_handoff)
+
+    def _run_handoff(self) -> None:
+        """Run the calls paho's thread queued with :meth:`_to_loop` (on the event loop)."""
+        with self._handoff_lock:
+            batch, self._handoff = self._handoff, []
+            self._handoff_scheduled = False
+        for fn, args in batch:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("MQTT uplink: handling a paho event failed")
 
     def _set_next_delay(self, client: mqtt.Client) -> None:
         cfg = self._cfg
@@ -869,9 +948,8 @@ class MqttUplink:
     ) -> None:
         self._to_loop(self._handle_ack, mid, reason)
 
-    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
-        if level == mqtt.MQTT_LOG_ERR:
-            self._paho_error = buf
+    def _set_paho_error(self, line: str) -> None:
+        self._paho_error = line
 
     # -- payloads ----------------------------------------------------------------------------
 

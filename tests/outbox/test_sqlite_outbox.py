@@ -315,3 +315,39 @@ def test_settle_is_not_fsynced_but_leaves_appends_at_the_configured_level(tmp_pa
         db = ob._conn  # the connection's level after a settle: FULL again (2)
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
         assert ob.take(5) == [recs[1]]
+
+
+def test_take_skips_fragmented_exclusions_in_sql_and_beyond_the_run_limit(tmp_path: Path) -> None:
+    """Excluded ids as a few runs (SQL form) and as many single ids (the scanning fallback)
+    give the same records: every record not excluded, in drain order."""
+    with outbox(tmp_path) as ob:
+        recs = ob.append([telemetry() for _ in range(60)] + [alert() for _ in range(4)])
+        order = ob.take(100)
+        assert len(order) == 64
+        for exclude in (
+            {order[0].id, order[1].id, order[5].id},  # 2 runs
+            {r.id for r in order[1:40:2]},  # 20 runs: past the SQL form's limit
+            {r.id for r in recs[10:30]} | {recs[-1].id},
+        ):
+            want = [r for r in order if r.id not in exclude]
+            assert ob.take(100, exclude=exclude) == want
+            assert ob.take(3, exclude=sorted(exclude)) == want[:3]
+
+
+def test_payloads_of_a_batch_sharing_a_timestamp_match_the_reference_encoding(
+    tmp_path: Path,
+) -> None:
+    """append() reuses the encoded ``ts`` of the previous envelope when equal: same bytes."""
+    envs = [
+        telemetry("cnc-1", ts=5.5),
+        telemetry("cnc-2", ts=5.5),
+        telemetry("cnc-3", ts=0.0),
+        telemetry("cnc-4", ts=-0.0),
+        telemetry("cnc-5", ts=5),
+        telemetry("cnc-6", ts=5.0),
+        Envelope("s", "status", "t", Priority.STATUS, 5.0, {}),
+    ]
+    with outbox(tmp_path) as ob:
+        recs = ob.append(envs)
+        for env, rec in zip(envs, recs, strict=True):
+            assert rec.payload == encode_payload(APP, env, rec.seq)
