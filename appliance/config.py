@@ -461,13 +461,16 @@ def _cross_checks(cfg: Config) -> Config:
         dev = _resolve_modbus(dev, where)
         devices.append(dev)
     _check_rtu_buses(devices)
-    channels = {reg.name for dev in devices for reg in dev.registers}
+    # String registers are not channels (no numeric samples): a rule on one could never fire.
+    channels = {
+        reg.name for dev in devices for reg in dev.registers if getattr(reg, "numeric", True)
+    }
     channels |= {w.channel for dev in devices if (w := getattr(dev, "waveform", None)) is not None}
     for i, rule in enumerate(cfg.alerts.rules):
         where = f"alerts.rules[{i}]"
         if rule.source == "channel" and rule.channel not in channels:
             raise ValueError(
-                f"{where}.channel: {rule.channel!r} is not a register of any device "
+                f"{where}.channel: {rule.channel!r} is not a numeric channel of any device "
                 f"(known: {sorted(channels)})"
             )
         for m in rule.machines:

@@ -43,7 +43,7 @@ DEVICE = '[[devices]]\nname = "m"\nprofile = "cnc-sim"\n'
         (DEVICE + "colour = 3\n", "unknown field `colour` - at `$.devices[0]`"),
         (
             DEVICE + '[[alerts.rules]]\nname = "x"\nchannel = "spindle_tmp"\nabove = 1\n',
-            "alerts.rules[0].channel: 'spindle_tmp' is not a register",
+            "alerts.rules[0].channel: 'spindle_tmp' is not a numeric channel",
         ),
         (DEVICE + DEVICE, "devices[1].name: duplicate device name 'm'"),
         ('[[devices]]\nname = "m"\nprofile = "nope"\n', "devices[0].profile: profile 'nope'"),
@@ -81,3 +81,14 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
 def test_relative_outbox_path_resolves_against_the_config_directory(tmp_path: Path) -> None:
     path = write(tmp_path, DEVICE + '[outbox]\npath = "data/outbox.sqlite"\n')
     assert load_config(path).outbox.path == str(tmp_path / "data" / "outbox.sqlite")
+
+
+def test_an_alert_rule_on_a_string_register_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[devices]]\nname = "m"\n[[devices.registers]]\nname = "serial_no"\naddress = 0\n'
+        'type = "string"\nlength = 8\n[[devices.registers]]\nname = "t"\naddress = 4\n'
+        '[[alerts.rules]]\nname = "x"\nchannel = "serial_no"\nabove = 1\n',
+    )
+    with pytest.raises(ConfigError, match="'serial_no' is not a numeric channel"):
+        load_config(path)
