@@ -114,6 +114,42 @@ def backoff_delay(rng: Callable[[], float], attempt: int, base_s: float, cap_s: 
     return rng() * min(cap_s, base_s * 2.0 ** min(attempt, 32))
 
 
+async def reconnect_loop(
+    what: str,
+    *,
+    closed: Callable[[], bool],
+    connect: Callable[[], Awaitable[None]],
+    session: Callable[[], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+    on_down: Callable[[DeviceUnavailable], bool],
+    rng: Callable[[], float],
+    base_s: float,
+    cap_s: float,
+    sleep: Callable[[float], Awaitable[None]],
+    on_reconnect: Callable[[], None],
+) -> None:
+    """Connect, run ``session`` until the transport fails, back off, reconnect; until
+    ``closed()``. The one place reconnects happen (the register poller and the waveform reader
+    both use it). ``on_down`` handles a failure and returns whether the link had been up, which
+    restarts the backoff sequence; the delay is :func:`backoff_delay` (capped, full jitter)."""
+    attempt = 0
+    while not closed():
+        try:
+            await connect()
+            await session()
+        except DeviceUnavailable as err:
+            await close()
+            if on_down(err):
+                attempt = 0
+        if closed():
+            break
+        delay = backoff_delay(rng, attempt, base_s, cap_s)
+        attempt += 1
+        log.debug("%s: reconnect attempt %d in %.3f s", what, attempt, delay)
+        await sleep(delay)
+        on_reconnect()
+
+
 def poll_intervals_s(device: DeviceConfig) -> dict[str, float]:
     """Poll group → interval (seconds) of the groups that have numeric channels (what a
     :class:`DevicePoller` schedules; ``{"fast": poll_interval}`` for devices without groups)."""
@@ -393,29 +429,35 @@ class DevicePoller:
         if self._task is not None:
             raise RuntimeError(f"device {self.name}: poller is already running")
         self._task = asyncio.current_task()
-        attempt = 0
         try:
-            while not self._closed:
-                try:
-                    await self._driver.connect()
-                    await self._poll_until_failure()
-                except DeviceUnavailable as err:
-                    self.errors += 1
-                    await self._driver.close()
-                    if self._state in ("online", "degraded"):
-                        attempt = 0
-                    self._went_offline(err)
-                    self._emit_held()
-                if self._closed:
-                    break
-                delay = backoff_delay(self._rng, attempt, self._backoff_base_s, self._backoff_cap_s)
-                attempt += 1
-                log.debug("device %s: reconnect attempt %d in %.3f s", self.name, attempt, delay)
-                await self._sleep(delay)
-                self.reconnects += 1
+            await reconnect_loop(
+                f"device {self.name}",
+                closed=lambda: self._closed,
+                connect=self._driver.connect,
+                session=self._poll_until_failure,
+                close=self._driver.close,
+                on_down=self._on_down,
+                rng=self._rng,
+                base_s=self._backoff_base_s,
+                cap_s=self._backoff_cap_s,
+                sleep=self._sleep,
+                on_reconnect=self._count_reconnect,
+            )
         finally:
             self._task = None
             await self._driver.close()
+
+    def _on_down(self, err: DeviceUnavailable) -> bool:
+        """The transport failed: count, log the transition once, hold values STALE. Returns
+        whether the device had been up (the backoff then starts over)."""
+        self.errors += 1
+        was_up = self._state in ("online", "degraded")
+        self._went_offline(err)
+        self._emit_held()
+        return was_up
+
+    def _count_reconnect(self) -> None:
+        self.reconnects += 1
 
     def request_stop(self) -> None:
         """Make :meth:`run` (and the waveform task) end at their next loop turn, whether or not

@@ -10,7 +10,7 @@ gets a :class:`WaveformPoller` next to its register :class:`~appliance.acquire.p
 deadline grid at ``interval_ms``, so a 125-register FIFO read every 50 ms never queues behind
 (or delays) the register polls, and a dead device delays nobody: reconnects use the same capped
 exponential backoff with full jitter as the poller
-(:func:`~appliance.acquire.poller.backoff_delay`).
+(:func:`~appliance.acquire.poller.reconnect_loop`).
 
 Frames: one per read that brought new samples, carrying **all** of them (``n`` samples of one
 channel: ``Frame.ts`` per sample, spaced ``1 / rate_hz`` by sequence number, anchored by
@@ -60,7 +60,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from appliance.acquire.poller import FrameCallback, State, backoff_delay, next_deadline
+from appliance.acquire.poller import FrameCallback, State, next_deadline, reconnect_loop
 from appliance.config import ModbusTcpConfig
 from appliance.contracts import Frame
 from drivers.errors import DeviceException, DeviceUnavailable
@@ -233,30 +233,33 @@ class WaveformPoller:
         if self._task is not None:
             raise RuntimeError(f"device {self.name}: waveform reader is already running")
         self._task = asyncio.current_task()
-        attempt = 0
         try:
-            while not self._closed:
-                try:
-                    await self._source.connect()
-                    await self._read_until_failure()
-                except DeviceUnavailable as err:
-                    self.errors += 1
-                    await self._source.close()
-                    if self._state in ("online", "degraded"):
-                        attempt = 0
-                    self._set_state("offline", str(err))
-                if self._closed:
-                    break
-                delay = backoff_delay(self._rng, attempt, self._backoff_base_s, self._backoff_cap_s)
-                attempt += 1
-                log.debug(
-                    "device %s: waveform reconnect attempt %d in %.3f s", self.name, attempt, delay
-                )
-                await self._sleep(delay)
-                self.reconnects += 1
+            await reconnect_loop(
+                f"device {self.name} waveform",
+                closed=lambda: self._closed,
+                connect=self._source.connect,
+                session=self._read_until_failure,
+                close=self._source.close,
+                on_down=self._on_down,
+                rng=self._rng,
+                base_s=self._backoff_base_s,
+                cap_s=self._backoff_cap_s,
+                sleep=self._sleep,
+                on_reconnect=self._count_reconnect,
+            )
         finally:
             self._task = None
             await self._source.close()
+
+    def _on_down(self, err: DeviceUnavailable) -> bool:
+        """The transport failed: count and log the transition once; True if it had been up."""
+        self.errors += 1
+        was_up = self._state in ("online", "degraded")
+        self._set_state("offline", str(err))
+        return was_up
+
+    def _count_reconnect(self) -> None:
+        self.reconnects += 1
 
     def request_stop(self) -> None:
         """Make :meth:`run` end at its next loop turn, even if a cancellation is lost."""

@@ -222,7 +222,7 @@ def run_as_other_user(path: Path, mode: int) -> subprocess.CompletedProcess[str]
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot drop privileges")
+            pytest.fail("running as root needs setpriv (util-linux) to drop privileges")
         cmd = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
         path.parent.parent.chmod(0o755)  # the TemporaryDirectory: let nobody through
     path.parent.chmod(mode)
