@@ -114,40 +114,98 @@ def backoff_delay(rng: Callable[[], float], attempt: int, base_s: float, cap_s: 
     return rng() * min(cap_s, base_s * 2.0 ** min(attempt, 32))
 
 
-async def reconnect_loop(
-    what: str,
-    *,
-    closed: Callable[[], bool],
-    connect: Callable[[], Awaitable[None]],
-    session: Callable[[], Awaitable[None]],
-    close: Callable[[], Awaitable[None]],
-    on_down: Callable[[DeviceUnavailable], bool],
-    rng: Callable[[], float],
-    base_s: float,
-    cap_s: float,
-    sleep: Callable[[float], Awaitable[None]],
-    on_reconnect: Callable[[], None],
-) -> None:
-    """Connect, run ``session`` until the transport fails, back off, reconnect; until
-    ``closed()``. The one place reconnects happen (the register poller and the waveform reader
-    both use it). ``on_down`` handles a failure and returns whether the link had been up, which
-    restarts the backoff sequence; the delay is :func:`backoff_delay` (capped, full jitter)."""
-    attempt = 0
-    while not closed():
+class LinkTask:
+    """One device link run as a task: connect, run a session until the transport fails, back
+    off, reconnect, until stopped. The one place reconnects happen (the register poller and the
+    waveform reader both derive from it).
+
+    The backoff before reconnect attempt ``n`` is :func:`backoff_delay` (capped exponential,
+    full jitter); it starts over once the link had been up. Stopping sets a flag before
+    cancelling, so a task whose cancellation was lost still ends at its next loop turn.
+    Subclasses provide ``_connect``, ``_session``, ``_disconnect`` (idempotent), ``_went_down``
+    and a ``_state``.
+    """
+
+    _state: State
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        rng: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+        backoff_base_s: float,
+        backoff_cap_s: float,
+    ) -> None:
+        if not 0 < backoff_base_s <= backoff_cap_s:
+            raise ValueError(
+                f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s}, {backoff_cap_s}"
+            )
+        self._what = what
+        self._rng = rng
+        self._sleep = sleep
+        self._backoff_base_s = backoff_base_s
+        self._backoff_cap_s = backoff_cap_s
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.errors = 0
+        self.reconnects = 0
+
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _session(self) -> None:
+        raise NotImplementedError
+
+    async def _disconnect(self) -> None:
+        raise NotImplementedError
+
+    def _went_down(self, err: DeviceUnavailable) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Connect, run the session, back off, reconnect; until stopped or cancelled.
+
+        Raises only what the sink or a driver bug raises (never ``DeviceUnavailable``).
+        """
+        if self._task is not None:
+            raise RuntimeError(f"{self._what}: already running")
+        self._task = asyncio.current_task()
+        attempt = 0
         try:
-            await connect()
-            await session()
-        except DeviceUnavailable as err:
-            await close()
-            if on_down(err):
-                attempt = 0
-        if closed():
-            break
-        delay = backoff_delay(rng, attempt, base_s, cap_s)
-        attempt += 1
-        log.debug("%s: reconnect attempt %d in %.3f s", what, attempt, delay)
-        await sleep(delay)
-        on_reconnect()
+            while not self._closed:
+                try:
+                    await self._connect()
+                    await self._session()
+                except DeviceUnavailable as err:
+                    self.errors += 1
+                    await self._disconnect()
+                    if self._state in ("online", "degraded"):
+                        attempt = 0
+                    self._went_down(err)
+                if self._closed:
+                    break
+                delay = backoff_delay(self._rng, attempt, self._backoff_base_s, self._backoff_cap_s)
+                attempt += 1
+                log.debug("%s: reconnect attempt %d in %.3f s", self._what, attempt, delay)
+                await self._sleep(delay)
+                self.reconnects += 1
+        finally:
+            self._task = None
+            await self._disconnect()
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` end at its next loop turn, whether or not a cancellation reaches
+        it (Python 3.10/3.11's ``wait_for`` can swallow one)."""
+        self._closed = True
+
+    async def close(self) -> None:
+        """Stop :meth:`run` (flag, then cancel) and close the link. Idempotent."""
+        self.request_stop()
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            await _cancel_and_wait([task], self._what)
+        await self._disconnect()
 
 
 def poll_intervals_s(device: DeviceConfig) -> dict[str, float]:
@@ -242,7 +300,7 @@ def _where(device: DeviceConfig) -> str:
     return type(device).__name__
 
 
-class DevicePoller:
+class DevicePoller(LinkTask):
     """Polls one device's groups at their intervals and hands each poll to ``sink``.
 
     Construction does no I/O. :meth:`run` is the long-running coroutine (one task per device;
@@ -283,10 +341,13 @@ class DevicePoller:
         waveform_phase_s: float = 0.0,
         waveform_source: WaveformSource | None = None,
     ) -> None:
-        if not 0 < backoff_base_s <= backoff_cap_s:
-            raise ValueError(
-                f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s}, {backoff_cap_s}"
-            )
+        super().__init__(
+            f"device {device.name}",
+            rng=rng,
+            sleep=sleep,
+            backoff_base_s=backoff_base_s,
+            backoff_cap_s=backoff_cap_s,
+        )
         self.device = device
         self.name = device.name
         self.interval_s = device.poll_interval_ms / 1000.0
@@ -294,10 +355,6 @@ class DevicePoller:
         self._sink = sink
         self._clock = clock
         self._monotonic = monotonic
-        self._rng = rng
-        self._sleep = sleep
-        self._backoff_base_s = backoff_base_s
-        self._backoff_cap_s = backoff_cap_s
         self._where = _where(device)
         registers = [r for r in device.registers if getattr(r, "type", "") != "string"]
         wave = device.waveform if isinstance(device, ModbusTcpConfig) else None
@@ -327,14 +384,10 @@ class DevicePoller:
         self._group_ok: dict[str, bool] = {}
         self._offline_bad_sent = False
         self._state: State = "connecting"
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
         self._jitter: deque[float] = deque(maxlen=JITTER_WINDOW)
         self.polls = 0
-        self.errors = 0
         self.exception_responses = 0
         self.overruns = 0
-        self.reconnects = 0
         self.stale_values = 0
         self.bad_values = 0
         self.last_jitter_ms = 0.0
@@ -421,59 +474,29 @@ class DevicePoller:
             out["bus"] = bus.stats()
         return out
 
-    async def run(self) -> None:
-        """Connect, poll until the transport fails, back off, reconnect; until cancelled.
+    async def _connect(self) -> None:
+        await self._driver.connect()
 
-        Raises only what the sink or a driver bug raises (never ``DeviceUnavailable``).
-        """
-        if self._task is not None:
-            raise RuntimeError(f"device {self.name}: poller is already running")
-        self._task = asyncio.current_task()
-        try:
-            await reconnect_loop(
-                f"device {self.name}",
-                closed=lambda: self._closed,
-                connect=self._driver.connect,
-                session=self._poll_until_failure,
-                close=self._driver.close,
-                on_down=self._on_down,
-                rng=self._rng,
-                base_s=self._backoff_base_s,
-                cap_s=self._backoff_cap_s,
-                sleep=self._sleep,
-                on_reconnect=self._count_reconnect,
-            )
-        finally:
-            self._task = None
-            await self._driver.close()
+    async def _session(self) -> None:
+        await self._poll_until_failure()
 
-    def _on_down(self, err: DeviceUnavailable) -> bool:
-        """The transport failed: count, log the transition once, hold values STALE. Returns
-        whether the device had been up (the backoff then starts over)."""
-        self.errors += 1
-        was_up = self._state in ("online", "degraded")
+    async def _disconnect(self) -> None:
+        await self._driver.close()
+
+    def _went_down(self, err: DeviceUnavailable) -> None:
+        """The transport failed: log the transition once, hold the values STALE."""
         self._went_offline(err)
         self._emit_held()
-        return was_up
-
-    def _count_reconnect(self) -> None:
-        self.reconnects += 1
 
     def request_stop(self) -> None:
-        """Make :meth:`run` (and the waveform task) end at their next loop turn, whether or not
-        a cancellation reaches them (Python 3.10/3.11's ``wait_for`` can swallow one)."""
-        self._closed = True
+        """As :meth:`LinkTask.request_stop`, for the waveform task too."""
+        super().request_stop()
         if self.waveform is not None:
             self.waveform.request_stop()
 
     async def close(self) -> None:
-        """Stop :meth:`run` (cancelling its task), close the driver and the waveform reader.
-        Idempotent."""
-        self.request_stop()
-        task = self._task
-        if task is not None and task is not asyncio.current_task() and not task.done():
-            await _cancel_and_wait([task], f"device {self.name}")
-        await self._driver.close()
+        """Stop polling, close the driver and the waveform reader. Idempotent."""
+        await super().close()
         if self.waveform is not None:
             await self.waveform.close()
 

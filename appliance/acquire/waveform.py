@@ -10,7 +10,7 @@ gets a :class:`WaveformPoller` next to its register :class:`~appliance.acquire.p
 deadline grid at ``interval_ms``, so a 125-register FIFO read every 50 ms never queues behind
 (or delays) the register polls, and a dead device delays nobody: reconnects use the same capped
 exponential backoff with full jitter as the poller
-(:func:`~appliance.acquire.poller.reconnect_loop`).
+(:class:`~appliance.acquire.poller.LinkTask`).
 
 Frames: one per read that brought new samples, carrying **all** of them (``n`` samples of one
 channel: ``Frame.ts`` per sample, spaced ``1 / rate_hz`` by sequence number, anchored by
@@ -60,7 +60,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from appliance.acquire.poller import FrameCallback, State, next_deadline, reconnect_loop
+from appliance.acquire.poller import FrameCallback, LinkTask, State, next_deadline
 from appliance.config import ModbusTcpConfig
 from appliance.contracts import Frame
 from drivers.errors import DeviceException, DeviceUnavailable
@@ -92,7 +92,7 @@ class WaveformSource(Protocol):
     async def close(self) -> None: ...
 
 
-class WaveformPoller:
+class WaveformPoller(LinkTask):
     """Reads one device's sample FIFO every ``waveform.interval_ms`` and emits the new samples.
 
     ``channels`` is the device's channel tuple (``DevicePoller.channels``), shared by every
@@ -124,10 +124,13 @@ class WaveformPoller:
             raise ValueError(f"device {device.name}: no waveform table")
         if wave.channel not in channels:
             raise ValueError(f"device {device.name}: {wave.channel!r} is not in {channels}")
-        if not 0 < backoff_base_s <= backoff_cap_s:
-            raise ValueError(
-                f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s}, {backoff_cap_s}"
-            )
+        super().__init__(
+            f"device {device.name} waveform",
+            rng=rng,
+            sleep=sleep,
+            backoff_base_s=backoff_base_s,
+            backoff_cap_s=backoff_cap_s,
+        )
         self.name = device.name
         self.channel = wave.channel
         self.channels = channels
@@ -152,16 +155,10 @@ class WaveformPoller:
         )
         self._sink = sink
         self._monotonic = monotonic
-        self._rng = rng
-        self._sleep = sleep
-        self._backoff_base_s = backoff_base_s
-        self._backoff_cap_s = backoff_cap_s
         ids = np.full(MAX_CAPACITY + 1, channels.index(wave.channel), dtype=np.int32)
         ids.flags.writeable = False
         self._ids: npt.NDArray[np.int32] = ids  # sliced per frame (a slice stays read-only)
         self._state: State = "connecting"
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
         self._grid_t0: float | None = None
         self._first_chunk = True
         self._episode = False  # in a gap episode
@@ -178,9 +175,7 @@ class WaveformPoller:
         self.resets = 0
         self.resyncs = 0
         self.overruns = 0
-        self.errors = 0
         self.exception_responses = 0
-        self.reconnects = 0
         self.last_read_ts = 0.0
         self._clock = clock
 
@@ -227,52 +222,17 @@ class WaveformPoller:
             "last_read_ts": self.last_read_ts,
         }
 
-    async def run(self) -> None:
-        """Connect, read on the grid until the transport fails, back off, reconnect; until
-        cancelled or closed. Raises only what the sink raises (never ``DeviceUnavailable``)."""
-        if self._task is not None:
-            raise RuntimeError(f"device {self.name}: waveform reader is already running")
-        self._task = asyncio.current_task()
-        try:
-            await reconnect_loop(
-                f"device {self.name} waveform",
-                closed=lambda: self._closed,
-                connect=self._source.connect,
-                session=self._read_until_failure,
-                close=self._source.close,
-                on_down=self._on_down,
-                rng=self._rng,
-                base_s=self._backoff_base_s,
-                cap_s=self._backoff_cap_s,
-                sleep=self._sleep,
-                on_reconnect=self._count_reconnect,
-            )
-        finally:
-            self._task = None
-            await self._source.close()
+    async def _connect(self) -> None:
+        await self._source.connect()
 
-    def _on_down(self, err: DeviceUnavailable) -> bool:
-        """The transport failed: count and log the transition once; True if it had been up."""
-        self.errors += 1
-        was_up = self._state in ("online", "degraded")
-        self._set_state("offline", str(err))
-        return was_up
+    async def _session(self) -> None:
+        await self._read_until_failure()
 
-    def _count_reconnect(self) -> None:
-        self.reconnects += 1
-
-    def request_stop(self) -> None:
-        """Make :meth:`run` end at its next loop turn, even if a cancellation is lost."""
-        self._closed = True
-
-    async def close(self) -> None:
-        """Stop :meth:`run` (cancelling its task) and close the connection. Idempotent."""
-        self._closed = True
-        task = self._task
-        if task is not None and task is not asyncio.current_task() and not task.done():
-            task.cancel()
-            await asyncio.wait((task,), timeout=5.0)
+    async def _disconnect(self) -> None:
         await self._source.close()
+
+    def _went_down(self, err: DeviceUnavailable) -> None:
+        self._set_state("offline", str(err))
 
     async def _read_until_failure(self) -> None:
         """Read on the deadline grid until the source raises ``DeviceUnavailable``."""
