@@ -7,13 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import shutil
 import struct
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import modbus_tk.defines as cst
@@ -239,30 +235,6 @@ def test_a_degraded_device_logs_once_and_once_more_when_all_reads_are_answered(
         (logging.INFO, "device m online (127.0.0.1:502): all reads answered again"),
     ]
     assert poller.state == "online"
-
-
-@pytest.fixture
-def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two linked pseudo-terminals from socat: (our end, the server's end)."""
-    socat = shutil.which("socat")
-    if socat is None:
-        pytest.fail("socat is not installed: run `apt-get install -y socat` (.ci/run does)")
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    proc = subprocess.Popen(
-        [socat, f"pty,raw,echo=0,link={ours}", f"pty,raw,echo=0,link={theirs}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 5.0
-        while not (ours.exists() and theirs.exists()):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("socat did not create the pty pair")
-            time.sleep(0.01)
-        yield str(ours), str(theirs)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
 
 
 @pytest.mark.pty

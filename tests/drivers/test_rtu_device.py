@@ -11,9 +11,7 @@ Server-side values are encoded by the servers' own code (pymodbus SimData types)
 from __future__ import annotations
 
 import asyncio
-import shutil
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,30 +68,6 @@ def sim_device(unit: int) -> SimDevice:
             [SimData(0, values=[1234, 7], datatype=DataType.REGISTERS)],
         ),
     )
-
-
-@pytest.fixture
-def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two linked pseudo-terminals from socat: (our end, the server's end)."""
-    socat = shutil.which("socat")
-    if socat is None:
-        pytest.fail("socat is not installed: run `apt-get install -y socat` (.ci/run does)")
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    proc = subprocess.Popen(
-        [socat, f"pty,raw,echo=0,link={ours}", f"pty,raw,echo=0,link={theirs}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 5.0
-        while not (ours.exists() and theirs.exists()):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("socat did not create the pty pair")
-            time.sleep(0.01)
-        yield str(ours), str(theirs)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
 
 
 @asynccontextmanager
