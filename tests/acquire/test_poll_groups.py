@@ -17,10 +17,10 @@ import msgspec
 import numpy as np
 import pytest
 import serial
+from acqhelp import FakeClock, cnc_sim_device
 from conftest import free_port
 from modbus_tk import modbus_rtu
 from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
 
 from appliance.acquire import Acquisition, DevicePoller
 from appliance.config import ModbusRtuConfig, ModbusTcpConfig
@@ -36,25 +36,6 @@ CNC = tuple(
     msgspec.structs.replace(r, group="slow") if r.name in SLOW else r
     for r in load_profile("cnc-sim")
 )
-
-
-def cnc_sim_device() -> SimDevice:
-    return SimDevice(
-        id=1,
-        simdata=(
-            [SimData(0, values=[False], datatype=DataType.BITS)],
-            [SimData(0, values=[False], datatype=DataType.BITS)],
-            [
-                SimData(0, values=[70000], datatype=DataType.UINT32),
-                SimData(2, values=[1], datatype=DataType.UINT16),
-            ],
-            [
-                SimData(0, values=[1200], datatype=DataType.UINT16),
-                SimData(1, values=[455, -12, 30, 0], datatype=DataType.INT16),
-                SimData(5, values=[38.25, 21.5, 1.75], datatype=DataType.FLOAT32),
-            ],
-        ),
-    )
 
 
 def test_two_poll_groups_produce_frames_at_their_own_rates_on_one_connection() -> None:
@@ -99,27 +80,6 @@ def test_two_poll_groups_produce_frames_at_their_own_rates_on_one_connection() -
     assert stats["groups"] == {"fast": 20.0, "slow": 200.0}
     assert stats["polls"] == len(frames) and stats["state"] == "online"
     assert 0.0 <= stats["jitter_ms_p50"] <= stats["jitter_ms_p99"] < 100.0
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the poller sleeps or the driver works; parks the
-    poller after ``stop_after_sleeps`` sleeps so the test closes it at a known point."""
-
-    def __init__(self, stop_after_sleeps: int) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-        self.stop_after_sleeps = stop_after_sleeps
-        self.stopped = asyncio.Event()
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        if len(self.sleeps) >= self.stop_after_sleeps:
-            self.stopped.set()
-            await asyncio.Event().wait()
 
 
 class GroupDriver:

@@ -11,6 +11,7 @@ import time
 import msgspec
 import numpy as np
 import pytest
+from acqhelp import FakeClock
 from conftest import free_port
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -30,27 +31,6 @@ ONE_REGISTER = (Register(name="r0", address=0, type="uint16", table="holding"),)
 
 def cnc(name: str, interval_ms: int = 100, **kw: object) -> DeviceConfig:
     return ModbusTcpConfig(name=name, poll_interval_ms=interval_ms, registers=CNC_SIM, **kw)  # type: ignore[arg-type]
-
-
-class FakeClock:
-    """Monotonic seconds that move only when the poller sleeps; parks the poller (the sleep
-    never returns) after ``stop_after_sleeps`` sleeps."""
-
-    def __init__(self, stop_after_sleeps: int) -> None:
-        self.now = 100.0
-        self.sleeps = 0
-        self.stop_after_sleeps = stop_after_sleeps
-        self.stopped = asyncio.Event()
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps += 1
-        self.now += seconds
-        if self.sleeps >= self.stop_after_sleeps:
-            self.stopped.set()
-            await asyncio.Event().wait()
 
 
 class ScriptedDriver:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from acqhelp import FakeClock, cnc_sim_device
 from conftest import free_port
 from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
 
 import drivers.quality as dq
 from appliance.acquire import Acquisition, DevicePoller
@@ -38,26 +38,6 @@ CNC_VALUES = {
     "part_counter": 70000.0,
     "program_state": 1.0,
 }
-
-
-def cnc_sim_device() -> SimDevice:
-    """A pymodbus simulated device with the cnc-sim register map, encoded by pymodbus."""
-    return SimDevice(
-        id=1,
-        simdata=(
-            [SimData(0, values=[False], datatype=DataType.BITS)],
-            [SimData(0, values=[False], datatype=DataType.BITS)],
-            [
-                SimData(0, values=[70000], datatype=DataType.UINT32),
-                SimData(2, values=[1], datatype=DataType.UINT16),
-            ],
-            [
-                SimData(0, values=[1200], datatype=DataType.UINT16),
-                SimData(1, values=[455, -12, 30, 0], datatype=DataType.INT16),
-                SimData(5, values=[38.25, 21.5, 1.75], datatype=DataType.FLOAT32),
-            ],
-        ),
-    )
 
 
 async def start_server(port: int) -> ModbusTcpServer:
@@ -250,28 +230,6 @@ class ScriptedDriver:
 
     async def close(self) -> None:
         self.closes += 1
-
-
-class FakeClock:
-    """Monotonic seconds that only move when the poller sleeps or the driver works. After
-    ``stop_after_sleeps`` sleeps the poller is parked (that sleep never returns) and
-    ``stopped`` is set, so the test can close it at a known point."""
-
-    def __init__(self, stop_after_sleeps: int) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-        self.stop_after_sleeps = stop_after_sleeps
-        self.stopped = asyncio.Event()
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        if len(self.sleeps) >= self.stop_after_sleeps:
-            self.stopped.set()
-            await asyncio.Event().wait()  # parked until close() cancels the poller
 
 
 async def run_until_parked(poller: DevicePoller, clock: FakeClock) -> None:
