@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from appliance.simulate.machine import CncMachine, ProgramState
+from appliance.simulate.textserve import serve_until_interrupted
 from drivers.errors import DeviceUnavailable
 from drivers.text.framing import LineFramer
 from drivers.text.transport import SerialSettings, SerialTransport
@@ -279,24 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     sim = HaasSimulator(responder, time_scale=args.time_scale)
 
-    async def serve() -> None:
-        try:
-            if args.port:
-                await sim.serve_tcp(args.host, args.port)
-            if args.serial:
-                await sim.serve_serial(args.serial)
-            await asyncio.Event().wait()
-        finally:
-            await sim.stop()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        return 0
-    except (OSError, DeviceUnavailable) as err:
-        logger.error("haas simulator: %s", err)
-        return 1
-    return 0
+    return serve_until_interrupted(
+        sim, name="haas simulator", host=args.host, port=args.port, serial=args.serial
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from appliance.simulate.machine import CHANNELS, CncMachine
+from appliance.simulate.textserve import serve_until_interrupted
 from drivers.errors import DeviceUnavailable
 from drivers.text.transport import SerialSettings, SerialTransport
 
@@ -198,25 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    async def serve() -> None:
-        try:
-            if args.port:
-                await sim.serve_tcp(args.host, args.port)
-            if args.serial:
-                await sim.serve_serial(args.serial)
-            await sim.start()
-            await asyncio.Event().wait()
-        finally:
-            await sim.stop()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        return 0
-    except (OSError, DeviceUnavailable) as err:
-        logger.error("line stream simulator: %s", err)
-        return 1
-    return 0
+    return serve_until_interrupted(
+        sim,
+        name="line stream simulator",
+        host=args.host,
+        port=args.port,
+        serial=args.serial,
+        start=sim.start,
+    )
 
 
 if __name__ == "__main__":
