@@ -137,7 +137,7 @@ class EnvelopeSink(Protocol):
     counted in its metrics).
     """
 
-    def append(self, envelopes: Sequence[Envelope]) -> None: ...
+    def append(self, envelopes: Sequence[Envelope]) -> object: ...
 
 
 class FrameSink(Protocol):
@@ -148,9 +148,10 @@ class FrameSink(Protocol):
 
 
 class WindowSink(Protocol):
-    """Consumer of closed windows (downsample, features → batcher). Called on the event loop."""
+    """Consumer of closed windows (downsample, features → batcher), called as ``sink(window)``
+    on the event loop."""
 
-    def on_window(self, window: Window) -> None: ...
+    def __call__(self, window: Window) -> None: ...
 
 
 class ScoreSink(Protocol):

@@ -22,7 +22,7 @@ from appliance.acquire import Acquisition
 from appliance.alerts import AlertEngine
 from appliance.batch import Batcher
 from appliance.config import Config
-from appliance.contracts import Envelope, Frame, Window
+from appliance.contracts import Envelope, Frame
 from appliance.downsample import TelemetryDownsampler
 from appliance.errors import ConfigError
 from appliance.features import FeatureBuilder, WindowAggregator
@@ -108,11 +108,6 @@ class Appliance:
             self._append_failing = False
             log.info("outbox accepts messages again (%d lost while full)", self.append_failures)
         self.uplink.notify()
-
-    def on_window(self, window: Window) -> None:
-        """Feed a window directly (tests, replay)."""
-        for sink in (self.telemetry, self.features):
-            sink(window)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
