@@ -1,21 +1,24 @@
-"""The uplink's per-message fast paths: properties packed once, batched hand-off from paho's
-thread, the paho error line kept without formatting every packet's debug line."""
+"""The uplink's per-message fast paths: properties packed once, paho on the event loop's thread
+(no network thread of its own), the paho error line kept without formatting every packet's
+debug line."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from pathlib import Path
+from typing import Any
 
 import pytest
-from mqtt_helpers import APP, mqtt_cfg
+from conftest import Mosquitto
+from mqtt_helpers import APP, eventually, mqtt_cfg, outbox, run_with_uplink, telemetry
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.outbox import SqliteOutbox
 from appliance.uplink import MqttUplink
 from appliance.uplink.mqtt import PackedProperties, _paho_logger
+
+__all__ = ["outbox"]  # the fixture, imported for pytest
 
 
 def test_packed_properties_are_the_same_bytes_as_paho_packs_and_are_frozen() -> None:
@@ -45,34 +48,36 @@ def test_the_paho_logger_keeps_error_lines_only_and_stays_out_of_the_logging_tre
     assert caplog.records == []
 
 
-def test_calls_from_paho_s_thread_run_on_the_loop_in_order_with_one_wake_up_per_batch(
-    tmp_path: Path,
+def test_paho_runs_on_the_event_loop_thread_without_a_network_thread_of_its_own(
+    mosquitto: Mosquitto, outbox: SqliteOutbox
 ) -> None:
-    async def scenario() -> list[int]:
-        ob = SqliteOutbox(str(tmp_path / "o.sqlite"), appliance_id=APP)
-        uplink = MqttUplink(mqtt_cfg(1), APP, ob)
-        uplink._loop = asyncio.get_running_loop()
-        seen: list[int] = []
-        wakeups = 0
-        run = uplink._run_handoff
+    """No paho thread competes with the loop for the GIL: CONNACK and PUBACK callbacks run on
+    the loop's thread, and only the connection attempt borrows a worker thread."""
+    uplink = MqttUplink(mqtt_cfg(mosquitto.port), APP, outbox)
+    callback_threads: set[int] = set()
+    real_connect, real_publish = uplink._on_connect, uplink._on_publish
 
-        def counting() -> None:
-            nonlocal wakeups
-            wakeups += 1
-            run()
+    def on_connect(*args: Any) -> None:
+        callback_threads.add(threading.get_ident())
+        real_connect(*args)
 
-        uplink._run_handoff = counting  # type: ignore[method-assign]
+    def on_publish(*args: Any) -> None:
+        callback_threads.add(threading.get_ident())
+        real_publish(*args)
 
-        def paho_thread() -> None:
-            for i in range(1000):
-                uplink._to_loop(seen.append, i)
+    uplink._on_connect = on_connect  # type: ignore[method-assign]
+    uplink._on_publish = on_publish  # type: ignore[method-assign]
+    paho_threads: list[str] = []
 
-        t = threading.Thread(target=paho_thread)
-        t.start()
-        t.join()  # the loop is blocked meanwhile: every call waits in one batch
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert wakeups == 1
-        return seen
+    async def scenario(up: MqttUplink) -> None:
+        await eventually(lambda: up.connected)
+        outbox.append([telemetry(i=i) for i in range(50)])
+        up.notify()
+        await eventually(lambda: outbox.pending == 0)
+        paho_threads.extend(t.name for t in threading.enumerate() if "paho" in t.name)
 
-    assert asyncio.run(scenario()) == list(range(1000))
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+    run_with_uplink(uplink, scenario)
+    assert callback_threads == {loop_thread}
+    assert paho_threads == []
+    assert uplink.stats()["published"] == 50
