@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -116,9 +116,12 @@ class Envelope:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRecord:
-    """An envelope as stored: ``payload`` is the final encoded message (it carries ``seq``)."""
+class OutboxRecord(NamedTuple):
+    """An envelope as stored: ``payload`` is the final encoded message (it carries ``seq``).
+
+    A named tuple, so that the outbox inserts it as it is (one object per record on the
+    append path, which runs at ~1e5 records/s).
+    """
 
     id: int
     stream: str

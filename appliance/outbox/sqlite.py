@@ -149,8 +149,8 @@ CREATE TABLE IF NOT EXISTS records (
 );
 """
 
-_INSERT = (
-    "INSERT INTO records (id, stream, seq, priority, topic, payload, created) "
+_INSERT = (  # columns in OutboxRecord's field order: a record is its own parameter tuple
+    "INSERT INTO records (id, stream, seq, topic, priority, payload, created) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_STREAM = (
@@ -172,6 +172,7 @@ _DISK_FULL_MIN_BYTES = 64 * 1024
 _CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append order)
 _CLASSES = tuple(sorted(int(p) for p in Priority))
 _MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
+_make_record = OutboxRecord._make
 
 
 class OutboxError(ApplianceError):
@@ -541,7 +542,7 @@ class SqliteOutbox:
         encode = self._encode
         heads = self._heads
         n = self._next_n
-        rows: list[tuple[int, str, int, int, str, bytes, float]] = []
+        rows: list[OutboxRecord] = []
         last_ts: object = None
         ts_json = b""
         for env in envelopes:
@@ -569,7 +570,9 @@ class SqliteOutbox:
             )
             priority = int(env.priority)
             rows.append(
-                (priority << _CLASS_SHIFT | n, stream, seq, priority, env.topic, payload, created)
+                OutboxRecord(
+                    priority << _CLASS_SHIFT | n, stream, seq, env.topic, priority, payload, created
+                )
             )
             n += 1
         try:
@@ -588,12 +591,12 @@ class SqliteOutbox:
         self._counters["appended"] += len(rows)
         if evicted:
             self._count_evictions(evicted)
-        return [OutboxRecord(r[0], r[1], r[2], r[4], r[3], r[5], r[6]) for r in rows]
+        return rows
 
     def _write(
         self,
         db: sqlite3.Connection,
-        rows: list[tuple[int, str, int, int, str, bytes, float]],
+        rows: list[OutboxRecord],
         seqs: dict[str, int],
     ) -> dict[int, int]:
         """Insert ``rows`` and their streams' seqs in one transaction, evicting over budget."""
@@ -614,13 +617,13 @@ class SqliteOutbox:
     def _write_on_full_disk(
         self,
         db: sqlite3.Connection,
-        rows: list[tuple[int, str, int, int, str, bytes, float]],
+        rows: list[OutboxRecord],
         seqs: dict[str, int],
         err: sqlite3.OperationalError,
     ) -> dict[int, int]:
         """The disk is full: evict per policy, retry the write once, else ``OutboxFullError``."""
         self._counters["disk_full"] += 1
-        need = max(_DISK_FULL_MIN_BYTES, _DISK_FULL_HEADROOM * sum(len(r[5]) for r in rows))
+        need = max(_DISK_FULL_MIN_BYTES, _DISK_FULL_HEADROOM * sum(len(r.payload) for r in rows))
         freed: dict[int, int] = {}
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -679,7 +682,7 @@ class SqliteOutbox:
             return []
         db = self._conn
         if not exclude:
-            return [OutboxRecord(*row) for row in db.execute(_SELECT_DRAIN_LIMIT, (limit,))]
+            return list(map(_make_record, db.execute(_SELECT_DRAIN_LIMIT, (limit,))))
         runs = _runs(sorted(exclude))
         if len(runs) <= _MAX_EXCLUDE_RUNS:
             # The excluded ids are a few contiguous runs (the in-flight window): SQLite skips
@@ -693,7 +696,7 @@ class SqliteOutbox:
                 )
             params = [bound for run in runs for bound in run]
             params.append(limit)
-            return [OutboxRecord(*row) for row in db.execute(sql, params)]
+            return list(map(_make_record, db.execute(sql, params)))
         skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
         ids: list[int] = []
         cur = db.execute(_SELECT_IDS)
@@ -709,7 +712,7 @@ class SqliteOutbox:
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             sql = f"{_SELECT_ROWS} WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id"
-            out.extend(OutboxRecord(*row) for row in db.execute(sql, chunk))
+            out.extend(map(_make_record, db.execute(sql, chunk)))
         return out
 
     def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
