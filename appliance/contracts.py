@@ -9,8 +9,8 @@ Stages import this module, never each other. Data flow (one asyncio process)::
                                                                 uplink
 
 Threading: every stage runs on the event loop except the engine (one worker thread, called by the
-batcher through ``run_in_executor``) and the MQTT client's network loop (its own thread; it hands
-acknowledgements back to the loop with ``call_soon_threadsafe``).
+batcher through ``run_in_executor``). The MQTT client runs on the loop as well; only its
+connection attempts (DNS, TCP, TLS handshake) borrow a worker thread.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ it; nothing else uses the client meanwhile, and the socket is handed to the loop
 
 There is no paho network thread: it would compete with the loop for the GIL, and every SQLite
 call of the publisher (which releases the GIL) would then wait for it. Measured on 2 cores, the
-drain rate went from ~74 % to ~98 % of a bare paho loop (``benchmarks/uplink.py``).
+drain rate went from ~74 % to ~94 % of a bare paho loop (``benchmarks/uplink.py``).
 
 Delivery
 --------
@@ -28,19 +28,18 @@ every record goes out with *payload format indicator* 1 and *content type* ``app
 paho keeps unacknowledged QoS 1 messages in memory and resends them (same mid, DUP set) after a
 reconnect, so in-flight records are not taken again after a disconnect; their mids stay mapped and
 their acks arrive after the reconnect. Until all of them are acked, no new record is published,
-so a resend can never be overtaken by a newer record of the same stream. (paho's callbacks bump a
-link generation; the publisher also holds back while the loop has not caught up with it, so a
-stale "connected" never lets a record slip in ahead of the resends.) Only after a process
+so a resend can never be overtaken by a newer record of the same stream. (paho's callbacks run
+on the loop, so the publisher never acts on a stale "connected".) Only after a process
 restart are unsettled records taken again (they are still in the outbox): subscribers may see a
 duplicate then, recognisable by the payload's ``id``.
 
 Connection
 ----------
-Reconnects use capped exponential backoff with full jitter: before attempt ``n`` (0 after a
-successful connection) paho waits ``rng() * min(reconnect_max_s, reconnect_min_s * 2**n)``
-seconds, slept by the connector task (paho's own backoff has no jitter and is not used). A
-connection that goes quiet is closed by paho's keepalive check (no CONNACK or PINGRESP within
-``keepalive_s``) and retried the same way. On every connect the uplink
+The first attempt is made at ``start()``. Reconnects use capped exponential backoff with full
+jitter: before attempt ``n`` (0 after a successful connection) the connector task waits
+``rng() * min(reconnect_max_s, reconnect_min_s * 2**n)`` seconds (paho's own backoff has no
+jitter and is not used). A connection that goes quiet is closed by paho's keepalive check (no
+CONNACK or PINGRESP within ``keepalive_s``) and retried the same way. On every connect the uplink
 publishes a retained ``{"state": "online"}`` to the status topic (QoS 1); the broker publishes
 the retained last will ``{"state": "offline"}`` when the connection dies without a DISCONNECT;
 ``stop()`` publishes ``offline`` itself before disconnecting cleanly. The status ``ts`` of the
@@ -324,7 +323,7 @@ class MqttUplink:
     :param cfg: the ``[mqtt]`` section.
     :param appliance_id: names the status topic and, by default, the MQTT client id.
     :param outbox: the open outbox to drain; the uplink never closes it.
-    :param rng: uniform [0, 1) source of the reconnect jitter (called from paho's thread).
+    :param rng: uniform [0, 1) source of the reconnect jitter.
     :param clock: wall-clock seconds (epoch) for the status messages' ``ts`` and the
         ``historical`` decision (compared with the outbox's ``created``).
     """
@@ -717,7 +716,7 @@ class MqttUplink:
     def _handle_ack(self, mid: int, reason: ReasonCode) -> None:
         rid = self._inflight.pop(mid, None)
         self._carried.discard(mid)
-        if rid is None:  # a status message (birth from paho's thread, or stop()'s offline)
+        if rid is None:  # a status message (the birth, or stop()'s offline)
             waiter = self._status_waiters.get(mid)
             if waiter is not None and not waiter.done():
                 waiter.set_result(not reason.is_failure)
