@@ -244,7 +244,7 @@ def test_quota_exceeded_is_retried_after_a_pause_while_other_failure_reasons_dro
             reason = ReasonCode(PacketTypes.PUBACK, identifier=plan[mid])
         real(client, userdata, mid, reason, props)
 
-    uplink._on_publish = rewriting  # type: ignore[method-assign]
+    uplink._on_publish = rewriting  # type: ignore[method-assign,assignment]
 
     async def scenario(up: MqttUplink) -> None:
         await eventually(lambda: up.connected)

@@ -65,8 +65,8 @@ def test_paho_runs_on_the_event_loop_thread_without_a_network_thread_of_its_own(
         callback_threads.add(threading.get_ident())
         real_publish(*args)
 
-    uplink._on_connect = on_connect  # type: ignore[method-assign]
-    uplink._on_publish = on_publish  # type: ignore[method-assign]
+    uplink._on_connect = on_connect  # type: ignore[method-assign,assignment]
+    uplink._on_publish = on_publish  # type: ignore[method-assign,assignment]
     paho_threads: list[str] = []
 
     async def scenario(up: MqttUplink) -> None:

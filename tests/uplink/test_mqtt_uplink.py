@@ -243,6 +243,45 @@ def test_records_in_flight_when_the_link_drops_are_resent_once_by_paho_and_never
     assert "9 message(s) in flight will be resent" in caplog.text
 
 
+@pytest.mark.timeout(60)
+def test_a_broker_that_stops_answering_is_detected_by_keepalive_and_reconnected(
+    mosquitto: Mosquitto, outbox: SqliteOutbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker is frozen (SIGSTOP): no RST, no FIN, the TCP connection just goes quiet. The
+    uplink's keepalive (PINGREQ, then no PINGRESP within ``keepalive_s``) must declare the link
+    dead, connection attempts must keep failing on the missing CONNACK, and once the broker
+    runs again everything appended meanwhile is delivered."""
+    uplink = MqttUplink(
+        mqtt_cfg(mosquitto.port, keepalive_s=5, reconnect_min_s=0.2, reconnect_max_s=0.5),
+        APP,
+        outbox,
+    )
+    assert mosquitto.proc is not None
+    proc = mosquitto.proc
+
+    async def scenario(up: MqttUplink) -> None:
+        await eventually(lambda: up.connected)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+            await eventually(lambda: not up.connected, timeout_s=20)
+            detected_s = time.monotonic() - frozen
+            assert 4.0 <= detected_s <= 16.0, detected_s  # one to two keepalive periods
+            outbox.append([telemetry(i=i) for i in range(5)])
+            up.notify()
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: outbox.pending == 0, timeout_s=20)
+
+    # persistent: the subscriber's own connection goes through the freeze as well
+    with Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#", persistent=True) as sub:
+        with caplog.at_level(logging.INFO, logger="appliance.uplink"):
+            run_with_uplink(uplink, scenario)
+        await_condition(lambda: set(sub.seqs()) == set(range(1, 6)), timeout_s=20)
+    assert uplink.stats()["connects"] >= 2
+    assert caplog.text.count("lost its connection") == 1
+
+
 def test_records_the_broker_refuses_are_dropped_and_counted_as_rejected(
     mosquitto: Mosquitto, outbox: SqliteOutbox, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -285,3 +324,42 @@ def test_stop_without_a_broker_returns_by_the_drain_deadline_and_keeps_the_recor
     assert outbox.pending == 5
     assert uplink.stats()["connects"] == 0
     assert caplog.text.count("cannot connect") == 1  # once, then debug
+
+
+def test_stop_while_the_broker_has_not_answered_connect_closes_the_connection_promptly(
+    outbox: SqliteOutbox,
+) -> None:
+    """A peer that accepts TCP but never sends CONNACK (a hung broker): ``stop()`` must not wait
+    for paho's keepalive; it sends DISCONNECT and closes the socket, keeping the records."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(5)
+    port = server.getsockname()[1]
+    uplink = MqttUplink(mqtt_cfg(port), APP, outbox)
+    outbox.append([telemetry()])
+    received = bytearray()
+
+    def peer() -> None:  # a thread: the loop must stay free to send
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(5)
+            while chunk := conn.recv(1024):  # CONNECT, then whatever comes until EOF
+                received.extend(chunk)
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(None, peer)
+        await uplink.start()
+        await eventually(lambda: len(received) > 0)  # the CONNECT arrived
+        t0 = time.monotonic()
+        await uplink.stop(drain_timeout_s=0)
+        stop_s = time.monotonic() - t0
+        await done  # EOF seen: the uplink closed its side
+        return stop_s
+
+    try:
+        stop_s = asyncio.run(main())
+    finally:
+        server.close()
+    assert stop_s < 2.0
+    assert received[0] == 0x10 and received[-2:] == b"\xe0\x00"  # CONNECT ... DISCONNECT
+    assert not uplink.connected and outbox.pending == 1
