@@ -69,6 +69,18 @@ long as the wall clock did not go backwards and no stream averaged more than 100
 since the previous recovery. Other errors at open (a locked file, an I/O error, a full disk)
 propagate unchanged: they are not evidence of a bad file.
 
+Damage while running
+--------------------
+When SQLite reports the open file damaged (SQLITE_CORRUPT "database disk image is malformed" or
+SQLITE_NOTADB) during ``append``, ``take`` or ``settle``, the outbox does what ``open()`` does
+with such a file: closes it, moves it aside (with its -wal and -shm) to a ``.corrupt-<UTC
+timestamp>`` name, logs an ERROR naming both paths and how many unsent records stayed in it,
+counts ``recovered_corrupt``, continues in a new file and retries the call there once (an
+``append`` stores its batch in the new file). The in-memory sequence numbers carry over, so
+every stream continues where it was and subscribers see a gap exactly where the old file's
+unsent records were; record ids continue too. I/O errors, a locked file and a full disk are not
+damage (they raise, or follow "Disk full" below).
+
 Disk full
 ---------
 When SQLite reports ``database or disk is full`` during an ``append``, the transaction is rolled
@@ -107,7 +119,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -117,6 +129,7 @@ from appliance.contracts import Envelope, OutboxRecord, Priority
 from appliance.errors import ApplianceError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SCHEMA_VERSION = 1
 PAYLOAD_VERSION = 1
@@ -198,6 +211,20 @@ def _is_disk_full(err: sqlite3.Error) -> bool:
     if code is not None:
         return (int(code) & 0xFF) == 13
     return "database or disk is full" in str(err)
+
+
+def _is_corrupt(err: sqlite3.Error) -> bool:
+    """Whether ``err`` says the file is damaged: SQLITE_CORRUPT (11) or SQLITE_NOTADB (26).
+
+    Those are raised as plain ``sqlite3.DatabaseError``; I/O errors, a locked file or a full
+    disk are ``OperationalError`` and say nothing about the file's content."""
+    if isinstance(err, sqlite3.OperationalError) or not isinstance(err, sqlite3.DatabaseError):
+        return False
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return (int(code) & 0xFF) in (11, 26)
+    text = str(err)
+    return "malformed" in text or "not a database" in text
 
 
 def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -376,10 +403,13 @@ class SqliteOutbox:
             self._pending,
         )
 
-    def _connect(self, seq_floor: int = 0) -> sqlite3.Connection:
+    def _connect(
+        self, seq_floor: int = 0, seqs: dict[str, int] | None = None
+    ) -> sqlite3.Connection:
         """Open and check the file, create the schema, load ids and seqs; ``_Unusable`` if bad.
 
-        ``seq_floor`` > 0 is written to a new file's ``meta`` table (after a recovery).
+        ``seq_floor`` > 0 is written to a new file's ``meta`` table and ``seqs`` to its
+        ``streams`` table (after a recovery).
         """
         path = Path(self.path)
         if path.exists() or path.is_symlink():
@@ -393,7 +423,7 @@ class SqliteOutbox:
             self._check_read_only()
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
-            self._init(db, seq_floor)
+            self._init(db, seq_floor, seqs or {})
         except BaseException:
             db.close()
             raise
@@ -448,7 +478,7 @@ class SqliteOutbox:
         if problems != ["ok"]:
             raise _Unusable("integrity check failed: " + "; ".join(map(str, problems)))
 
-    def _init(self, db: sqlite3.Connection, seq_floor: int) -> None:
+    def _init(self, db: sqlite3.Connection, seq_floor: int, seqs: dict[str, int]) -> None:
         db.execute("PRAGMA page_size=16384")  # before WAL: only a new, empty file takes it
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -463,6 +493,8 @@ class SqliteOutbox:
             db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq_floor', ?)", (seq_floor,)
             )
+        if seqs:
+            db.executemany(_UPSERT_STREAM, seqs.items())
         row = db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
         self._seq_floor = int(row[0]) if row else 0
         self._seqs = dict(db.execute("SELECT stream, seq FROM streams").fetchall())
@@ -535,8 +567,18 @@ class SqliteOutbox:
         (``{"v", "kind", "appliance", "stream", "seq", "id", "ts", **body}``). May evict older
         records to stay within the disk budget. Raises ``ValueError`` when a body uses a header
         key (:data:`RESERVED_KEYS`) and ``sqlite3.Error`` when the disk fails; nothing of the
-        batch is stored then.
+        batch is stored then. A file found damaged is replaced first (see "Damage while
+        running" in the module docstring) and the batch goes into the new one.
         """
+        try:
+            return self._append(envelopes)
+        except sqlite3.DatabaseError as err:
+            if not _is_corrupt(err):
+                raise
+            self._recover_while_running("append", err)
+            return self._append(envelopes)  # into the new file; a second failure propagates
+
+    def _append(self, envelopes: Sequence[Envelope]) -> list[OutboxRecord]:
         if not envelopes:
             return []
         db = self._conn
@@ -675,6 +717,9 @@ class SqliteOutbox:
         return evicted
 
     def take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
+        return self._guarded("take", self._take, limit, exclude)
+
+    def _take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
         """Up to ``limit`` records to publish next, skipping the ids in ``exclude`` (in flight).
 
         Order: by priority class (alerts, then status, then telemetry), oldest first within a
@@ -721,6 +766,9 @@ class SqliteOutbox:
         return out
 
     def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
+        self._guarded("settle", self._settle, accepted, rejected)
+
+    def _settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
         """Delete records the broker acknowledged (``accepted``) or refused (``rejected``).
 
         Both go in one transaction. Rejected records are dropped, not retried (the broker's
@@ -779,24 +827,71 @@ class SqliteOutbox:
         ``recovered_corrupt`` counts unusable files moved aside at ``open``; ``disk_full`` appends
         that hit a full disk and ``disk_full_failed`` those of them that failed after the retry.
         """
+        oldest = self._guarded("stats", self._oldest_age_s) if self._db is not None else 0.0
         out: dict[str, float] = dict(self._counters)
         out["pending"] = self._pending
-        oldest = 0.0
-        if self._db is not None and self._pending:
-            firsts = [
-                row[0]
-                for priority in _CLASSES
-                for row in self._db.execute(
-                    "SELECT created FROM records WHERE id >= ? AND id < ? ORDER BY id LIMIT 1",
-                    _class_range(priority),
-                )
-            ]
-            if firsts:
-                oldest = max(0.0, self._clock() - min(firsts))
         out["oldest_age_s"] = oldest
         return out
 
+    def _oldest_age_s(self) -> float:
+        if not self._pending:
+            return 0.0
+        firsts = [
+            row[0]
+            for priority in _CLASSES
+            for row in self._conn.execute(
+                "SELECT created FROM records WHERE id >= ? AND id < ? ORDER BY id LIMIT 1",
+                _class_range(priority),
+            )
+        ]
+        return max(0.0, self._clock() - min(firsts)) if firsts else 0.0
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _guarded(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``; if the file turns out damaged, replace it and call ``fn`` once more."""
+        try:
+            return fn(*args)
+        except sqlite3.DatabaseError as err:
+            if not _is_corrupt(err):
+                raise
+            self._recover_while_running(what, err)
+            return fn(*args)
+
+    def _recover_while_running(self, what: str, err: sqlite3.DatabaseError) -> None:
+        """SQLite found the open file damaged: move it aside, continue in a new one.
+
+        Unlike at start, the last sequence numbers are known: the new file continues every
+        stream from them, so subscribers see a gap exactly where the old file's unsent records
+        were. Record ids continue too (so an ack of an old in-flight record never settles a new
+        one). :class:`OutboxError` if the file cannot be moved aside or the new one is unusable.
+        """
+        next_n, lost = self._next_n, self._pending
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                log.debug("closing the damaged outbox %s failed", self.path, exc_info=True)
+        aside = self._move_aside()
+        self._counters["recovered_corrupt"] += 1
+        try:
+            self._db = self._connect(seq_floor=self._seq_floor, seqs=self._seqs)
+        except _Unusable as again:
+            raise OutboxError(
+                f"outbox {self.path}: a new outbox is unusable too ({again})"
+            ) from None
+        self._next_n = max(self._next_n, next_n)
+        log.error(
+            "outbox %s became unusable while running (%s, during %s): moved it aside to %s, "
+            "untouched, and continued in a new, empty outbox; its %d unsent record(s) will not "
+            "be published, and subscribers see that gap in the sequence numbers",
+            self.path,
+            err,
+            what,
+            aside,
+            lost,
+        )
 
     def _head(self, kind: str, stream: str) -> tuple[bytes, bytes]:
         """Encoded payload pieces shared by a (kind, stream): up to ``"seq":``, and the ``id``

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from appliance.downsample import TelemetryDownsampler
 from appliance.errors import ConfigError
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.infer import load_bundle, select_engine
-from appliance.outbox import OutboxFullError, SqliteOutbox
+from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
@@ -93,20 +94,22 @@ class Appliance:
         self.alerts.on_frame(frame)
 
     def _append(self, envelopes: Sequence[Envelope]) -> None:
-        """Hand envelopes to the outbox. If even eviction cannot make room on a full disk, the
+        """Hand envelopes to the outbox. When the outbox cannot store them (a full disk that
+        eviction could not relieve, a failing disk, an outbox file that cannot be replaced), the
         envelopes are lost: counted in ``append_failures`` and logged once per episode, so the
         pipeline (acquisition, alerts) keeps running rather than crashing."""
         try:
             self.outbox.append(envelopes)
-        except OutboxFullError as err:
+        except (OutboxError, sqlite3.Error) as err:
             self.append_failures += len(envelopes)
             if not self._append_failing:
                 self._append_failing = True
-                log.error("outbox full: %s; messages are being lost (counted)", err)
+                what = "outbox full" if isinstance(err, OutboxFullError) else "outbox failed"
+                log.error("%s: %s; messages are being lost (counted)", what, err)
             return
         if self._append_failing:
             self._append_failing = False
-            log.info("outbox accepts messages again (%d lost while full)", self.append_failures)
+            log.info("outbox accepts messages again (%d lost so far)", self.append_failures)
         self.uplink.notify()
 
     # -- lifecycle --------------------------------------------------------------------------

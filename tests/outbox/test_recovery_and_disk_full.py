@@ -301,3 +301,62 @@ def test_when_eviction_cannot_make_room_the_append_fails_clearly_and_stores_noth
         assert "NOT stored" in caplog.text
         ob._conn.execute("PRAGMA max_page_count = 1073741823")
         assert ob.append([telemetry()])[0].seq == 4  # the failed batch took no seq
+
+
+def damage_under(ob: SqliteOutbox) -> None:
+    """Damage the open outbox's file the way a failing medium would: checkpoint the WAL into the
+    database, overwrite every page after the header page with garbage, and have another
+    connection commit, which makes the outbox's connection drop its page cache and read the
+    file again."""
+    other = sqlite3.connect(ob.path, isolation_level=None)
+    try:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with open(ob.path, "r+b") as f:
+            f.seek(16384)  # page 2 onwards (16 KiB pages)
+            f.write(b"\xa5" * (os.path.getsize(ob.path) - 16384))
+        other.execute("PRAGMA user_version = 1")  # a commit (page 1 only, via the WAL)
+    finally:
+        other.close()
+
+
+def test_a_file_damaged_while_running_is_moved_aside_and_the_append_lands_in_a_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "outbox.sqlite"
+    with make(path) as ob:
+        first = ob.append([telemetry() for _ in range(40)] + [alert()])
+        ob.settle([r.id for r in first[:10]])  # 31 stay unsent in the file that breaks
+        damage_under(ob)
+        with caplog.at_level(logging.ERROR, logger="appliance.outbox"):
+            (rec,) = ob.append([telemetry()])
+        stats = ob.stats()
+        assert (stats["recovered_corrupt"], stats["pending"]) == (1, 1)
+        # The stream continues (a gap of the 30 unsent telemetry records, 11..40), the id too.
+        assert rec.seq == 41 and rec.id > max(r.id for r in first)
+        assert [r.id for r in ob.take(10)] == [rec.id]
+        nxt = ob.append([alert()])[0]
+        assert nxt.seq == 2  # the alert stream continues as well
+        ob.settle([r.id for r in first[10:]])  # late acks of old records settle nothing new
+        assert ob.pending == 2
+    aside = tmp_path / f"outbox.sqlite.corrupt-{STAMP}"
+    assert aside.exists() and path.exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert str(path) in errors[0] and str(aside) in errors[0] and "31 unsent" in errors[0]
+    with make(path) as again:  # the new file is a sound outbox
+        assert [r.seq for r in again.take(10)] == [2, 41]
+
+
+def test_take_settle_and_stats_on_a_file_damaged_while_running_recover_too(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    with make(path) as ob:
+        recs = ob.append([telemetry() for _ in range(5)])
+        damage_under(ob)
+        assert ob.take(10) == []  # the new file is empty; no exception reaches the uplink
+        ob.settle([r.id for r in recs])
+        damage_under(ob)
+        ob.settle([r.id for r in recs])
+        ob.append([telemetry()])
+        damage_under(ob)
+        assert ob.stats()["recovered_corrupt"] == 3  # stats() reads the file too
+        assert ob.stats()["pending"] == 0

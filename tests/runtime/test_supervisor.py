@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,32 @@ def test_a_full_outbox_is_counted_and_logged_once_instead_of_crashing_the_pipeli
     app._append([env])
     assert app.append_failures == 3
     assert caplog.text.count("outbox full") == 1
+
+
+def test_a_failing_outbox_disk_is_counted_and_logged_once_instead_of_crashing_acquisition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error from SQLite (a dying SD card) raised into the frame callback would stop
+    the device's poller; the supervisor absorbs it, counts the lost envelopes, recovers."""
+    app = make_app(tmp_path)
+    failing = True
+    stored: list[object] = []
+
+    def append(envelopes: list[object]) -> None:
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        stored.extend(envelopes)
+
+    monkeypatch.setattr(app.outbox, "append", append)
+    env = Envelope("telemetry/m", "telemetry", "t", Priority.TELEMETRY, 1.0, {})
+    with caplog.at_level(logging.INFO, logger="appliance.runtime"):
+        app._append([env, env])
+        app._append([env])
+        failing = False
+        app._append([env])
+    assert app.append_failures == 3 and stored == [env]
+    assert caplog.text.count("outbox failed: disk I/O error") == 1
+    assert "outbox accepts messages again (3 lost so far)" in caplog.text
 
 
 def test_a_window_length_other_than_the_models_is_a_config_error(tmp_path: Path) -> None:
