@@ -163,6 +163,7 @@ def bench_append(
     path = workdir / f"append-{kind}-{synchronous}.sqlite"
     ob = SqliteOutbox(str(path), appliance_id=APP, synchronous=synchronous, disk_budget_mb=4096)  # type: ignore[arg-type]
     with ob:
+        os.sync()  # the previous run's write-back must not compete with this one's fsyncs
         t = time.perf_counter()
         for k in range(0, n, batch):
             ob.append(envs[k : k + batch])
@@ -192,6 +193,7 @@ def bench_sqlite_floor(workdir: Path, n: int, batch: int) -> dict[str, Any]:
         rows = ob.append([telemetry_envelope(1 + i % 4, i // 4) for i in range(batch)])
         batches = [[r._replace(id=r.id + k + batch) for r in rows] for k in range(0, n, batch)]
         db = ob._conn  # the benchmark measures the outbox's connection as configured
+        os.sync()
         t = time.perf_counter()
         for shifted in batches:
             db.execute("BEGIN IMMEDIATE")
