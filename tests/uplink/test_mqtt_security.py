@@ -22,6 +22,7 @@ from mqtt_helpers import (
     PREFIX,
     Pki,
     Subscriber,
+    await_condition,
     eventually,
     make_pki,
     mqtt_cfg,
@@ -87,6 +88,25 @@ def test_tls_with_the_broker_ca_verifies_the_certificate_and_delivers(
         run_with_uplink(uplink, deliver_one(uplink, outbox, sub))
         assert [m["i"] for m in sub.messages()] == [7]
     assert uplink.stats()["tls_failures"] == 0
+
+
+def test_a_tls_backlog_drains_completely_with_acks_arriving_in_batches(
+    mosquitto: Mosquitto, tls_broker: int, pki: Pki, outbox: SqliteOutbox
+) -> None:
+    """With paho on the event loop, TLS reads go through the loop's reader callback: a backlog
+    whose PUBACKs arrive many per TLS record must drain completely and in order."""
+    cfg = mqtt_cfg(tls_broker, tls=True, ca_file=str(pki.ca), max_inflight=100)
+    uplink = MqttUplink(cfg, APP, outbox)
+    outbox.append([telemetry(i=i) for i in range(2000)])
+
+    async def scenario(up: MqttUplink) -> None:
+        await eventually(lambda: outbox.pending == 0, timeout_s=20)
+
+    with Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#") as sub:
+        run_with_uplink(uplink, scenario)
+        await_condition(lambda: len(sub.messages()) == 2000)
+        assert [m["i"] for m in sub.messages()] == list(range(2000))
+    assert uplink.stats()["published"] == 2000
 
 
 @pytest.mark.parametrize("ca", ["system store", "unrelated CA"])
