@@ -415,8 +415,14 @@ class MqttSection(_Section, frozen=True):
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
     backlog_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     historical_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    max_packet_bytes: Annotated[int, msgspec.Meta(ge=0, le=268_435_455)] = 0
 
     def __post_init__(self) -> None:
+        if 0 < self.max_packet_bytes < 1024:
+            raise ValueError(
+                f"mqtt.max_packet_bytes = {self.max_packet_bytes} is below 1024 bytes: no "
+                "telemetry message fits (0 means no limit of our own)"
+            )
         if not self.tls:
             for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
                 if getattr(self, key):

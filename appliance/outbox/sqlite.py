@@ -807,7 +807,12 @@ class SqliteOutbox:
         self._counters["published"] += n_accepted
         self._counters["rejected"] += n_rejected
         if n_rejected:
-            log.warning("broker rejected %d record(s) on topic(s) %s: dropped", n_rejected, topics)
+            log.warning(
+                "%d record(s) rejected (refused by the broker or unsendable) on topic(s) %s: "
+                "dropped",
+                n_rejected,
+                topics,
+            )
         if self._evicting and self._used_bytes(db) < self.disk_budget_bytes * _EPISODE_END:
             self._evicting = False
             log.info("outbox back under half its disk budget; eviction episode over")

@@ -68,12 +68,13 @@ the broker's verdict on that message would not change on a resend. The exception
 a jittered backoff (``reconnect_min_s`` .. ``reconnect_max_s``, doubling per consecutive 0x97)
 and it is published again (counted as ``quota_retries``). Records already in flight with it can
 then overtake it: its ``seq`` arrives late, so subscribers should deduplicate by ``id`` rather
-than by "``seq`` <= last". Records larger than the broker's advertised MQTT 5 *Maximum Packet
-Size* are rejected locally (``packet_too_large``) rather than sent, since the broker would drop
-the connection over them. Known limit: mosquitto 2.0 answers a PUBLISH over its (deprecated)
-``message_size_limit`` with PUBACK 0x95, which is not a PUBACK code in MQTT 5; paho treats the
-packet as malformed and drops the connection, and the record is resent after every reconnect.
-Configure brokers with ``max_packet_size`` (advertised, so checked here) instead.
+than by "``seq`` <= last". Records whose PUBLISH packet would exceed the broker's advertised
+MQTT 5 *Maximum Packet Size*, or ``mqtt.max_packet_bytes`` when set (for brokers that enforce a
+limit without advertising it: MQTT 3.1.1 brokers, cloud brokers, mosquitto's deprecated
+``message_size_limit``), are rejected locally (``packet_too_large``) rather than sent: such
+brokers drop the connection over them (mosquitto 2.0 answers 0x95, not a PUBACK code, which
+paho takes for a malformed packet), and a record resent after every reconnect would stall the
+uplink for good.
 
 Backlog and the ``historical`` flag
 -----------------------------------
@@ -145,6 +146,16 @@ def backoff_delay_s(attempt: int, min_s: float, max_s: float, u: float) -> float
     """
     window = min(max_s, min_s * 2.0 ** min(attempt, 32))
     return u * window
+
+
+def packet_limit(advertised: int, configured: int) -> tuple[int, str]:
+    """The PUBLISH size limit in force and where it comes from: the smaller of the broker's
+    advertised MQTT 5 *Maximum Packet Size* and ``mqtt.max_packet_bytes`` (0: none)."""
+    if configured and (not advertised or configured <= advertised):
+        return configured, "mqtt.max_packet_bytes"
+    if advertised:
+        return advertised, "advertised by the broker"
+    return 0, ""
 
 
 def mark_historical(payload: bytes) -> bytes:
@@ -362,7 +373,8 @@ class MqttUplink:
         self._fail_logged = ""  # category+reason of the last logged connect failure
         self._down_since = 0.0
         self._link_up_wall = float("inf")  # wall time the current connection came up
-        self._max_packet = 0  # the broker's MQTT 5 Maximum Packet Size; 0 = not advertised
+        self._max_packet = 0  # the packet size limit in force (see _packet_limit); 0 = none
+        self._max_packet_why = ""
         self._inflight: dict[int, int] = {}  # paho mid -> outbox record id
         self._inflight_ids: set[int] = set()
         self._carried: set[int] = set()  # mids unacked across a reconnect: resent by paho
@@ -640,7 +652,8 @@ class MqttUplink:
                     rec.id,
                     "packet_too_large",
                     rec.topic,
-                    f"larger than the broker's maximum packet size of {self._max_packet} bytes",
+                    f"larger than the maximum packet size of {self._max_packet} bytes "
+                    f"({self._max_packet_why})",
                 )
                 continue
             try:
@@ -760,7 +773,7 @@ class MqttUplink:
         self._carried = set(self._inflight)
         self._connected = True
         self._link_up_wall = up_wall
-        self._max_packet = max_packet
+        self._max_packet, self._max_packet_why = packet_limit(max_packet, cfg.max_packet_bytes)
         self._fail_logged = ""
         self._counters["connects"] += 1
         if self._link_logged == "down":

@@ -222,7 +222,7 @@ def test_settle_deletes_accepted_and_rejected_and_counts_them(
         assert ob.stats()["oldest_age_s"] == 7.5
         with caplog.at_level(logging.WARNING, logger="appliance.outbox"):
             ob.settle([recs[0].id], rejected=[recs[2].id, 999])
-        assert "rejected 1 record(s)" in caplog.text
+        assert "1 record(s) rejected" in caplog.text
         assert f"edge/{APP}/alerts/b" in caplog.text
         assert ob.take(10) == [recs[1]]
         ob.settle([recs[0].id])  # already gone: ignored

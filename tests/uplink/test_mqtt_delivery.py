@@ -291,6 +291,50 @@ def test_a_record_larger_than_the_broker_maximum_packet_size_is_rejected_locally
     assert uplink.rejected_by_reason() == {"packet_too_large": 1}
 
 
+@pytest.mark.parametrize("limit", [0, 2000])
+def test_max_packet_bytes_keeps_a_too_large_record_from_stalling_a_broker_that_hides_its_limit(
+    mosquitto: Mosquitto, outbox: SqliteOutbox, limit: int
+) -> None:
+    """Mosquitto's ``message_size_limit`` is enforced but not advertised: over MQTT 5 it answers
+    0x95, which paho takes for a malformed packet, and the connection drops at every resend of
+    the big record (limit 0: the failure mode itself). With ``max_packet_bytes`` set, the big
+    record is refused locally and everything else is delivered on one connection."""
+    mosquitto.reconfigure("message_size_limit 1500\n")
+    big = Envelope(
+        stream="telemetry/cnc-1",
+        kind="telemetry",
+        topic=telemetry_topic(PREFIX, APP, "cnc-1"),
+        priority=Priority.TELEMETRY,
+        ts=T0,
+        body={"blob": "x" * 3000},
+    )
+    outbox.append([telemetry(i=0), big, telemetry(i=2)])
+    cfg = mqtt_cfg(
+        mosquitto.port,
+        protocol="5",
+        max_packet_bytes=limit,
+        reconnect_min_s=0.05,
+        reconnect_max_s=0.1,
+    )
+    uplink = MqttUplink(cfg, APP, outbox)
+
+    async def scenario(up: MqttUplink) -> None:
+        if limit:
+            await eventually(lambda: outbox.pending == 0)
+            assert up.stats()["disconnects"] == 0  # the broker never saw it, so kept the link
+        else:
+            await eventually(lambda: up.stats()["disconnects"] >= 3)
+            assert outbox.pending >= 1  # the big record keeps coming back
+
+    with Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#") as sub:
+        run_with_uplink(uplink, scenario, stop_s=0.2)
+        if limit:
+            await_condition(lambda: len(sub.messages()) == 2)
+            assert [m["i"] for m in sub.messages()] == [0, 2]
+    if limit:
+        assert uplink.rejected_by_reason() == {"packet_too_large": 1}
+
+
 @pytest.mark.parametrize(
     ("protocol", "expiry_s", "second_session_present"),
     [("3.1.1", 86400, True), ("5", 86400, True), ("5", 0, False)],
