@@ -341,6 +341,8 @@ def test_an_inline_password_in_the_toml_is_refused_without_echoing_it() -> None:
         ({"username": "u", "password_file": "/p", "password_env": "P"}, "not both"),
         ({"password_env": "1BAD"}, "password_env"),
         ({"backlog_rate_per_s": -1}, "backlog_rate_per_s"),
+        ({"max_packet_bytes": 100}, "mqtt.max_packet_bytes = 100 is below 1024"),
+        ({"max_packet_bytes": -1}, "max_packet_bytes"),
     ],
 )
 def test_mqtt_security_settings_are_checked_at_load(section: dict[str, Any], message: str) -> None:
