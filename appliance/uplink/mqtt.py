@@ -36,9 +36,13 @@ duplicate then, recognisable by the payload's ``id``.
 Connection
 ----------
 The first attempt is made at ``start()``. Reconnects use capped exponential backoff with full
-jitter: before attempt ``n`` (0 after a successful connection) the connector task waits
-``rng() * min(reconnect_max_s, reconnect_min_s * 2**n)`` seconds (paho's own backoff has no
-jitter and is not used). A connection that goes quiet is closed by paho's keepalive check (no
+jitter: before attempt ``n`` the connector task waits ``rng() * min(reconnect_max_s,
+reconnect_min_s * 2**n)`` seconds (paho's own backoff has no jitter and is not used). ``n``
+starts over at 0 only when a connection that lasted at least 10 s drops: a connection the
+broker keeps dropping right after accepting it (another client with the same client id, a
+message over a size limit the broker does not advertise) backs off like a refused one, is
+counted (``short_connections``) and, from the third in a row, logged once as an error instead of
+a warning per drop. A connection that goes quiet is closed by paho's keepalive check (no
 CONNACK or PINGRESP within ``keepalive_s``) and retried the same way. On every connect the uplink
 publishes a retained ``{"state": "online"}`` to the status topic (QoS 1); the broker publishes
 the retained last will ``{"state": "offline"}`` when the connection dies without a DISCONNECT;
@@ -127,6 +131,8 @@ AUTH_REASONS = frozenset({0x86, 0x87, 0x8C})
 """CONNACK reasons that mean the credentials are wrong or not allowed."""
 
 _RETRY_AFTER_ERROR_S = 1.0
+_STABLE_LINK_S = 10.0  # a connection that lasted this long resets the backoff when it drops
+_FLAP_WARNINGS = 3  # short-lived connections in a row before one error replaces the warnings
 _MISC_INTERVAL_S = 1.0  # paho's loop_misc (keepalive) period, as in paho's own network loop
 _MAX_PENDING_READS = 64  # TLS: extra loop_read calls per readable event for buffered records
 _MIN_RATE_WAIT_S = 0.01  # the publisher never wakes more often than this for the rate limit
@@ -391,13 +397,16 @@ class MqttUplink:
             "auth_failures": 0,
             "tls_failures": 0,
             "connect_failures": 0,
+            "short_connections": 0,
         }
         self._by_reason: dict[str, int] = {}
         self._tokens = max(1.0, cfg.backlog_rate_per_s * _BURST_S)
         self._tokens_at = 0.0
         self._hold_until = 0.0  # loop time before which nothing is published (0x97 pause)
         self._quota_attempt = 0
-        self._attempt = 0  # reconnect attempts since the last accepted connection
+        self._attempt = 0  # reconnect attempts since the last stable connection
+        self._up_since = 0.0  # time.monotonic() the current connection came up
+        self._flaps = 0  # connections in a row that dropped within _STABLE_LINK_S
         self._connector: asyncio.Task[None] | None = None
         self._halt: asyncio.Event | None = None  # set by stop(): the connector gives up
         self._nudge: asyncio.Event | None = None  # wakes the connector: socket closed, stop()
@@ -421,8 +430,9 @@ class MqttUplink:
         ``published`` and ``rejected`` (records acked either way, rejections local or by the
         broker), ``quota_retries`` (0x97 PUBACKs, record kept), ``historical`` (records
         published with ``historical: true``), ``connects``, ``disconnects``, refused or failed
-        connection attempts (``auth_failures``, ``tls_failures``, ``connect_failures``) and
-        ``in_flight`` (records awaiting a PUBACK).
+        connection attempts (``auth_failures``, ``tls_failures``, ``connect_failures``),
+        ``short_connections`` (dropped within 10 s of being established) and ``in_flight``
+        (records awaiting a PUBACK).
         """
         return {**self._counters, "in_flight": len(self._inflight)}
 
@@ -776,7 +786,10 @@ class MqttUplink:
         self._max_packet, self._max_packet_why = packet_limit(max_packet, cfg.max_packet_bytes)
         self._fail_logged = ""
         self._counters["connects"] += 1
-        if self._link_logged == "down":
+        self._up_since = time.monotonic()
+        if self._flaps >= _FLAP_WARNINGS:
+            log.debug("MQTT uplink connected to %s:%d again", cfg.host, cfg.port)
+        elif self._link_logged == "down":
             log.info(
                 "MQTT uplink %s to %s:%d after %.1f s without a link; %d record(s) pending",
                 "reconnected" if self._counters["connects"] > 1 else "connected",
@@ -811,14 +824,36 @@ class MqttUplink:
             return
         self._down_since = time.monotonic()
         self._link_logged = "down"
-        log.warning(
-            "MQTT uplink lost its connection to %s:%d (%s); reconnecting, %d message(s) in "
-            "flight will be resent",
-            cfg.host,
-            cfg.port,
-            reason,
-            len(self._inflight),
-        )
+        if self._down_since - self._up_since >= _STABLE_LINK_S:
+            self._flaps = 0
+            self._attempt = 0  # the backoff starts over only after a stable connection
+        else:
+            self._flaps += 1
+            self._counters["short_connections"] += 1
+        if self._flaps < _FLAP_WARNINGS:
+            log.warning(
+                "MQTT uplink lost its connection to %s:%d (%s); reconnecting, %d message(s) in "
+                "flight will be resent",
+                cfg.host,
+                cfg.port,
+                reason,
+                len(self._inflight),
+            )
+        elif self._flaps == _FLAP_WARNINGS:
+            log.error(
+                "MQTT connection to %s:%d dropped %d times in a row within %.0f s of being "
+                "established (last: %s); reconnecting with a growing backoff, further drops "
+                "logged at debug level. Check that no other client uses client id %r and that "
+                "messages fit the broker's size limit (mqtt.max_packet_bytes)",
+                cfg.host,
+                cfg.port,
+                self._flaps,
+                _STABLE_LINK_S,
+                reason,
+                cfg.client_id or self.appliance_id,
+            )
+        else:
+            log.debug("MQTT connection to %s:%d dropped again: %s", cfg.host, cfg.port, reason)
 
     def _handle_refused(self, reason: ReasonCode) -> None:
         cfg = self._cfg
@@ -1018,7 +1053,6 @@ class MqttUplink:
         if reason.is_failure:
             self._handle_refused(reason)
             return  # paho closes the socket; the connector retries with backoff
-        self._attempt = 0
         max_packet = int(getattr(properties, "MaximumPacketSize", 0) or 0)
         client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         self._handle_connected(flags.session_present, self._clock(), max_packet)

@@ -7,6 +7,7 @@ shipped JSON Schemas (appliance/schemas/).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -333,6 +334,45 @@ def test_max_packet_bytes_keeps_a_too_large_record_from_stalling_a_broker_that_h
             assert [m["i"] for m in sub.messages()] == [0, 2]
     if limit:
         assert uplink.rejected_by_reason() == {"packet_too_large": 1}
+
+
+def test_a_connection_the_broker_keeps_dropping_backs_off_and_is_reported_once(
+    mosquitto: Mosquitto, outbox: SqliteOutbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every connection dies right after it is accepted (here: a record over mosquitto's
+    unadvertised ``message_size_limit``, resent at each reconnect). The backoff must keep
+    growing as for refused connections, not start over at every short-lived connection, and
+    the log must say what is going on once rather than warn at every drop."""
+    mosquitto.reconfigure("message_size_limit 1500\n")
+    outbox.append([telemetry(i=0)])
+    outbox.append(
+        [
+            Envelope(
+                stream="telemetry/cnc-1",
+                kind="telemetry",
+                topic=telemetry_topic(PREFIX, APP, "cnc-1"),
+                priority=Priority.TELEMETRY,
+                ts=T0,
+                body={"blob": "x" * 3000},
+            )
+        ]
+    )
+    cfg = mqtt_cfg(mosquitto.port, protocol="5", reconnect_min_s=0.05, reconnect_max_s=5.0)
+    uplink = MqttUplink(cfg, APP, outbox, rng=lambda: 0.999)  # the top of every window
+
+    async def scenario(up: MqttUplink) -> None:
+        await asyncio.sleep(3.0)  # windows 0.05, 0.1, 0.2, 0.4, 0.8, 1.6 s: ~6 connections
+
+    with caplog.at_level(logging.DEBUG, logger="appliance.uplink"):
+        run_with_uplink(uplink, scenario, stop_s=0.1)
+    stats = uplink.stats()
+    assert 4 <= stats["short_connections"] <= 8, stats  # without the growth: ~40
+    assert stats["published"] == 1  # the record before the big one went through
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sum("lost its connection" in w for w in warnings) == 2
+    assert len(errors) == 1 and "dropped 3 times in a row" in errors[0]
+    assert "client id" in errors[0] and "max_packet_bytes" in errors[0]
 
 
 @pytest.mark.parametrize(
