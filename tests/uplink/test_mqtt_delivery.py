@@ -278,34 +278,26 @@ def test_quota_exceeded_is_retried_after_a_pause_while_other_failure_reasons_dro
     assert caplog.text.count("quota exceeded (0x97)") == 1
 
 
-def test_a_record_larger_than_the_broker_maximum_packet_size_is_rejected_locally(
-    mosquitto: Mosquitto, outbox: SqliteOutbox
+@pytest.mark.parametrize(
+    ("broker_conf", "max_packet_bytes", "blob_bytes"),
+    [
+        ("max_packet_size 400\n", 0, 1000),  # MQTT 5 Maximum Packet Size, advertised
+        # enforced but not advertised (the next test shows what it does to a connection):
+        ("message_size_limit 1500\n", 2000, 3000),
+    ],
+    ids=["advertised", "mqtt.max_packet_bytes"],
+)
+def test_a_record_over_the_packet_size_limit_is_rejected_locally_and_the_rest_delivered(
+    mosquitto: Mosquitto,
+    outbox: SqliteOutbox,
+    broker_conf: str,
+    max_packet_bytes: int,
+    blob_bytes: int,
 ) -> None:
-    mosquitto.reconfigure("max_packet_size 400\n")
-    big = big_telemetry(1000)
-    outbox.append([telemetry(i=0), big, telemetry(i=2)])
-    uplink = MqttUplink(mqtt_cfg(mosquitto.port, protocol="5"), APP, outbox)
-
-    async def scenario(up: MqttUplink) -> None:
-        await eventually(lambda: outbox.pending == 0)
-        assert up.stats()["disconnects"] == 0  # the broker never saw it, so kept the link
-
-    with Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#") as sub:
-        run_with_uplink(uplink, scenario)
-        await_condition(lambda: len(sub.messages()) == 2)
-        assert [m["i"] for m in sub.messages()] == [0, 2]
-    assert uplink.rejected_by_reason() == {"packet_too_large": 1}
-
-
-def test_max_packet_bytes_keeps_a_too_large_record_from_stalling_a_broker_that_hides_its_limit(
-    mosquitto: Mosquitto, outbox: SqliteOutbox
-) -> None:
-    """Mosquitto's ``message_size_limit`` is enforced but not advertised (the next test shows
-    what it does to a connection): with ``max_packet_bytes`` set, the big record is refused
-    locally and everything else is delivered on one connection."""
-    mosquitto.reconfigure("message_size_limit 1500\n")
-    outbox.append([telemetry(i=0), big_telemetry(3000), telemetry(i=2)])
-    uplink = MqttUplink(mqtt_cfg(mosquitto.port, protocol="5", max_packet_bytes=2000), APP, outbox)
+    mosquitto.reconfigure(broker_conf)
+    outbox.append([telemetry(i=0), big_telemetry(blob_bytes), telemetry(i=2)])
+    cfg = mqtt_cfg(mosquitto.port, protocol="5", max_packet_bytes=max_packet_bytes)
+    uplink = MqttUplink(cfg, APP, outbox)
 
     async def scenario(up: MqttUplink) -> None:
         await eventually(lambda: outbox.pending == 0)
