@@ -385,6 +385,14 @@ class OutboxSection(_Section, frozen=True):
     path: str = "/var/lib/appliance/outbox.sqlite"
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
     disk_budget_mb: PositiveFloat = 256.0
+    coarsen_windows: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 10
+
+    def __post_init__(self) -> None:
+        if self.coarsen_windows == 1:
+            raise ValueError(
+                "outbox.coarsen_windows = 1 merges nothing: use 0 to evict old telemetry "
+                "without coarsening it, or 2 or more"
+            )
 
 
 class MqttSection(_Section, frozen=True):

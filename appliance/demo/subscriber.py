@@ -111,8 +111,12 @@ class DemoSubscriber:
                 if seq <= st.last_seq:
                     st.duplicates += 1
                     return
-                if st.last_seq and seq != st.last_seq + 1:
-                    st.gaps.append((st.last_seq + 1, seq))
+                first = seq  # a coarsened telemetry message covers first_seq..seq
+                coarse = m.get("coarsened")
+                if isinstance(coarse, dict) and isinstance(coarse.get("first_seq"), int):
+                    first = coarse["first_seq"]
+                if st.last_seq and first > st.last_seq + 1:
+                    st.gaps.append((st.last_seq + 1, first))
                 st.last_seq = seq
             st.received += 1
             if self.keep_messages:

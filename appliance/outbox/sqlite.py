@@ -100,10 +100,24 @@ After each append the used size of the database, ``(page_count - freelist_count)
 bytes, is compared with ``disk_budget_mb``. (Free pages are reused by later inserts, so the file
 itself stays near the budget; the WAL file adds ~16 MiB on top, up to 32 MiB after a large
 transaction: it is reused after each checkpoint, not truncated and re-grown.)
-Over budget, the oldest records of the least important class are deleted first, in the same
-transaction, down to 95 % of the budget: telemetry, then status, and alerts only when nothing
-else is left (logged as an error). Evictions are counted; the first eviction of an episode logs
-one warning (and the first alert eviction one error); the episode ends when a ``settle`` brings
+Over budget, space is made in the same transaction, down to 95 % of the budget:
+
+1. **Coarsening** (unless ``coarsen_windows`` is 0): runs of consecutive telemetry records of a
+   stream, oldest first, are merged into one record covering up to ``coarsen_windows`` windows
+   (:mod:`appliance.outbox.coarsen`: statistics over all their samples, the newest window's
+   ``seq``/``id``/``ts``, ``"coarsened": {"windows", "first_seq"}``). The merged record takes the
+   oldest one's id (its place in the drain order) and ``created``. Records handed out by
+   ``take`` and not settled yet (possibly in flight: they may be delivered as they are) and
+   anything not shaped like a telemetry window are never merged, and a run never spans a gap in
+   ``seq``, so every window reaches subscribers exactly once, alone or inside one merged
+   message. Merged-away records are counted (``coarsened``). Telemetry ids below the first
+   record that could still merge are remembered, so each record is decoded about once.
+2. **Eviction**, when nothing is left to merge: the oldest records of the least important class
+   are deleted first: telemetry, then status, and alerts only when nothing else is left (logged
+   as an error). A full disk (see above) evicts without merging: it needs room at once.
+
+Both are counted; the first of an episode logs one warning (so does the first eviction after
+coarsening, and the first alert eviction one error); the episode ends when a ``settle`` brings
 the used size below half the budget.
 
 Threading: one process, one connection, used from the thread that called ``open()`` (the event
@@ -129,6 +143,7 @@ import numpy as np
 from appliance.config import OutboxSection
 from appliance.contracts import Envelope, OutboxRecord, Priority
 from appliance.errors import ApplianceError
+from appliance.outbox import coarsen
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -192,7 +207,24 @@ cost ~35 % of the append rate with a 4 MiB limit)."""
 _CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append order)
 _CLASSES = tuple(sorted(int(p) for p in Priority))
 _MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
+_COARSEN_SCAN_ROWS = 512  # telemetry rows read per step of a coarsening scan
+_MERGED = -1  # key of the merged-away count in the dicts _evict returns (not a class)
 _make_record = OutboxRecord._make
+
+
+class _Run:
+    """Consecutive telemetry records of one stream, oldest first, to be merged into one."""
+
+    __slots__ = ("ids", "msgs", "extents", "windows", "topic", "priority", "created")
+
+    def __init__(self, topic: str, priority: int, created: float) -> None:
+        self.ids: list[int] = []
+        self.msgs: list[dict[str, Any]] = []
+        self.extents: list[tuple[int, int]] = []  # (first_seq, windows) of each
+        self.windows = 0
+        self.topic = topic
+        self.priority = priority
+        self.created = created
 
 
 class OutboxError(ApplianceError):
@@ -298,6 +330,8 @@ class SqliteOutbox:
     :param appliance_id: written into every payload and its ``id``.
     :param synchronous: ``"FULL"`` or ``"NORMAL"``, the loss window on power failure.
     :param disk_budget_mb: upper bound of the used database size, MiB (2**20 bytes).
+    :param coarsen_windows: over budget, merge runs of consecutive telemetry messages of a
+        stream into one covering up to this many windows before evicting any; 0: never.
     :param clock: wall-clock seconds (epoch) for ``created`` and ``oldest_age_s``; a seam for
         tests.
     """
@@ -309,18 +343,22 @@ class SqliteOutbox:
         appliance_id: str,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         disk_budget_mb: float = 256.0,
+        coarsen_windows: int = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
         if not disk_budget_mb > 0:
             raise ValueError(f"disk_budget_mb must be > 0, not {disk_budget_mb!r}")
+        if coarsen_windows == 1 or coarsen_windows < 0:
+            raise ValueError(f"coarsen_windows must be 0 (off) or >= 2, not {coarsen_windows!r}")
         if not appliance_id:
             raise ValueError("appliance_id must not be empty")
         self.path = path
         self.appliance_id = appliance_id
         self.synchronous = synchronous
         self.disk_budget_bytes = int(disk_budget_mb * 1024 * 1024)
+        self.coarsen_windows = coarsen_windows
         self._clock = clock
         self._encode = _ENCODER.encode
         self._db: sqlite3.Connection | None = None
@@ -329,7 +367,10 @@ class SqliteOutbox:
         self._take_sql: dict[int, str] = {}
         self._seqs: dict[str, int] = {}
         self._pending = 0
+        self._taken: set[int] = set()  # ids handed out by take() and not settled: never merged
+        self._coarse_from = 0  # telemetry ids below this are known not to be mergeable
         self._evicting = False
+        self._evict_warned = False
         self._alerts_lost = False
         self._disk_full = False
         self._seq_floor = 0
@@ -339,6 +380,7 @@ class SqliteOutbox:
             "rejected": 0,
             "evicted": 0,
             "evicted_alerts": 0,
+            "coarsened": 0,
             "recovered_corrupt": 0,
             "disk_full": 0,
             "disk_full_failed": 0,
@@ -358,6 +400,7 @@ class SqliteOutbox:
             appliance_id=appliance_id,
             synchronous=cfg.synchronous,
             disk_budget_mb=cfg.disk_budget_mb,
+            coarsen_windows=cfg.coarsen_windows,
             clock=clock,
         )
 
@@ -650,6 +693,7 @@ class SqliteOutbox:
     ) -> dict[int, int]:
         """Insert ``rows`` and their streams' seqs in one transaction, evicting over budget."""
         evicted: dict[int, int] = {}
+        coarse_from = self._coarse_from
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(_INSERT, rows)
@@ -658,6 +702,7 @@ class SqliteOutbox:
                 evicted = self._evict(db, self._pending + len(rows))
             db.execute("COMMIT")
         except BaseException:
+            self._coarse_from = coarse_from  # the merges it accounts for are rolled back too
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
@@ -719,7 +764,10 @@ class SqliteOutbox:
         return evicted
 
     def take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
-        return self._guarded("take", self._take, limit, exclude)
+        records = self._guarded("take", self._take, limit, exclude)
+        if self.coarsen_windows:
+            self._taken.update(r.id for r in records)  # possibly in flight: never merged
+        return records
 
     def _take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
         """Up to ``limit`` records to publish next, skipping the ids in ``exclude`` (in flight).
@@ -769,6 +817,9 @@ class SqliteOutbox:
 
     def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
         self._guarded("settle", self._settle, accepted, rejected)
+        if self._taken:
+            self._taken.difference_update(accepted)
+            self._taken.difference_update(rejected)
 
     def _settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
         """Delete records the broker acknowledged (``accepted``) or refused (``rejected``).
@@ -829,7 +880,8 @@ class SqliteOutbox:
         """Counters since ``open``/construction plus the backlog.
 
         ``appended``, ``published`` (settled as accepted), ``rejected``, ``evicted`` (all
-        classes) and ``evicted_alerts`` are counts; ``pending`` is the number of unsettled
+        classes), ``evicted_alerts`` and ``coarsened`` (telemetry records merged into others)
+        are counts; ``pending`` is the number of unsettled
         records; ``oldest_age_s`` the age of the oldest of them in seconds (0 when empty).
         ``recovered_corrupt`` counts unusable files moved aside at ``open``; ``disk_full`` appends
         that hit a full disk and ``disk_full_failed`` those of them that failed after the retry.
@@ -934,18 +986,28 @@ class SqliteOutbox:
         return max(cur.rowcount, 0)
 
     def _evict(self, db: sqlite3.Connection, pending: int) -> dict[int, int]:
-        """Delete oldest records, least important class first, to 95 % of the budget.
+        """Merge old telemetry, then delete oldest records, least important class first, to
+        95 % of the budget (see "Disk budget" in the module docstring).
 
-        Runs inside the caller's transaction. Returns the number deleted per priority class.
+        Runs inside the caller's transaction. Returns the number deleted per priority class,
+        and the number merged away under ``_MERGED``.
         """
         target = self.disk_budget_bytes * _EVICT_TARGET
         evicted: dict[int, int] = {}
+        can_coarsen = self.coarsen_windows > 0
         for _ in range(_MAX_EVICT_ROUNDS):
             used = self._used_bytes(db)
             if used <= target or pending <= 0:
                 break
             per_row = used / pending  # over-estimates (schema pages count too): safe side
             want = max(_MIN_EVICT_ROWS, math.ceil((used - target) / per_row))
+            if can_coarsen:
+                merged = self._coarsen(db, want)
+                if merged:
+                    evicted[_MERGED] = evicted.get(_MERGED, 0) + merged
+                    pending -= merged
+                    continue  # re-measure: merging frees less than deleting as many rows
+                can_coarsen = False  # nothing left to merge: evict
             for priority in reversed(_CLASSES):
                 if want <= 0:
                     break
@@ -962,6 +1024,91 @@ class SqliteOutbox:
                     if priority != Priority.ALERT:
                         break  # re-measure before touching a more important class
         return evicted
+
+    def _coarsen(self, db: sqlite3.Connection, want: int) -> int:
+        """Merge runs of consecutive telemetry records of a stream, oldest first, until ``want``
+        rows are gone (see :mod:`appliance.outbox.coarsen`). Inside the caller's transaction.
+
+        A merged record takes the place (id, ``created``) of the oldest one it replaces and
+        covers at most ``coarsen_windows`` windows. Records handed out by ``take`` and not
+        settled (possibly in flight) and anything not shaped like a telemetry window are left
+        alone and end a run. Returns the number of rows merged away.
+        """
+        limit = self.coarsen_windows
+        hi = _class_range(int(Priority.TELEMETRY))[1]
+        pos = max(_class_range(int(Priority.TELEMETRY))[0], self._coarse_from)
+        runs: dict[str, _Run] = {}
+        freed = 0
+
+        def close(stream: str) -> None:
+            nonlocal freed
+            run = runs.pop(stream, None)
+            if run is None or len(run.ids) < 2:
+                return
+            try:
+                payload = self._encode(coarsen.merge(run.msgs, run.extents))
+            except coarsen.NotMergeable as err:  # the run's checks make this unreachable
+                log.debug("outbox: not merging records %s: %s", run.ids, err)
+                return
+            db.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(run.ids))})", run.ids)
+            db.execute(
+                _INSERT,
+                (
+                    run.ids[0],
+                    stream,
+                    run.msgs[-1]["seq"],
+                    run.topic,
+                    run.priority,
+                    payload,
+                    run.created,
+                ),
+            )
+            freed += len(run.ids) - 1
+
+        while freed < want:
+            rows = db.execute(
+                "SELECT id, stream, topic, priority, payload, created FROM records "
+                "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                (pos, hi, _COARSEN_SCAN_ROWS),
+            ).fetchall()
+            if not rows:
+                break
+            for rid, stream, topic, priority, payload, created in rows:
+                pos = rid + 1
+                try:
+                    msg = msgspec.json.decode(payload)
+                    first_seq, windows = coarsen.extent(msg)
+                except (msgspec.DecodeError, coarsen.NotMergeable):
+                    close(stream)
+                    continue
+                run = runs.get(stream)
+                if run is not None and (
+                    first_seq != run.msgs[-1]["seq"] + 1
+                    or run.windows + windows > limit
+                    or topic != run.topic
+                ):
+                    close(stream)
+                    run = None
+                if rid in self._taken or windows >= limit:
+                    close(stream)
+                    continue
+                if run is None:
+                    run = runs[stream] = _Run(topic, priority, created)
+                run.ids.append(rid)
+                run.msgs.append(msg)
+                run.extents.append((first_seq, windows))
+                run.windows += windows
+                if run.windows >= limit:
+                    close(stream)
+                if freed >= want:
+                    break
+        # Runs still open hold the newest windows of their streams (or where the scan stopped):
+        # scanned again next time, and merged now only when there is nothing older to merge.
+        self._coarse_from = min((run.ids[0] for run in runs.values()), default=pos)
+        if freed < want:
+            for stream in list(runs):
+                close(stream)
+        return freed
 
     def _evict_bytes(self, db: sqlite3.Connection, need: int) -> dict[int, int]:
         """Delete the oldest records, least important class first, until their payloads add up
@@ -990,23 +1137,47 @@ class SqliteOutbox:
         return evicted
 
     def _count_evictions(self, evicted: dict[int, int], *, budget: bool = True) -> None:
-        """Count evictions; log budget episodes (``budget``) and lost alerts once each."""
+        """Count evictions and merges (``evicted[_MERGED]``); log budget episodes
+        (``budget``), their first eviction and lost alerts once each."""
+        merged = evicted.pop(_MERGED, 0)
         total = sum(evicted.values())
         alerts = evicted.get(int(Priority.ALERT), 0)
-        self._pending -= total
+        self._pending -= total + merged
         self._counters["evicted"] += total
         self._counters["evicted_alerts"] += alerts
+        self._counters["coarsened"] += merged
+        budget_mib = self.disk_budget_bytes / 2**20
         if budget and not self._evicting:
             self._evicting = True
             self._alerts_lost = False
+            self._evict_warned = total > 0
+            if self.coarsen_windows:
+                log.warning(
+                    "outbox over its disk budget of %.1f MiB (uplink down?): merging the oldest "
+                    "telemetry into messages of up to %d windows, then evicting the oldest "
+                    "records, telemetry first (%d merged, %d evicted now)",
+                    budget_mib,
+                    self.coarsen_windows,
+                    merged,
+                    total,
+                )
+            else:
+                log.warning(
+                    "outbox over its disk budget of %.1f MiB (uplink down?): evicting the oldest "
+                    "records, telemetry first (%d evicted now)",
+                    budget_mib,
+                    total,
+                )
+        elif budget and total and not self._evict_warned:
+            self._evict_warned = True
             log.warning(
-                "outbox over its disk budget of %.1f MiB (uplink down?): evicting the oldest "
-                "records, telemetry first (%d evicted now)",
-                self.disk_budget_bytes / 2**20,
+                "outbox over its disk budget of %.1f MiB with all its telemetry merged as far "
+                "as outbox.coarsen_windows allows: evicting the oldest records now (%d evicted)",
+                budget_mib,
                 total,
             )
         else:
-            log.debug("outbox evicted %d record(s)", total)
+            log.debug("outbox evicted %d and merged %d record(s)", total, merged)
         if alerts and not self._alerts_lost:
             self._alerts_lost = True
             log.error(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from appliance.config import MqttSection, parse_config
@@ -28,6 +29,7 @@ from appliance.demo.mosquitto import MosquittoProcess, free_port, wait_port
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.outbox import SqliteOutbox
 from appliance.runtime import Appliance
+from appliance.schemas import load_schema
 from appliance.simulate.cell import SimulatedCell
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
@@ -292,10 +294,16 @@ def test_broker_down_for_30_s_under_demo_load_loses_nothing_and_keeps_order(
     assert min(v for k, v in final.items() if k.startswith("telemetry/")) >= 32
 
 
-def test_disk_budget_reached_in_a_long_outage_evicts_telemetry_and_delivers_every_alert(
-    tmp_path: Path, mosquitto: MosquittoProcess
-) -> None:
-    app_id = "dur-budget"
+def outage_over_budget(
+    tmp_path: Path,
+    mosquitto: MosquittoProcess,
+    app_id: str,
+    body: Callable[[int], dict[str, Any]],
+    coarsen_windows: int,
+) -> tuple[dict[str, float], DemoSubscriber]:
+    """5 telemetry windows delivered, the broker stopped, 3000 windows and 20 alerts appended
+    into a 0.25 MiB outbox, the broker back: the outbox's stats at the end of the outage and
+    the subscriber (stopped, holding every message) once the newest window arrived."""
     cfg = MqttSection(
         host="127.0.0.1",
         port=mosquitto.port,
@@ -305,10 +313,15 @@ def test_disk_budget_reached_in_a_long_outage_evicts_telemetry_and_delivers_ever
         reconnect_max_s=0.3,
         keepalive_s=5,
     )
-    ob = SqliteOutbox(str(tmp_path / "o.sqlite"), appliance_id=app_id, disk_budget_mb=0.25)
+    ob = SqliteOutbox(
+        str(tmp_path / "o.sqlite"),
+        appliance_id=app_id,
+        disk_budget_mb=0.25,
+        coarsen_windows=coarsen_windows,
+    )
     uplink = MqttUplink(cfg, app_id, ob)
     sub = subscriber(mosquitto.port, app_id)
-    pad = "p" * 200
+    sub.keep_messages = True
 
     def tel(i: int) -> Envelope:
         return Envelope(
@@ -317,7 +330,7 @@ def test_disk_budget_reached_in_a_long_outage_evicts_telemetry_and_delivers_ever
             telemetry_topic(PREFIX, app_id, "cnc-1"),
             Priority.TELEMETRY,
             float(i),
-            {"machine": "cnc-1", "pad": pad},
+            body(i),
         )
 
     def alert(i: int) -> Envelope:
@@ -343,7 +356,9 @@ def test_disk_budget_reached_in_a_long_outage_evicts_telemetry_and_delivers_ever
             await asyncio.to_thread(mosquitto.stop)
             await wait_for(lambda: not uplink.connected, 10, "the uplink to see the outage")
             for b in range(60):
-                append([tel(i) for i in range(50)] + ([alert(b)] if b % 3 == 0 else []))
+                append(
+                    [tel(5 + b * 50 + i) for i in range(50)] + ([alert(b)] if b % 3 == 0 else [])
+                )
             stats = ob.stats()
             await asyncio.to_thread(mosquitto.start)
             await wait_for(lambda: ob.pending == 0, 30, "the outbox drained")
@@ -362,6 +377,16 @@ def test_disk_budget_reached_in_a_long_outage_evicts_telemetry_and_delivers_ever
         )
     finally:
         sub.stop()
+    return stats, sub
+
+
+def test_disk_budget_reached_in_a_long_outage_evicts_telemetry_and_delivers_every_alert(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    pad = "p" * 200
+    stats, sub = outage_over_budget(
+        tmp_path, mosquitto, "dur-budget", lambda i: {"machine": "cnc-1", "pad": pad}, 0
+    )
     evicted = int(stats["evicted"])
     assert evicted > 0 and stats["evicted_alerts"] == 0
     summary = sub.summary()["streams"]
@@ -372,3 +397,35 @@ def test_disk_budget_reached_in_a_long_outage_evicts_telemetry_and_delivers_ever
         "received": 3005 - evicted,
         "gaps": [(6, 6 + evicted)],
     }
+
+
+def test_disk_budget_reached_in_a_long_outage_coarsens_telemetry_and_every_window_arrives(
+    tmp_path: Path, mosquitto: MosquittoProcess
+) -> None:
+    def window(i: int) -> dict[str, Any]:
+        temp = 40.0 + i % 7
+        return {
+            "machine": "cnc-1",
+            "window": {"start": float(i), "end": float(i + 1)},
+            "channels": {"spindle_temp": {"n": 10, "mean": temp, "min": temp - 1, "max": temp + 1}},
+        }
+
+    stats, sub = outage_over_budget(tmp_path, mosquitto, "dur-coarse", window, 10)
+    assert stats["coarsened"] > 0 and stats["evicted"] == 0
+    summary = sub.summary()["streams"]
+    assert summary["alerts/cnc-1"] == {"last_seq": 20, "received": 20, "gaps": []}
+    # Fewer messages than windows, and no gap: the subscriber checks first_seq of merged ones.
+    assert summary["telemetry/cnc-1"] == {
+        "last_seq": 3005,
+        "received": 3005 - stats["coarsened"],
+        "gaps": [],
+    }
+    schema = load_schema("telemetry")
+    telemetry = [m for m in sub.messages if m["kind"] == "telemetry"]
+    merged = [m for m in telemetry if "coarsened" in m]
+    assert merged and all(m["historical"] is True for m in merged)
+    for m in telemetry:
+        jsonschema.validate(m, schema)
+    assert sum(m.get("coarsened", {}).get("windows", 1) for m in telemetry) == 3005
+    assert sum(m["channels"]["spindle_temp"]["n"] for m in telemetry) == 10 * 3005
+    assert min(m["channels"]["spindle_temp"]["min"] for m in telemetry) == 39.0

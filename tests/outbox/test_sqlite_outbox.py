@@ -233,6 +233,7 @@ def test_settle_deletes_accepted_and_rejected_and_counts_them(
             "rejected": 1,
             "evicted": 0,
             "evicted_alerts": 0,
+            "coarsened": 0,
             "recovered_corrupt": 0,
             "disk_full": 0,
             "disk_full_failed": 0,
