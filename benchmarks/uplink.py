@@ -7,6 +7,10 @@ channels x ``n mean min max``, ~0.9 KB of JSON):
 ``append``
     records/s appended to a :class:`~appliance.outbox.SqliteOutbox` in batches (``--batch``),
     with ``synchronous`` FULL and NORMAL. Target: >= 100k records/s batched.
+``over budget``
+    the same appends (a quarter of ``--records``) into an outbox whose disk budget holds about a
+    tenth of them: records/s, the slowest append and the windows kept, making room by merging
+    old telemetry (``coarsen_windows = 10``, the default) and by evicting it (0).
 ``drain``
     messages/s (and values/s, 40 values per telemetry message) published from a full outbox by
     :class:`~appliance.uplink.MqttUplink` (QoS 1, PUBACK, settled in SQLite) to a Mosquitto it
@@ -44,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -203,6 +208,47 @@ def bench_sqlite_floor(workdir: Path, n: int, batch: int) -> dict[str, Any]:
     for sfx in ("", "-wal", "-shm"):
         Path(f"{path}{sfx}").unlink(missing_ok=True)
     return {"records": n, "batch": batch, "seconds": dt, "records_per_s": n / dt}
+
+
+def bench_over_budget(workdir: Path, n: int, batch: int, coarsen_windows: int) -> dict[str, Any]:
+    """``n`` demo telemetry records appended into an outbox whose disk budget holds about a
+    tenth of them (a long outage): what making room costs, by merging old telemetry
+    (``coarsen_windows`` > 0) or by evicting it (0), and how many windows stay."""
+    envs = [telemetry_envelope(1 + i % 4, i // 4) for i in range(n)]
+    budget_mb = n * 1100 / 10 / 2**20
+    path = workdir / f"budget-{coarsen_windows}.sqlite"
+    ob = SqliteOutbox(
+        str(path), appliance_id=APP, disk_budget_mb=budget_mb, coarsen_windows=coarsen_windows
+    )
+    with ob:
+        os.sync()
+        worst = 0.0
+        t = time.perf_counter()
+        for k in range(0, n, batch):
+            t1 = time.perf_counter()
+            ob.append(envs[k : k + batch])
+            worst = max(worst, time.perf_counter() - t1)
+        dt = time.perf_counter() - t
+        stats = ob.stats()
+        kept = ob.take(n)
+    windows = sum(
+        msgspec.json.decode(r.payload).get("coarsened", {}).get("windows", 1) for r in kept
+    )
+    for sfx in ("", "-wal", "-shm"):
+        Path(f"{path}{sfx}").unlink(missing_ok=True)
+    return {
+        "coarsen_windows": coarsen_windows,
+        "records": n,
+        "batch": batch,
+        "budget_mb": budget_mb,
+        "seconds": dt,
+        "records_per_s": n / dt,
+        "worst_append_ms": worst * 1000.0,
+        "records_kept": len(kept),
+        "windows_kept": windows,
+        "coarsened": stats["coarsened"],
+        "evicted": stats["evicted"],
+    }
 
 
 # -- drain: the uplink versus a bare paho loop ----------------------------------------------
@@ -468,6 +514,9 @@ def run(args: argparse.Namespace, workdir: Path, say: Callable[[str], None]) -> 
     say("SQLite floor (pre-built rows, synchronous=FULL) ...")
     runs = [bench_sqlite_floor(workdir, args.records, args.batch) for _ in range(args.repeat)]
     out["sqlite_floor"] = best(runs, "records_per_s")
+    for cw, key in ((10, "over_budget_coarsen"), (0, "over_budget_evict")):
+        say(f"append over the disk budget, coarsen_windows={cw} ...")
+        out[key] = bench_over_budget(workdir, max(args.records // 4, 1000), args.batch, cw)
 
     broker = MosquittoProcess(free_port(), workdir / "mosquitto", persistence=False)
     broker.start()
@@ -551,6 +600,18 @@ def table(r: dict[str, Any]) -> str:
             "SQLite floor, telemetry rows, FULL",
             f"{r['sqlite_floor']['records_per_s']:,.0f} records/s",
             "pre-built rows: no encoding, no Python per record",
+        ),
+        *(
+            (
+                f"append over budget, {label}",
+                f"{ob['records_per_s']:,.0f} records/s",
+                f"worst append {ob['worst_append_ms']:.0f} ms; {ob['windows_kept']:,} of "
+                f"{ob['records']:,} windows kept in {ob['records_kept']:,} records",
+            )
+            for label, ob in (
+                ("coarsening", r["over_budget_coarsen"]),
+                ("evicting", r["over_budget_evict"]),
+            )
         ),
         (
             "drain via MqttUplink",

@@ -41,6 +41,9 @@ def test_the_uplink_benchmark_measures_every_figure_and_loses_no_message(tmp_pat
     for key in ("append_full", "append_normal", "append_alerts_full", "sqlite_floor"):
         assert r[key]["records"] == 3000 and r[key]["records_per_s"] > 0, key
     assert r["append_full"]["payload_bytes"] > 2 * r["append_alerts_full"]["payload_bytes"]
+    coarse, evict = r["over_budget_coarsen"], r["over_budget_evict"]
+    assert coarse["coarsened"] > 0 and evict["coarsened"] == 0 and evict["evicted"] > 0
+    assert coarse["windows_kept"] > 5 * evict["windows_kept"]  # ~10x the history, coarser
     assert r["drain"]["messages"] == r["bare_paho"]["messages"] == 1000
     assert r["catch_up"]["messages"] == 4 * 30 + 10
     for case in ("alert_idle", "alert_backlog"):
