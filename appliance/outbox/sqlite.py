@@ -43,11 +43,11 @@ time in seconds (epoch). ``streams(stream, seq)`` holds the last sequence number
 stream, so ``seq`` stays monotonic across restarts even when all of the stream's records were
 delivered. ``meta(key, value)`` holds ``seq_floor`` (see below; absent means 0).
 
-Batched appends (1000 per call, ``synchronous=FULL``) run at ~1.2-1.9e5 records/s for
+Batched appends (1000 per call, ``synchronous=FULL``) run at ~1.2-2.2e5 records/s for
 alert-sized records (~0.37 KB) and ~0.6-1.05e5 records/s for demo telemetry (~1 KB, 40 values:
 up to ~4e6 values/s) on the 2-core x86 development VMs (``benchmarks/uplink.py``,
 docs/benchmarks.md; the range is two hosts). For 1 KB records SQLite alone (pre-built rows, no
-Python per record) takes ~5-9 us per row there; encoding the body (~2 us, mostly float
+Python per record) takes ~4.5-9 us per row there; encoding the body (~2 us, mostly float
 formatting) and the per-record Python (~2.5 us) take the rest.
 
 Unusable file at start
