@@ -153,6 +153,12 @@ def percentile(values: list[float], q: float) -> float:
 # -- append ---------------------------------------------------------------------------------
 
 
+def remove_outbox(path: Path) -> None:
+    """Delete an outbox file with its -wal and -shm files (each run starts from a new file)."""
+    for sfx in ("", "-wal", "-shm"):
+        Path(f"{path}{sfx}").unlink(missing_ok=True)
+
+
 RECORD_KINDS: dict[str, Callable[[int, int], Envelope]] = {
     "telemetry": telemetry_envelope,
     "alert": alert_envelope,
@@ -175,8 +181,7 @@ def bench_append(
         dt = time.perf_counter() - t
         payload_bytes = statistics.fmean(len(r.payload) for r in ob.take(1000))
     size = path.stat().st_size
-    for sfx in ("", "-wal", "-shm"):
-        Path(f"{path}{sfx}").unlink(missing_ok=True)
+    remove_outbox(path)
     return {
         "kind": kind,
         "synchronous": synchronous,
@@ -205,8 +210,7 @@ def bench_sqlite_floor(workdir: Path, n: int, batch: int) -> dict[str, Any]:
             db.executemany(_INSERT, shifted)
             db.execute("COMMIT")
         dt = time.perf_counter() - t
-    for sfx in ("", "-wal", "-shm"):
-        Path(f"{path}{sfx}").unlink(missing_ok=True)
+    remove_outbox(path)
     return {"records": n, "batch": batch, "seconds": dt, "records_per_s": n / dt}
 
 
@@ -234,8 +238,7 @@ def bench_over_budget(workdir: Path, n: int, batch: int, coarsen_windows: int) -
     windows = sum(
         msgspec.json.decode(r.payload).get("coarsened", {}).get("windows", 1) for r in kept
     )
-    for sfx in ("", "-wal", "-shm"):
-        Path(f"{path}{sfx}").unlink(missing_ok=True)
+    remove_outbox(path)
     return {
         "coarsen_windows": coarsen_windows,
         "records": n,
@@ -570,8 +573,7 @@ def _payloads(workdir: Path, envs: list[Envelope]) -> list[bytes]:
             for k in range(0, len(envs), 1000)
             for r in ob.append(envs[k : k + 1000])
         ]
-    for sfx in ("", "-wal", "-shm"):
-        Path(f"{path}{sfx}").unlink(missing_ok=True)
+    remove_outbox(path)
     return payloads
 
 
