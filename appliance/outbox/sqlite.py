@@ -109,9 +109,10 @@ Over budget, space is made in the same transaction, down to 95 % of the budget:
    oldest one's id (its place in the drain order) and ``created``. Records handed out by
    ``take`` and not settled yet (possibly in flight: they may be delivered as they are) and
    anything not shaped like a telemetry window are never merged, and a run never spans a gap in
-   ``seq``, so every window reaches subscribers exactly once, alone or inside one merged
-   message. Merged-away records are counted (``coarsened``). Telemetry ids below the first
-   record that could still merge are remembered, so each record is decoded about once.
+   ``seq``, so a window reaches subscribers either alone or inside one merged message, never
+   both. Merged-away records are counted (``coarsened``). Telemetry ids below the first record
+   that could still merge are remembered, so a scan does not decode the same records again
+   (except behind the newest record of a stream that stopped publishing).
 2. **Eviction**, when nothing is left to merge: the oldest records of the least important class
    are deleted first: telemetry, then status, and alerts only when nothing else is left (logged
    as an error). A full disk (see above) evicts without merging: it needs room at once.
@@ -208,6 +209,7 @@ _CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append o
 _CLASSES = tuple(sorted(int(p) for p in Priority))
 _MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
 _COARSEN_SCAN_ROWS = 512  # telemetry rows read per step of a coarsening scan
+_MAX_COARSEN_WINDOWS = 10_000  # a merge deletes as many rows in one statement (SQLite: 32766)
 _MERGED = -1  # key of the merged-away count in the dicts _evict returns (not a class)
 _make_record = OutboxRecord._make
 
@@ -350,8 +352,11 @@ class SqliteOutbox:
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
         if not disk_budget_mb > 0:
             raise ValueError(f"disk_budget_mb must be > 0, not {disk_budget_mb!r}")
-        if coarsen_windows == 1 or coarsen_windows < 0:
-            raise ValueError(f"coarsen_windows must be 0 (off) or >= 2, not {coarsen_windows!r}")
+        if coarsen_windows == 1 or not 0 <= coarsen_windows <= _MAX_COARSEN_WINDOWS:
+            raise ValueError(
+                f"coarsen_windows must be 0 (off) or 2..{_MAX_COARSEN_WINDOWS}, "
+                f"not {coarsen_windows!r}"
+            )
         if not appliance_id:
             raise ValueError("appliance_id must not be empty")
         self.path = path

@@ -279,7 +279,7 @@ def test_a_coarsened_outbox_reopens_and_goes_on_merging(tmp_path: Path) -> None:
         assert_contiguous(coverage(ob.take(100_000))["telemetry/cnc-1"], 1, 1200)
 
 
-@pytest.mark.parametrize("value", [1, -1])
+@pytest.mark.parametrize("value", [1, -1, 10_001])
 def test_coarsen_windows_is_checked_at_load(value: int, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="coarsen_windows"):
         parse_config({"outbox": {"coarsen_windows": value}}, base_dir=tmp_path)
