@@ -136,7 +136,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 import numpy as np
@@ -210,8 +210,14 @@ _CLASSES = tuple(sorted(int(p) for p in Priority))
 _MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
 _COARSEN_SCAN_ROWS = 512  # telemetry rows read per step of a coarsening scan
 _MAX_COARSEN_WINDOWS = 10_000  # a merge deletes as many rows in one statement (SQLite: 32766)
-_MERGED = -1  # key of the merged-away count in the dicts _evict returns (not a class)
 _make_record = OutboxRecord._make
+
+
+class _Freed(NamedTuple):
+    """What making room over the budget did in one transaction."""
+
+    evicted: dict[int, int]  # records deleted, per priority class
+    merged: int = 0  # telemetry records merged into others (coarsening)
 
 
 class _Run:
@@ -673,11 +679,11 @@ class SqliteOutbox:
             )
             n += 1
         try:
-            evicted = self._write(db, rows, seqs)
+            freed = self._write(db, rows, seqs)
         except sqlite3.OperationalError as err:
             if not _is_disk_full(err):
                 raise
-            evicted = self._write_on_full_disk(db, rows, seqs, err)
+            freed = self._write_on_full_disk(db, rows, seqs, err)
         else:
             if self._disk_full:
                 self._disk_full = False
@@ -686,8 +692,8 @@ class SqliteOutbox:
         known.update(seqs)
         self._pending += len(rows)
         self._counters["appended"] += len(rows)
-        if evicted:
-            self._count_evictions(evicted)
+        if freed.evicted or freed.merged:
+            self._count_evictions(freed.evicted, merged=freed.merged)
         return rows
 
     def _write(
@@ -695,23 +701,23 @@ class SqliteOutbox:
         db: sqlite3.Connection,
         rows: list[OutboxRecord],
         seqs: dict[str, int],
-    ) -> dict[int, int]:
+    ) -> _Freed:
         """Insert ``rows`` and their streams' seqs in one transaction, evicting over budget."""
-        evicted: dict[int, int] = {}
+        freed = _Freed({})
         coarse_from = self._coarse_from
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(_INSERT, rows)
             db.executemany(_UPSERT_STREAM, seqs.items())
             if self._used_bytes(db) > self.disk_budget_bytes:
-                evicted = self._evict(db, self._pending + len(rows))
+                freed = self._evict(db, self._pending + len(rows))
             db.execute("COMMIT")
         except BaseException:
             self._coarse_from = coarse_from  # the merges it accounts for are rolled back too
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return evicted
+        return freed
 
     def _write_on_full_disk(
         self,
@@ -719,7 +725,7 @@ class SqliteOutbox:
         rows: list[OutboxRecord],
         seqs: dict[str, int],
         err: sqlite3.OperationalError,
-    ) -> dict[int, int]:
+    ) -> _Freed:
         """The disk is full: evict per policy, retry the write once, else ``OutboxFullError``."""
         self._counters["disk_full"] += 1
         need = max(_DISK_FULL_MIN_BYTES, _DISK_FULL_HEADROOM * sum(len(r.payload) for r in rows))
@@ -749,7 +755,7 @@ class SqliteOutbox:
         else:
             log.debug("outbox %s: disk still full, evicted %d", self.path, sum(freed.values()))
         try:
-            evicted = self._write(db, rows, seqs)
+            written = self._write(db, rows, seqs)
         except sqlite3.OperationalError as again:
             if not _is_disk_full(again):
                 raise
@@ -766,7 +772,7 @@ class SqliteOutbox:
                 f"outbox {self.path}: {again}; evicting older records did not free enough room "
                 f"for {len(rows)} new record(s)"
             ) from again
-        return evicted
+        return written
 
     def take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
         records = self._guarded("take", self._take, limit, exclude)
@@ -990,15 +996,16 @@ class SqliteOutbox:
         cur = db.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in ids))
         return max(cur.rowcount, 0)
 
-    def _evict(self, db: sqlite3.Connection, pending: int) -> dict[int, int]:
+    def _evict(self, db: sqlite3.Connection, pending: int) -> _Freed:
         """Merge old telemetry, then delete oldest records, least important class first, to
         95 % of the budget (see "Disk budget" in the module docstring).
 
-        Runs inside the caller's transaction. Returns the number deleted per priority class,
-        and the number merged away under ``_MERGED``.
+        Runs inside the caller's transaction. Returns the number deleted per priority class
+        and the number merged away.
         """
         target = self.disk_budget_bytes * _EVICT_TARGET
         evicted: dict[int, int] = {}
+        merged = 0
         can_coarsen = self.coarsen_windows > 0
         for _ in range(_MAX_EVICT_ROUNDS):
             used = self._used_bytes(db)
@@ -1007,10 +1014,10 @@ class SqliteOutbox:
             per_row = used / pending  # over-estimates (schema pages count too): safe side
             want = max(_MIN_EVICT_ROWS, math.ceil((used - target) / per_row))
             if can_coarsen:
-                merged = self._coarsen(db, want)
-                if merged:
-                    evicted[_MERGED] = evicted.get(_MERGED, 0) + merged
-                    pending -= merged
+                n = self._coarsen(db, want)
+                if n:
+                    merged += n
+                    pending -= n
                     continue  # re-measure: merging frees less than deleting as many rows
                 can_coarsen = False  # nothing left to merge: evict
             for priority in reversed(_CLASSES):
@@ -1028,7 +1035,7 @@ class SqliteOutbox:
                     want -= n
                     if priority != Priority.ALERT:
                         break  # re-measure before touching a more important class
-        return evicted
+        return _Freed(evicted, merged)
 
     def _coarsen(self, db: sqlite3.Connection, want: int) -> int:
         """Merge runs of consecutive telemetry records of a stream, oldest first, until ``want``
@@ -1040,8 +1047,8 @@ class SqliteOutbox:
         alone and end a run. Returns the number of rows merged away.
         """
         limit = self.coarsen_windows
-        hi = _class_range(int(Priority.TELEMETRY))[1]
-        pos = max(_class_range(int(Priority.TELEMETRY))[0], self._coarse_from)
+        lo, hi = _class_range(int(Priority.TELEMETRY))
+        pos = max(lo, self._coarse_from)
         runs: dict[str, _Run] = {}
         freed = 0
 
@@ -1052,7 +1059,7 @@ class SqliteOutbox:
                 return
             try:
                 payload = self._encode(coarsen.merge(run.msgs, run.extents))
-            except coarsen.NotMergeable as err:  # the run's checks make this unreachable
+            except coarsen.NotMergeable as err:  # a statistic that is not a number: left as is
                 log.debug("outbox: not merging records %s: %s", run.ids, err)
                 return
             db.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(run.ids))})", run.ids)
@@ -1141,10 +1148,11 @@ class SqliteOutbox:
                 evicted[priority] = n
         return evicted
 
-    def _count_evictions(self, evicted: dict[int, int], *, budget: bool = True) -> None:
-        """Count evictions and merges (``evicted[_MERGED]``); log budget episodes
+    def _count_evictions(
+        self, evicted: dict[int, int], *, merged: int = 0, budget: bool = True
+    ) -> None:
+        """Count evictions (per class) and ``merged`` records; log budget episodes
         (``budget``), their first eviction and lost alerts once each."""
-        merged = evicted.pop(_MERGED, 0)
         total = sum(evicted.values())
         alerts = evicted.get(int(Priority.ALERT), 0)
         self._pending -= total + merged
