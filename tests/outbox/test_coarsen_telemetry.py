@@ -20,6 +20,7 @@ import pytest
 from appliance.config import ConfigError, parse_config
 from appliance.contracts import Envelope, OutboxRecord, Priority
 from appliance.outbox import SqliteOutbox, coarsen
+from appliance.outbox.sqlite import encode_payload
 from appliance.schemas import load_schema
 
 APP = "app-01"
@@ -149,15 +150,14 @@ def test_merge_refuses_what_it_cannot_merge_faithfully(change: dict[str, Any]) -
 
 
 def decode_window(i: int) -> dict[str, Any]:
-    env = window("m", i)
-    return {
-        "v": 1, "kind": "telemetry", "appliance": APP, "stream": env.stream, "seq": i,
-        "id": f"{APP}/{env.stream}/{i}", "ts": env.ts, **env.body,
-    }  # fmt: skip
+    """Window ``i`` as the outbox stores it, as record ``i`` of its stream."""
+    msg: dict[str, Any] = msgspec.json.decode(encode_payload(APP, window("m", i), i))
+    return msg
 
 
-def fill(ob: SqliteOutbox, machines: int, windows: int, batch: int = 50) -> None:
-    envs = [window(f"cnc-{m}", i) for i in range(windows) for m in range(1, machines + 1)]
+def fill(ob: SqliteOutbox, machines: int, windows: int, start: int = 0, batch: int = 50) -> None:
+    """Append windows ``start`` to ``windows - 1`` of each machine, ``batch`` per append."""
+    envs = [window(f"cnc-{m}", i) for i in range(start, windows) for m in range(1, machines + 1)]
     for k in range(0, len(envs), batch):
         ob.append(envs[k : k + batch])
 
@@ -200,9 +200,7 @@ def test_records_handed_to_the_uplink_are_never_merged(tmp_path: Path) -> None:
     with ob:
         fill(ob, machines=1, windows=20)
         in_flight = ob.take(5)  # taken, never settled: the uplink may deliver them as they are
-        fill_more = [window("cnc-1", i) for i in range(20, 1000)]
-        for k in range(0, len(fill_more), 50):
-            ob.append(fill_more[k : k + 50])
+        fill(ob, machines=1, windows=1000, start=20)
         assert ob.stats()["coarsened"] > 0
         left = ob.take(100_000)
         assert left[:5] == in_flight  # still there, byte for byte
@@ -221,9 +219,7 @@ def test_a_run_never_spans_a_gap_in_seq(tmp_path: Path) -> None:
         taken = ob.take(30)
         ob.settle([], rejected=[taken[14].id])  # seq 15 refused by the broker: a gap
     with SqliteOutbox(path, appliance_id=APP, disk_budget_mb=0.25) as ob:  # a restart
-        fill_more = [window("cnc-1", i) for i in range(30, 1000)]
-        for k in range(0, len(fill_more), 50):
-            ob.append(fill_more[k : k + 50])
+        fill(ob, machines=1, windows=1000, start=30)
         assert ob.stats()["coarsened"] > 0
         cover = coverage(ob.take(100_000))["telemetry/cnc-1"]
         gap = next(i for i, (lo, _, _) in enumerate(cover) if lo > 14)
@@ -272,9 +268,7 @@ def test_a_coarsened_outbox_reopens_and_goes_on_merging(tmp_path: Path) -> None:
         first = ob.stats()["coarsened"]
         assert first > 0
     with SqliteOutbox(path, appliance_id=APP, disk_budget_mb=0.25) as ob:
-        envs = [window("cnc-1", i) for i in range(600, 1200)]
-        for k in range(0, len(envs), 50):
-            ob.append(envs[k : k + 50])
+        fill(ob, machines=1, windows=1200, start=600)
         assert ob.stats()["coarsened"] > 0 and ob.stats()["evicted"] == 0
         assert_contiguous(coverage(ob.take(100_000))["telemetry/cnc-1"], 1, 1200)
 
