@@ -1,6 +1,8 @@
 """The data that flows between stages, and the interfaces stages implement.
 
-Stages import this module, never each other. Data flow (one asyncio process)::
+Stages import this module, never each other (``tests/test_import_graph.py`` checks it); the
+supervisor (``appliance/runtime``) wires them. The payload format of stored messages lives
+next to it in :mod:`appliance.payload`. Data flow (one asyncio process)::
 
     acquire ──Frame──▶ features ──FeatureRow──▶ batch ──ndarray──▶ infer ──Score──▶ alerts
                           │                                                          │
@@ -16,12 +18,14 @@ connection attempts (DNS, TCP, TLS handshake) borrow a worker thread.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from drivers.quality import ReadResult
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -132,32 +136,115 @@ class OutboxRecord(NamedTuple):
     created: float
 
 
-class EnvelopeSink(Protocol):
-    """Anything that accepts envelopes bound upstream (the outbox).
+FrameSink = Callable[[Frame], None]
+"""Consumer of acquired frames (features, raw-value alert rules), called as ``sink(frame)`` by
+the acquisition tasks on the event loop, once per poll of one poll group or per waveform read.
+Must not block (no I/O); an exception stops that device's poller (and is logged)."""
 
-    Called on the event loop. ``append`` returns once the envelopes are durable per the sink's
-    documented loss window; it never drops silently (overflow follows the sink's eviction policy,
-    counted in its metrics).
-    """
-
-    def append(self, envelopes: Sequence[Envelope]) -> object: ...
-
-
-class FrameSink(Protocol):
-    """Consumer of acquired frames (features, raw-value alert rules). Called on the event loop;
-    must not block (no I/O)."""
-
-    def on_frame(self, frame: Frame) -> None: ...
+WindowSink = Callable[[Window], None]
+"""Consumer of closed windows (downsample, features → batcher), called as ``sink(window)`` by
+``WindowAggregator`` on the event loop, once per machine window, in window order."""
 
 
-class WindowSink(Protocol):
-    """Consumer of closed windows (downsample, features → batcher), called as ``sink(window)``
-    on the event loop."""
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One model input: statistic ``stat`` (one of :data:`FEATURE_STATS`) of a channel over a
+    window. Written in a model bundle's manifest (``infer``), laid out by ``features``."""
 
-    def __call__(self, window: Window) -> None: ...
+    channel: str
+    stat: str
 
 
-class ScoreSink(Protocol):
-    """Consumer of model scores (alerts). Called on the event loop."""
+FEATURE_STATS = ("mean", "rms", "min", "max", "last")
+"""The per-channel window statistics a :class:`FeatureSpec` may name (fields of :class:`Window`)."""
 
-    def on_scores(self, scores: Sequence[Score]) -> None: ...
+
+class PolledDevice(Protocol):
+    """A device driver as the acquisition stage uses it (``drivers/``: Modbus TCP/RTU, serial
+    text protocols).
+
+    Called by one poller task on the event loop, never concurrently. ``connect``/``read`` raise
+    ``drivers.errors.DeviceUnavailable`` when the transport fails (having closed the
+    connection); the poller then reconnects with backoff. ``close`` is idempotent and never
+    raises. ``read()`` reads every channel and returns values aligned with
+    ``ReadResult.channels`` (indices into the device's channels; ``None``: all, in order), each
+    with a quality flag: a failed value is BAD, never dropped."""
+
+    async def connect(self) -> None: ...
+
+    async def read(self) -> ReadResult: ...
+
+    async def close(self) -> None: ...
+
+
+class GroupedDevice(PolledDevice, Protocol):
+    """A driver whose channels are split into poll groups (the Modbus drivers):
+    ``read(group)`` reads one group (``None``: all)."""
+
+    async def read(self, group: str | None = None) -> ReadResult: ...
+
+
+class EngineCounters(Protocol):
+    """An engine's counters since construction (``infer.base.EngineStats``)."""
+
+    @property
+    def calls(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def errors(self) -> int: ...
+
+    @property
+    def total_ms(self) -> float: ...
+
+
+class Engine(Protocol):
+    """A loaded model as the batcher uses it; ``appliance.infer.base.Engine`` (the base class
+    of every backend) implements it.
+
+    The batcher calls ``start``, ``infer`` and ``close`` from its one inference worker thread
+    (``run_in_executor``), never two at once; ``backend`` and ``stats`` are read on the event
+    loop. ``start()`` loads the model and refuses to serve (raises ``ModelError``) unless it
+    reproduces the bundle's golden vectors. ``infer(batch)`` takes an ``[N, F]`` float32
+    batch (``N`` rows of the manifest's ``F`` features) and returns ``[N]``
+    float32 scores in row order, or raises (``ValueError`` for a malformed batch, anything for
+    a backend failure: the batch is lost, counted in ``stats.errors``). ``close()`` is
+    idempotent."""
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def stats(self) -> EngineCounters: ...
+
+    def start(self) -> None: ...
+
+    def infer(self, batch: F32) -> F32: ...
+
+    def close(self) -> None: ...
+
+
+class Outbox(Protocol):
+    """The durable outbox as the producers and the uplink use it (``appliance.outbox``:
+    ``SqliteOutbox``), a transaction API: ``append``, then ``take``, publish, ``settle``.
+
+    Every method is called on the event loop (the outbox is not thread-safe). ``append`` stores
+    envelopes in one transaction, gives each the next ``seq`` of its stream and encodes its
+    final payload (:mod:`appliance.payload`); once it returns they are durable per the outbox's
+    documented loss window; overflow follows its eviction policy, counted, never silent.
+    ``take(limit, exclude)`` returns up to ``limit`` stored records in drain order (alerts,
+    status, telemetry; oldest first), skipping the ids in ``exclude`` (those in flight); it
+    deletes nothing. ``settle(accepted, rejected)`` deletes records the broker acknowledged or
+    refused, in one transaction; anything not settled is taken again (after a restart too).
+    ``pending`` is the number of records stored and not settled."""
+
+    def append(self, envelopes: Sequence[Envelope]) -> Sequence[OutboxRecord]: ...
+
+    def take(self, limit: int, exclude: Collection[int] = ()) -> Sequence[OutboxRecord]: ...
+
+    def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None: ...
+
+    @property
+    def pending(self) -> int: ...

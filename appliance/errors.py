@@ -9,13 +9,5 @@ class ConfigError(ApplianceError):
     """The configuration is invalid. The message names the file, the key path and the value."""
 
 
-class TransientError(ApplianceError):
-    """Worth retrying later (a peer is down, a timeout); the supervisor backs off and retries."""
-
-
-class DeviceError(ApplianceError):
-    """A device answered, but with something unusable (exception response, garbage)."""
-
-
 class ModelError(ApplianceError):
     """A model file, manifest or golden vector set is missing, corrupt or inconsistent."""

@@ -58,8 +58,9 @@ from appliance.contracts import Envelope, Priority
 from appliance.demo.mosquitto import MosquittoProcess, free_port, mosquitto_binary
 from appliance.outbox import SqliteOutbox
 from appliance.outbox.sqlite import _INSERT
+from appliance.payload import mark_historical
 from appliance.uplink import MqttUplink
-from appliance.uplink.mqtt import PackedProperties, mark_historical
+from appliance.uplink.mqtt import PackedProperties
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
 APP = "bench-01"

@@ -12,12 +12,12 @@ from appliance.acquire.poller import (
     STAGGER_SLOT_S,
     Acquisition,
     DevicePoller,
-    PolledDevice,
     State,
     make_driver,
     stagger_phases,
 )
 from appliance.acquire.waveform import WaveformPoller, WaveformSource
+from appliance.contracts import PolledDevice
 
 __all__ = [
     "JITTER_WINDOW",

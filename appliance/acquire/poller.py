@@ -69,13 +69,13 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from appliance.config import DeviceConfig, ModbusRtuConfig, ModbusTcpConfig
-from appliance.contracts import Frame
+from appliance.contracts import Frame, GroupedDevice, PolledDevice
 from drivers.errors import DeviceUnavailable
 from drivers.modbus.registers import DEFAULT_GROUP
 from drivers.modbus.rtu import ModbusRtuDevice
@@ -221,26 +221,6 @@ def poll_intervals_s(device: DeviceConfig) -> dict[str, float]:
     return {g: ms / 1000.0 for g, ms in intervals.items() if g in used} or {
         DEFAULT_GROUP: device.poll_interval_ms / 1000.0
     }
-
-
-class PolledDevice(Protocol):
-    """What a poller needs from a driver. ``connect``/``read`` raise ``DeviceUnavailable`` when
-    the transport fails (having closed the connection); ``close`` is idempotent and never
-    raises. ``read()`` reads every channel and returns values aligned with
-    ``ReadResult.channels`` (indices into the device's channels; ``None``: all, in order)."""
-
-    async def connect(self) -> None: ...
-
-    async def read(self) -> ReadResult: ...
-
-    async def close(self) -> None: ...
-
-
-class GroupedDevice(PolledDevice, Protocol):
-    """A driver whose channels are split into poll groups (the Modbus drivers):
-    ``read(group)`` reads one group (``None``: all)."""
-
-    async def read(self, group: str | None = None) -> ReadResult: ...
 
 
 def make_driver(device: DeviceConfig, buses: dict[str, RtuBus] | None = None) -> PolledDevice:

@@ -23,8 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from appliance.contracts import FeatureRow, Score
-from appliance.infer.base import Engine
+from appliance.contracts import Engine, FeatureRow, Score
 
 log = logging.getLogger(__name__)
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from appliance.contracts import FeatureRow, Frame, Quality, Window
+from appliance.contracts import FEATURE_STATS as STATS
+from appliance.contracts import FeatureRow, FeatureSpec, Frame, Quality, Window, WindowSink
 
 log = logging.getLogger(__name__)
-
-STATS = ("mean", "rms", "min", "max", "last")
 
 
 class _Acc:
@@ -85,7 +83,7 @@ class WindowAggregator:
     are counted in ``late_frames`` and folded into the open window rather than dropped.
     """
 
-    def __init__(self, window_s: float, sinks: Sequence[Callable[[Window], None]]) -> None:
+    def __init__(self, window_s: float, sinks: Sequence[WindowSink]) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
         self.window_s = window_s
@@ -152,14 +150,6 @@ class WindowAggregator:
         """Close every open window now (at shutdown, so the last partial window is not lost)."""
         for machine in list(self._open):
             self._emit(machine, self._open[machine])
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """One model input: a statistic of a channel over a window."""
-
-    channel: str
-    stat: str
 
 
 class FeatureBuilder:

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from appliance.contracts import FEATURE_STATS as STATS
+from appliance.contracts import FeatureSpec
 from appliance.errors import ModelError
-from appliance.features.windows import STATS, FeatureSpec
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 

@@ -23,8 +23,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from appliance.payload import HEADER_KEYS as _HEADER
+
 COARSENED_KEY = "coarsened"
-_HEADER = ("v", "kind", "appliance", "stream", "seq", "id", "ts")
 _BODY = frozenset({"machine", "window", "channels", COARSENED_KEY})
 _STATS = frozenset({"n", "mean", "rms", "min", "max", "last"})
 

@@ -114,9 +114,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.config import MqttSection
-from appliance.contracts import Priority
+from appliance.contracts import Outbox, Priority
 from appliance.errors import ConfigError
-from appliance.outbox.sqlite import SqliteOutbox
+from appliance.payload import mark_historical
 from appliance.uplink.topics import status_topic
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,6 @@ _MIN_RATE_WAIT_S = 0.01  # the publisher never wakes more often than this for th
 _BURST_S = 0.05  # token bucket capacity, seconds of backlog_rate_per_s
 _PACKET_OVERHEAD_BYTES = 64  # PUBLISH header + packet id + our properties, upper bound
 _PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
-_HISTORICAL_TAIL = b',"historical":true}'
 _encode = msgspec.json.Encoder().encode
 
 
@@ -162,17 +161,6 @@ def packet_limit(advertised: int, configured: int) -> tuple[int, str]:
     if advertised:
         return advertised, "advertised by the broker"
     return 0, ""
-
-
-def mark_historical(payload: bytes) -> bytes:
-    """``payload`` (a JSON object) with ``"historical":true`` added as its last member.
-
-    The outbox stores ``{...}`` with at least the header members, so inserting before the final
-    brace keeps the JSON valid; anything else is returned unchanged.
-    """
-    if len(payload) > 2 and payload.endswith(b"}"):
-        return payload[:-1] + _HISTORICAL_TAIL
-    return payload
 
 
 class PackedProperties(Properties):
@@ -349,7 +337,7 @@ class MqttUplink:
         self,
         cfg: MqttSection,
         appliance_id: str,
-        outbox: SqliteOutbox,
+        outbox: Outbox,
         *,
         rng: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,

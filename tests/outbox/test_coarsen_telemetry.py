@@ -20,7 +20,7 @@ import pytest
 from appliance.config import ConfigError, parse_config
 from appliance.contracts import Envelope, OutboxRecord, Priority
 from appliance.outbox import SqliteOutbox, coarsen
-from appliance.outbox.sqlite import encode_payload
+from appliance.payload import encode_payload
 from appliance.schemas import load_schema
 
 APP = "app-01"

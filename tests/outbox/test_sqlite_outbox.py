@@ -14,7 +14,7 @@ import pytest
 from appliance.config import OutboxSection
 from appliance.contracts import Envelope, Priority
 from appliance.outbox import SqliteOutbox
-from appliance.outbox.sqlite import encode_payload
+from appliance.payload import encode_payload
 
 APP = "app-01"
 

@@ -33,9 +33,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.contracts import Envelope, Priority
 from appliance.outbox import SqliteOutbox
+from appliance.payload import mark_historical
 from appliance.schemas import load_schema
 from appliance.uplink import MqttUplink, alert_topic, telemetry_topic
-from appliance.uplink.mqtt import mark_historical
 
 __all__ = ["outbox"]  # the fixture, imported for pytest
 
