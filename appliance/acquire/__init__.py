@@ -4,18 +4,15 @@ high-rate FIFO channel.
 
 First stage of the pipeline (``acquire → features → batch → infer → ...``). Start it last and
 stop it first (sources after sinks). See :mod:`appliance.acquire.poller` for timing, staggering,
-backoff and logging behaviour, :mod:`appliance.acquire.waveform` for waveforms and their gaps.
+availability and logging behaviour, :mod:`appliance.acquire.waveform` for waveforms and their
+gaps, :mod:`appliance.acquire.link` for reconnects and backoff, :mod:`appliance.acquire.driver`
+for the driver of each device type, :mod:`appliance.acquire.acquisition` for the stage's tasks.
 """
 
-from appliance.acquire.poller import (
-    JITTER_WINDOW,
-    STAGGER_SLOT_S,
-    Acquisition,
-    DevicePoller,
-    State,
-    make_driver,
-    stagger_phases,
-)
+from appliance.acquire.acquisition import Acquisition
+from appliance.acquire.driver import make_driver
+from appliance.acquire.link import LinkTask, State
+from appliance.acquire.poller import JITTER_WINDOW, STAGGER_SLOT_S, DevicePoller, stagger_phases
 from appliance.acquire.waveform import WaveformPoller, WaveformSource
 from appliance.contracts import PolledDevice
 
@@ -24,6 +21,7 @@ __all__ = [
     "STAGGER_SLOT_S",
     "Acquisition",
     "DevicePoller",
+    "LinkTask",
     "PolledDevice",
     "State",
     "WaveformPoller",

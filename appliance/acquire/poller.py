@@ -14,7 +14,7 @@ next deadline is more than one interval gone skips the missed deadlines (counted
 at or after the connect, so the grid (and its phase) survives outages. How late each poll starts
 is kept over a rolling window of :data:`JITTER_WINDOW` polls (``jitter_ms_p50``/``p99``).
 
-Staggering: :class:`Acquisition` spreads the grids of all groups that share one interval evenly
+Staggering: :class:`.Acquisition` spreads the grids of all groups that share one interval evenly
 over that interval, in device order, deterministic (:func:`stagger_phases`): 100 devices at
 100 ms poll in 10 slots of 10 devices, 10 ms apart, instead of all 100 at once at each tick of
 a common grid, so the start jitter does not grow with the number of devices (issue 3: p99 14 ms
@@ -23,7 +23,7 @@ device costs about a third more CPU for little less jitter).
 
 Waveforms: a Modbus TCP device with a ``waveform`` table also has a
 :class:`~appliance.acquire.waveform.WaveformPoller` (``DevicePoller.waveform``), which
-:class:`Acquisition` runs as its own task on its own connection; its channel is the last entry
+:class:`.Acquisition` runs as its own task on its own connection; its channel is the last entry
 of the device's one ``channels`` tuple, so register frames and waveform frames of a device share
 that tuple (see :mod:`appliance.acquire.waveform`).
 
@@ -34,8 +34,9 @@ its own ``timeout_s`` per attempt (then it backs off like any offline device).
 Failure handling follows the one-layer-per-concern rule: the driver does the transaction (and
 the one retry worth doing, Modbus exception 6 "busy"); it raises
 :class:`~drivers.errors.DeviceUnavailable` when the transport fails, closing its connection;
-the poller reconnects, with capped exponential backoff and full jitter
-(``delay = rng() * min(cap, base * 2**attempt)``, AWS Architecture Blog "Exponential Backoff And
+the poller (a :class:`~appliance.acquire.link.LinkTask`) reconnects, with capped exponential
+backoff and full jitter (:func:`appliance.backoff.backoff_delay_s`:
+``delay = rng() * min(cap, base * 2**attempt)``, AWS Architecture Blog "Exponential Backoff And
 Jitter"), so a cell full of machines that lost power together does not reconnect in lockstep.
 The attempt counter resets only after a successful poll, so a device that accepts TCP but never
 answers still backs off.
@@ -56,7 +57,7 @@ value to repeat and sends nothing.
 Overload policy: frames go to ``sink`` synchronously on the event loop, one per poll of one
 group (it carries that group's channels; ``Frame.channel`` indexes the device's channel tuple);
 the sink must not block (see ``appliance.contracts.FrameSink``). A sink that raises stops this
-device's poller (the bug surfaces in the log through :class:`Acquisition`) rather than being
+device's poller (the bug surfaces in the log through :class:`.Acquisition`) rather than being
 silently skipped.
 """
 
@@ -69,143 +70,27 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
+from appliance.acquire.driver import make_driver
+from appliance.acquire.link import GRID_EPS, LinkTask, State, next_deadline
+from appliance.acquire.waveform import WaveformPoller, WaveformSource
 from appliance.config import DeviceConfig, ModbusRtuConfig, ModbusTcpConfig
-from appliance.contracts import Frame, GroupedDevice, PolledDevice
+from appliance.contracts import Frame, FrameSink, GroupedDevice, PolledDevice
 from drivers.errors import DeviceUnavailable
 from drivers.modbus.registers import DEFAULT_GROUP
-from drivers.modbus.rtu import ModbusRtuDevice
-from drivers.modbus.tcp import ModbusTcpDevice
 from drivers.modbus.transport import RtuBus
 from drivers.quality import BAD, GOOD, STALE, ReadResult
 
-if TYPE_CHECKING:
-    from appliance.acquire.waveform import WaveformPoller, WaveformSource
-
 log = logging.getLogger(__name__)
 
-State = Literal["connecting", "online", "degraded", "offline"]
-FrameCallback = Callable[[Frame], None]
 #: Polls over which start jitter percentiles are computed.
 JITTER_WINDOW = 1000
 #: Default width (seconds) of one stagger slot: see :func:`stagger_phases`.
 STAGGER_SLOT_S = 0.01
-#: Slack (in intervals) below which a grid point that just passed still counts as "now", so
-#: float rounding of ``t0 + k * interval`` never costs a whole interval.
-_GRID_EPS = 1e-9
-
-
-def next_deadline(t0: float, phase_s: float, interval_s: float, now: float) -> float:
-    """The first point of the grid ``t0 + phase_s + k * interval_s`` (``k >= 0``) at or after
-    ``now`` (all monotonic seconds): where a poll loop starts after a (re)connect."""
-    deadline = t0 + phase_s
-    if deadline < now:
-        deadline += math.ceil((now - deadline) / interval_s - _GRID_EPS) * interval_s
-    return deadline
-
-
-def backoff_delay(rng: Callable[[], float], attempt: int, base_s: float, cap_s: float) -> float:
-    """Capped exponential backoff with full jitter: ``rng() * min(cap, base * 2**attempt)``
-    seconds before reconnect attempt ``attempt + 1``."""
-    return rng() * min(cap_s, base_s * 2.0 ** min(attempt, 32))
-
-
-class LinkTask:
-    """One device link run as a task: connect, run a session until the transport fails, back
-    off, reconnect, until stopped. The one place reconnects happen (the register poller and the
-    waveform reader both derive from it).
-
-    The backoff before reconnect attempt ``n`` is :func:`backoff_delay` (capped exponential,
-    full jitter); it starts over once the link had been up. Stopping sets a flag before
-    cancelling, so a task whose cancellation was lost still ends at its next loop turn.
-    Subclasses provide ``_connect``, ``_session``, ``_disconnect`` (idempotent), ``_went_down``
-    and a ``_state``.
-    """
-
-    _state: State
-
-    def __init__(
-        self,
-        what: str,
-        *,
-        rng: Callable[[], float],
-        sleep: Callable[[float], Awaitable[None]],
-        backoff_base_s: float,
-        backoff_cap_s: float,
-    ) -> None:
-        if not 0 < backoff_base_s <= backoff_cap_s:
-            raise ValueError(
-                f"need 0 < backoff_base_s <= backoff_cap_s, got {backoff_base_s}, {backoff_cap_s}"
-            )
-        self._what = what
-        self._rng = rng
-        self._sleep = sleep
-        self._backoff_base_s = backoff_base_s
-        self._backoff_cap_s = backoff_cap_s
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self.errors = 0
-        self.reconnects = 0
-
-    async def _connect(self) -> None:
-        raise NotImplementedError
-
-    async def _session(self) -> None:
-        raise NotImplementedError
-
-    async def _disconnect(self) -> None:
-        raise NotImplementedError
-
-    def _went_down(self, err: DeviceUnavailable) -> None:
-        raise NotImplementedError
-
-    async def run(self) -> None:
-        """Connect, run the session, back off, reconnect; until stopped or cancelled.
-
-        Raises only what the sink or a driver bug raises (never ``DeviceUnavailable``).
-        """
-        if self._task is not None:
-            raise RuntimeError(f"{self._what}: already running")
-        self._task = asyncio.current_task()
-        attempt = 0
-        try:
-            while not self._closed:
-                try:
-                    await self._connect()
-                    await self._session()
-                except DeviceUnavailable as err:
-                    self.errors += 1
-                    await self._disconnect()
-                    if self._state in ("online", "degraded"):
-                        attempt = 0
-                    self._went_down(err)
-                if self._closed:
-                    break
-                delay = backoff_delay(self._rng, attempt, self._backoff_base_s, self._backoff_cap_s)
-                attempt += 1
-                log.debug("%s: reconnect attempt %d in %.3f s", self._what, attempt, delay)
-                await self._sleep(delay)
-                self.reconnects += 1
-        finally:
-            self._task = None
-            await self._disconnect()
-
-    def request_stop(self) -> None:
-        """Make :meth:`run` end at its next loop turn, whether or not a cancellation reaches
-        it (Python 3.10/3.11's ``wait_for`` can swallow one)."""
-        self._closed = True
-
-    async def close(self) -> None:
-        """Stop :meth:`run` (flag, then cancel) and close the link. Idempotent."""
-        self.request_stop()
-        task = self._task
-        if task is not None and task is not asyncio.current_task() and not task.done():
-            await _cancel_and_wait([task], self._what)
-        await self._disconnect()
 
 
 def poll_intervals_s(device: DeviceConfig) -> dict[str, float]:
@@ -221,55 +106,6 @@ def poll_intervals_s(device: DeviceConfig) -> dict[str, float]:
     return {g: ms / 1000.0 for g, ms in intervals.items() if g in used} or {
         DEFAULT_GROUP: device.poll_interval_ms / 1000.0
     }
-
-
-def make_driver(device: DeviceConfig, buses: dict[str, RtuBus] | None = None) -> PolledDevice:
-    """The driver for one configured device (no I/O). RTU devices on the same ``port`` share
-    one :class:`RtuBus` from ``buses`` (created there when missing). Raises ``ValueError`` on an
-    unusable config, e.g. a device whose profile was not resolved by ``load_config``."""
-    from appliance.acquire.text import HaasConfig, LineConfig, make_text_driver
-
-    if isinstance(device, (HaasConfig, LineConfig)):  # serial text protocols
-        return make_text_driver(device)
-    if isinstance(device, (ModbusTcpConfig, ModbusRtuConfig)) and not device.registers:
-        raise ValueError(
-            f"device {device.name}: no registers (load the config with load_config, which "
-            f"resolves profile {device.profile!r})"
-        )
-    if isinstance(device, ModbusTcpConfig):
-        return ModbusTcpDevice(
-            device.host,
-            device.port,
-            device.unit_id,
-            device.registers,
-            device.timeout_s,
-            max_gap=device.max_gap,
-            max_registers=device.max_registers,
-            max_bits=device.max_bits,
-        )
-    if isinstance(device, ModbusRtuConfig):
-        buses = {} if buses is None else buses
-        bus = buses.get(device.port)
-        if bus is None:
-            bus = buses[device.port] = RtuBus(
-                device.port,
-                baudrate=device.baudrate,
-                bytesize=device.bytesize,
-                parity=device.parity,
-                stopbits=device.stopbits,
-                inter_frame_gap_ms=device.inter_frame_gap_ms,
-                local_echo=device.local_echo,
-            )
-        return ModbusRtuDevice(
-            bus,
-            device.unit_id,
-            device.registers,
-            device.timeout_s,
-            max_gap=device.max_gap,
-            max_registers=device.max_registers,
-            max_bits=device.max_bits,
-        )
-    raise ValueError(f"device {device.name}: unsupported device type {type(device).__name__}")
 
 
 def _where(device: DeviceConfig) -> str:
@@ -294,7 +130,7 @@ class DevicePoller(LinkTask):
     A device config with a ``waveform`` table also gets :attr:`waveform` (a
     :class:`~appliance.acquire.waveform.WaveformPoller` sharing :attr:`channels`, built with the
     same seams, ``waveform_phase_s`` and ``waveform_source``); :meth:`run` does not run it (the
-    caller runs ``waveform.run()`` as its own task, as :class:`Acquisition` does), :meth:`close`
+    caller runs ``waveform.run()`` as its own task, as :class:`.Acquisition` does), :meth:`close`
     closes it and :meth:`stats` includes its counters under ``waveform``.
 
     Seams for tests and simulation: ``clock`` (wall-clock seconds, stamps frames), ``monotonic``
@@ -307,7 +143,7 @@ class DevicePoller(LinkTask):
     def __init__(
         self,
         device: DeviceConfig,
-        sink: FrameCallback,
+        sink: FrameSink,
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -375,8 +211,6 @@ class DevicePoller(LinkTask):
         #: The device's waveform reader task (None without a ``waveform`` table).
         self.waveform: WaveformPoller | None = None
         if wave is not None:
-            from appliance.acquire.waveform import WaveformPoller
-
             assert isinstance(device, ModbusTcpConfig)
             self.waveform = WaveformPoller(
                 device,
@@ -663,7 +497,7 @@ def stagger_phases(
     wave_phases = [0.0] * len(devices)
     for interval, members in schedules.items():
         n = len(members)
-        slots = max(1, min(n, math.floor(interval / slot_s + _GRID_EPS))) if slot_s > 0 else n
+        slots = max(1, min(n, math.floor(interval / slot_s + GRID_EPS))) if slot_s > 0 else n
         for rank, (i, member) in enumerate(members):
             phase = (rank * slots // n) / slots * interval
             if member is None:
@@ -671,122 +505,3 @@ def stagger_phases(
             else:
                 phases[i][member] = phase
     return phases, wave_phases
-
-
-class Acquisition:
-    """Runs one :class:`DevicePoller` task per device; the acquisition stage of the pipeline.
-
-    Each device has its own task, and each device's waveform reader another, so a slow or dead
-    device never delays another (RTU units on one port wait for each other's transactions on
-    the bus, at most one timeout each). Keyword arguments are passed to every poller (seams and
-    backoff, see :class:`DevicePoller`). ``stagger`` (default on) spreads the grids of all poll
-    groups (and waveform readers) sharing one interval evenly over it, in device order, in
-    slots of at least ``stagger_slot_s`` seconds (see :func:`stagger_phases`). ``start()``
-    creates the tasks (call it on the event loop, after the sinks are started); ``stop()``
-    cancels them and closes every driver (idempotent, safe before ``start``).
-    """
-
-    def __init__(
-        self,
-        devices: Sequence[DeviceConfig],
-        sink: FrameCallback,
-        *,
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-        rng: Callable[[], float] = random.random,
-        backoff_base_s: float = 0.5,
-        backoff_cap_s: float = 30.0,
-        stagger: bool = True,
-        stagger_slot_s: float = STAGGER_SLOT_S,
-    ) -> None:
-        #: RTU buses by port, shared by the pollers of the units on each.
-        self.buses: dict[str, RtuBus] = {}
-        phases, wave_phases = stagger_phases(devices, stagger_slot_s) if stagger else ([], [])
-        self.pollers: tuple[DevicePoller, ...] = tuple(
-            DevicePoller(
-                d,
-                sink,
-                clock=clock,
-                monotonic=monotonic,
-                rng=rng,
-                backoff_base_s=backoff_base_s,
-                backoff_cap_s=backoff_cap_s,
-                buses=self.buses,
-                phase_s=phases[i] if stagger else 0.0,
-                waveform_phase_s=wave_phases[i] if stagger else 0.0,
-            )
-            for i, d in enumerate(devices)
-        )
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = False
-
-    async def start(self) -> None:
-        """Start one polling task per device. Idempotent while running."""
-        if self._stopped:
-            raise RuntimeError("acquisition was stopped; build a new one")
-        if self._tasks:
-            return
-        waveforms = 0
-        for poller in self.pollers:
-            task = asyncio.create_task(poller.run(), name=f"acquire {poller.name}")
-            task.add_done_callback(self._task_done)
-            self._tasks.append(task)
-            if poller.waveform is not None:
-                name = f"acquire {poller.name} waveform"
-                task = asyncio.create_task(poller.waveform.run(), name=name)
-                task.add_done_callback(self._task_done)
-                self._tasks.append(task)
-                waveforms += 1
-        log.info("acquisition started: %d devices, %d waveforms", len(self.pollers), waveforms)
-
-    async def stop(self) -> None:
-        """Cancel every polling task and close every driver. Idempotent."""
-        self._stopped = True
-        for poller in self.pollers:
-            poller.request_stop()
-        tasks, self._tasks = self._tasks, []
-        await _cancel_and_wait(tasks, "acquisition")
-        await asyncio.gather(*(p.close() for p in self.pollers))
-        await asyncio.gather(*(bus.close() for bus in self.buses.values()))
-        if tasks:
-            log.info("acquisition stopped")
-
-    def stats(self) -> list[dict[str, Any]]:
-        """Per-device counters, in device order (see :meth:`DevicePoller.stats`)."""
-        return [p.stats() for p in self.pollers]
-
-    async def __aenter__(self) -> Acquisition:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    @staticmethod
-    def _task_done(task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        err = task.exception()
-        if err is not None:
-            log.error("%s crashed: %r", task.get_name(), err, exc_info=err)
-
-
-STOP_WAIT_S = 5.0
-"""How long stopping waits for a task to end after cancelling it, per attempt, seconds."""
-
-
-async def _cancel_and_wait(tasks: Sequence[asyncio.Task[Any]], what: str) -> None:
-    """Cancel ``tasks`` and wait for them, re-cancelling stragglers; never waits forever.
-
-    Each loop also checks a stop flag (``request_stop``), so a task whose cancellation was lost
-    still ends at its next turn; this bound only guards against a task stuck elsewhere.
-    """
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(3):
-        if not pending:
-            return
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=STOP_WAIT_S)
-    if pending:
-        log.error("%s: %d task(s) did not stop after cancelling; leaving them", what, len(pending))

@@ -10,7 +10,7 @@ gets a :class:`WaveformPoller` next to its register :class:`~appliance.acquire.p
 deadline grid at ``interval_ms``, so a 125-register FIFO read every 50 ms never queues behind
 (or delays) the register polls, and a dead device delays nobody: reconnects use the same capped
 exponential backoff with full jitter as the poller
-(:class:`~appliance.acquire.poller.LinkTask`).
+(:class:`~appliance.acquire.link.LinkTask`).
 
 Frames: one per read that brought new samples, carrying **all** of them (``n`` samples of one
 channel: ``Frame.ts`` per sample, spaced ``1 / rate_hz`` by sequence number, anchored by
@@ -60,9 +60,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from appliance.acquire.poller import FrameCallback, LinkTask, State, next_deadline
+from appliance.acquire.link import LinkTask, State, next_deadline
 from appliance.config import ModbusTcpConfig
-from appliance.contracts import Frame
+from appliance.contracts import Frame, FrameSink
 from drivers.errors import DeviceException, DeviceUnavailable
 from drivers.modbus.waveform import (
     FLAG_GAP,
@@ -108,7 +108,7 @@ class WaveformPoller(LinkTask):
         self,
         device: ModbusTcpConfig,
         channels: tuple[str, ...],
-        sink: FrameCallback,
+        sink: FrameSink,
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,

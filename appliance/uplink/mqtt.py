@@ -37,9 +37,10 @@ Connection
 ----------
 The first attempt is made at ``start()``. Reconnects use capped exponential backoff with full
 jitter: before attempt ``n`` the connector task waits ``rng() * min(reconnect_max_s,
-reconnect_min_s * 2**n)`` seconds (paho's own backoff has no jitter and is not used). ``n``
-starts over at 0 only when a connection that lasted at least 10 s drops: a connection the
-broker keeps dropping right after accepting it (another client with the same client id, a
+reconnect_min_s * 2**n)`` seconds (:func:`appliance.backoff.backoff_delay_s`, as acquisition's
+reconnects; paho's own backoff has no jitter and is not used). ``n`` starts over at 0 only when
+a connection that lasted at least 10 s drops: a connection the broker keeps dropping right
+after accepting it (another client with the same client id, a
 message over a size limit the broker does not advertise) backs off like a refused one, is
 counted (``short_connections``) and, from the third in a row, logged once as an error instead of
 a warning per drop. A connection that goes quiet is closed by paho's keepalive check (no
@@ -113,6 +114,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from appliance.backoff import backoff_delay_s
 from appliance.config import MqttSection
 from appliance.contracts import Outbox, Priority
 from appliance.errors import ConfigError
@@ -140,17 +142,6 @@ _BURST_S = 0.05  # token bucket capacity, seconds of backlog_rate_per_s
 _PACKET_OVERHEAD_BYTES = 64  # PUBLISH header + packet id + our properties, upper bound
 _PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 _encode = msgspec.json.Encoder().encode
-
-
-def backoff_delay_s(attempt: int, min_s: float, max_s: float, u: float) -> float:
-    """Full-jitter delay before reconnect ``attempt`` (0-based), seconds.
-
-    ``u`` is a uniform random number in [0, 1). The window doubles from ``min_s`` per attempt and
-    is capped at ``max_s``; spreading reconnects over the whole window keeps a fleet of
-    appliances from reconnecting in lockstep after a broker restart.
-    """
-    window = min(max_s, min_s * 2.0 ** min(attempt, 32))
-    return u * window
 
 
 def packet_limit(advertised: int, configured: int) -> tuple[int, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from texthelp import socat_pair, wait_until
 
-from appliance.acquire.poller import DevicePoller, make_driver
+from appliance.acquire import DevicePoller, make_driver
 from appliance.config import HaasConfig, LineConfig, load_config, parse_config
 from appliance.contracts import Frame, Quality
 from appliance.errors import ConfigError

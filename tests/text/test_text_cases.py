@@ -28,7 +28,7 @@ import msgspec
 import pytest
 from texthelp import wait_until
 
-from appliance.acquire.poller import make_driver
+from appliance.acquire import make_driver
 from appliance.config import HaasConfig, LineConfig, load_config
 from drivers.quality import BAD, GOOD, STALE
 from drivers.text.framing import LineFramer
