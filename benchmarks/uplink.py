@@ -60,7 +60,7 @@ from appliance.outbox import SqliteOutbox
 from appliance.outbox.sqlite import _INSERT
 from appliance.payload import mark_historical
 from appliance.uplink import MqttUplink
-from appliance.uplink.mqtt import PackedProperties
+from appliance.uplink.paho_loop import PackedProperties
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
 APP = "bench-01"

@@ -1,5 +1,10 @@
 """The MQTT uplink: publishes the outbox with QoS 1 and keeps a retained online/offline status.
 
+:class:`MqttUplink` (this module: lifecycle, connection, status) is built from three parts:
+:mod:`appliance.uplink.paho_loop` (paho on the event loop), :mod:`appliance.uplink.tls` (TLS
+and credentials) and :mod:`appliance.uplink.delivery` (what is published when, and what each
+PUBACK does). It drains the outbox through :class:`appliance.contracts.Outbox`.
+
 Threads and tasks
 -----------------
 paho-mqtt runs on the event loop, in its "external event loop" mode: the socket is registered
@@ -98,10 +103,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import ssl
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -116,9 +118,18 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.backoff import backoff_delay_s
 from appliance.config import MqttSection
-from appliance.contracts import Outbox, Priority
+from appliance.contracts import Outbox
 from appliance.errors import ConfigError
-from appliance.payload import mark_historical
+from appliance.uplink.delivery import BURST_S, DeliveryPolicy, packet_limit
+from appliance.uplink.paho_loop import PackedProperties, PahoOnLoop, paho_logger
+from appliance.uplink.tls import (
+    AUTH_REASONS,
+    Secret,
+    check_password_file_mode,
+    describe_connect_error,
+    read_password,
+    tls_context,
+)
 from appliance.uplink.topics import status_topic
 
 log = logging.getLogger(__name__)
@@ -126,191 +137,14 @@ log = logging.getLogger(__name__)
 STATUS_ACK_TIMEOUT_S = 1.0
 """How long ``stop()`` waits for the broker to acknowledge the ``offline`` status, seconds."""
 
-QUOTA_EXCEEDED = 0x97
-"""MQTT 5 PUBACK reason retried after a pause instead of rejecting the record."""
-
-AUTH_REASONS = frozenset({0x86, 0x87, 0x8C})
-"""CONNACK reasons that mean the credentials are wrong or not allowed."""
-
-_RETRY_AFTER_ERROR_S = 1.0
 _STABLE_LINK_S = 10.0  # a connection that lasted this long resets the backoff when it drops
 _FLAP_WARNINGS = 3  # short-lived connections in a row before one error replaces the warnings
 _MISC_INTERVAL_S = 1.0  # paho's loop_misc (keepalive) period, as in paho's own network loop
-_MAX_PENDING_READS = 64  # TLS: extra loop_read calls per readable event for buffered records
-_MIN_RATE_WAIT_S = 0.01  # the publisher never wakes more often than this for the rate limit
-_BURST_S = 0.05  # token bucket capacity, seconds of backlog_rate_per_s
-_PACKET_OVERHEAD_BYTES = 64  # PUBLISH header + packet id + our properties, upper bound
 _PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 _encode = msgspec.json.Encoder().encode
 
 
-def packet_limit(advertised: int, configured: int) -> tuple[int, str]:
-    """The PUBLISH size limit in force and where it comes from: the smaller of the broker's
-    advertised MQTT 5 *Maximum Packet Size* and ``mqtt.max_packet_bytes`` (0: none)."""
-    if configured and (not advertised or configured <= advertised):
-        return configured, "mqtt.max_packet_bytes"
-    if advertised:
-        return advertised, "advertised by the broker"
-    return 0, ""
-
-
-class PackedProperties(Properties):
-    """MQTT 5 properties packed once, at construction, instead of on every PUBLISH.
-
-    paho packs a :class:`Properties` object for every packet it sends (~50 µs in pure Python
-    for two properties); the publish properties never change, so their bytes are reused. Frozen:
-    setting a property afterwards raises ``AttributeError``.
-    """
-
-    _packed: bytes
-    _text: str
-
-    def __init__(self, packet_type: int, **values: Any) -> None:
-        super().__init__(packet_type)  # type: ignore[no-untyped-call]
-        for name, value in values.items():
-            setattr(self, name, value)
-        object.__setattr__(self, "_packed", Properties.pack(self))  # type: ignore[no-untyped-call]
-        object.__setattr__(self, "_text", Properties.__str__(self))  # type: ignore[no-untyped-call]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if "_packed" in self.__dict__:
-            raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name}")
-        super().__setattr__(name, value)  # type: ignore[no-untyped-call]
-
-    def pack(self) -> bytes:
-        return self._packed
-
-    def __str__(self) -> str:
-        return self._text
-
-
-class _PahoErrors(logging.Handler):
-    """Keeps paho's last error line (its ``on_log`` formatted every packet's debug line)."""
-
-    def __init__(self, sink: Callable[[str], None]) -> None:
-        super().__init__(logging.ERROR)
-        self._sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._sink(record.getMessage())
-
-
-def _paho_logger(sink: Callable[[str], None]) -> logging.Logger:
-    """A private logger (not in the logging tree) handing paho's ERROR lines to ``sink``.
-
-    paho's ``_easy_log`` formats its message eagerly for ``on_log`` (a debug line with the
-    properties' ``str()`` for every PUBLISH and PUBACK); a logger at ERROR level filters those
-    out before formatting.
-    """
-    logger = logging.Logger(f"{__name__}.paho", logging.ERROR)
-    logger.propagate = False
-    logger.addHandler(_PahoErrors(sink))
-    return logger
-
-
-def reason_key(reason: ReasonCode) -> str:
-    """A metric-friendly name of a reason code: ``Not authorized`` -> ``not_authorized``."""
-    return str(reason).strip().lower().replace(" ", "_").replace("-", "_")
-
-
-class Secret:
-    """A string that stays out of ``repr``/``str`` (logs, tracebacks, debug dumps)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other.value == self.value
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def read_password(cfg: MqttSection) -> Secret | None:
-    """The MQTT password from ``password_file`` (trailing newline stripped) or ``password_env``.
-
-    ``None`` when neither is configured. Raises :class:`ConfigError` naming the key (never the
-    value) when the file cannot be read or the variable is unset.
-    """
-    if cfg.password_file:
-        try:
-            with open(cfg.password_file, encoding="utf-8") as f:
-                return Secret(f.read().rstrip("\r\n"))
-        except (OSError, UnicodeDecodeError) as err:
-            detail = err.strerror if isinstance(err, OSError) else "not UTF-8"
-            raise ConfigError(
-                f"mqtt.password_file: cannot read {cfg.password_file}: {detail or err}"
-            ) from None
-    if cfg.password_env:
-        value = os.environ.get(cfg.password_env)
-        if value is None:
-            raise ConfigError(f"mqtt.password_env: environment variable {cfg.password_env} unset")
-        return Secret(value)
-    return None
-
-
-class _ClosingSSLSocket(ssl.SSLSocket):
-    """An SSL socket that closes itself when its handshake fails.
-
-    paho 2.2 drops the socket without closing it when ``do_handshake`` raises (a verification
-    failure): without this, every failed attempt would leak a file descriptor until GC.
-    """
-
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except BaseException:
-            self.close()
-            raise
-
-
-def tls_context(cfg: MqttSection) -> ssl.SSLContext:
-    """The client TLS context: verification on (chain + host name) unless ``tls_insecure``.
-
-    Raises :class:`ConfigError` naming the key when a CA, certificate or key file is unusable.
-    """
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file or None)
-    except (OSError, ssl.SSLError) as err:
-        raise ConfigError(f"mqtt.ca_file: cannot load {cfg.ca_file}: {err}") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.cert_file:
-        try:
-            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-        except (OSError, ssl.SSLError) as err:
-            raise ConfigError(
-                f"mqtt.cert_file/key_file: cannot load {cfg.cert_file} / {cfg.key_file}: {err}"
-            ) from None
-    if cfg.tls_insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.sslsocket_class = _ClosingSSLSocket
-    return ctx
-
-
-def describe_connect_error(err: BaseException | None, host: str) -> tuple[str, str]:
-    """(category, text) of a failed connection attempt: ``tls`` or ``connect``."""
-    if isinstance(err, ssl.SSLCertVerificationError):
-        return "tls", (
-            f"TLS certificate verification failed: {err.verify_message or err.reason}; check "
-            f"mqtt.ca_file and that the broker's certificate is issued for {host!r}"
-        )
-    if isinstance(err, ssl.SSLError):
-        return "tls", f"TLS handshake failed: {err.reason or err}"
-    if isinstance(err, ConnectionRefusedError):
-        return "connect", "connection refused"
-    if err is None:
-        return "connect", "connection failed"
-    return "connect", f"connection failed: {err}"
-
-
-class MqttUplink:
+class MqttUplink(DeliveryPolicy, PahoOnLoop):
     """Publishes the outbox to an MQTT broker (see the module docstring for the guarantees).
 
     Construction does no I/O. ``start()``/``stop()`` and ``notify()`` are called on the event
@@ -379,7 +213,7 @@ class MqttUplink:
             "short_connections": 0,
         }
         self._by_reason: dict[str, int] = {}
-        self._tokens = max(1.0, cfg.backlog_rate_per_s * _BURST_S)
+        self._tokens = max(1.0, cfg.backlog_rate_per_s * BURST_S)
         self._tokens_at = 0.0
         self._hold_until = 0.0  # loop time before which nothing is published (0x97 pause)
         self._quota_attempt = 0
@@ -421,11 +255,6 @@ class MqttUplink:
         ``quota_exceeded`` for 0x97 PUBACKs (retried, not rejected)."""
         return dict(self._by_reason)
 
-    def notify(self) -> None:
-        """Wake the publisher: the outbox has new records. Call on the event loop."""
-        if self._wake is not None:
-            self._wake.set()
-
     async def start(self) -> None:
         """Read the credentials, create the client, connect in the background, start publishing.
 
@@ -436,7 +265,7 @@ class MqttUplink:
             raise RuntimeError("MqttUplink.start() called twice")
         cfg = self._cfg
         password = read_password(cfg)
-        self._check_password_file_mode()
+        check_password_file_mode(cfg)
         ctx = tls_context(cfg) if cfg.tls else None
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -462,7 +291,7 @@ class MqttUplink:
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
-        client.enable_logger(_paho_logger(self._set_paho_error))
+        client.enable_logger(paho_logger(self._set_paho_error))
         client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.max_inflight)
         if cfg.username:
@@ -562,145 +391,6 @@ class MqttUplink:
 
     # -- event loop side ---------------------------------------------------------------------
 
-    async def _publish_loop(self) -> None:
-        """Take, publish, settle; sleep until an append, an ack, a connect or a token wakes it."""
-        assert self._wake is not None
-        failing = False
-        while True:
-            delay: float | None = None
-            try:
-                self._flush_settled()
-                if self._closing:
-                    return
-                delay = self._publish_more()
-                if failing:
-                    failing = False
-                    log.info("MQTT uplink publisher recovered")
-            except Exception:
-                if self._closing:
-                    log.exception("MQTT uplink publisher failed while stopping")
-                    return
-                if not failing:
-                    failing = True
-                    log.exception(
-                        "MQTT uplink publisher failed; retrying every %s s", _RETRY_AFTER_ERROR_S
-                    )
-                await asyncio.sleep(_RETRY_AFTER_ERROR_S)
-                continue
-            self._wake.clear()
-            if delay is None:
-                await self._wake.wait()
-            else:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
-
-    def _publish_more(self) -> float | None:
-        """Publish what the in-flight window, the quota pause and the backlog rate allow.
-
-        Returns seconds after which to try again without a wake-up (a token or the end of a
-        quota pause), or ``None`` to wait for one.
-        """
-        client, loop = self._client, self._loop
-        if client is None or loop is None or not self._can_publish():
-            return None
-        cfg = self._cfg
-        now = loop.time()
-        if now < self._hold_until:
-            return self._hold_until - now
-        room = cfg.max_inflight - len(self._inflight)
-        if room <= 0:
-            return None
-        bulk_limit = cfg.max_inflight - 1 if cfg.max_inflight > 1 else 1  # a slot for alerts
-        rate = cfg.backlog_rate_per_s
-        if rate > 0:
-            self._tokens = min(
-                max(1.0, rate * _BURST_S), self._tokens + (now - self._tokens_at) * rate
-            )
-            self._tokens_at = now
-        wall = self._clock()
-        delay: float | None = None
-        for rec in self._outbox.take(room, exclude=self._inflight_ids):
-            if not self._can_publish():
-                break
-            alert = rec.priority == Priority.ALERT
-            if not alert and len(self._inflight) >= bulk_limit:
-                break
-            historical = (
-                rec.created < self._link_up_wall or wall - rec.created > cfg.historical_after_s
-            )
-            if historical and not alert and rate > 0:
-                if self._tokens < 1.0:
-                    delay = max(_MIN_RATE_WAIT_S, (1.0 - self._tokens) / rate)
-                    break
-                self._tokens -= 1.0
-            payload = mark_historical(rec.payload) if historical else rec.payload
-            if self._max_packet and (
-                len(payload) + len(rec.topic.encode()) + _PACKET_OVERHEAD_BYTES > self._max_packet
-            ):
-                self._reject(
-                    rec.id,
-                    "packet_too_large",
-                    rec.topic,
-                    f"larger than the maximum packet size of {self._max_packet} bytes "
-                    f"({self._max_packet_why})",
-                )
-                continue
-            try:
-                info = client.publish(
-                    rec.topic, payload, qos=1, retain=False, properties=self._pub_props
-                )
-            except ValueError as err:  # a topic paho refuses (wildcard, empty): never sendable
-                self._reject(rec.id, "topic_refused", rec.topic, str(err))
-                continue
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                # Not queued by paho (mid clash, queue full): retry on the next wake-up.
-                log.debug("paho did not queue record %d: %s", rec.id, mqtt.error_string(info.rc))
-                break
-            # NO_CONN: paho keeps the message and sends it after the reconnect.
-            self._inflight[info.mid] = rec.id
-            self._inflight_ids.add(rec.id)
-            if historical:
-                self._counters["historical"] += 1
-        return delay
-
-    def _reject(self, rid: int, key: str, topic: str, detail: str) -> None:
-        """Settle record ``rid`` as rejected (at the next flush) and count it under ``key``."""
-        first = key not in self._by_reason
-        self._by_reason[key] = self._by_reason.get(key, 0) + 1
-        self._rejected.append(rid)
-        if first:
-            log.error(
-                "MQTT record on %s refused (%s: %s): dropped and counted as rejected; further "
-                "%s refusals are logged at debug level",
-                topic,
-                key,
-                detail,
-                key,
-            )
-        else:
-            log.debug("MQTT record %d on %s refused: %s", rid, topic, key)
-        self.notify()
-
-    def _can_publish(self) -> bool:
-        """Connected, and no resend pending.
-
-        Records still unacked from before the current connection (``_carried``) hold new
-        publishes back, so paho's resends always go out first.
-        """
-        return self._connected and not self._carried
-
-    def _flush_settled(self) -> None:
-        """Settle the acks gathered since the last call, in one outbox transaction."""
-        if not self._acked and not self._rejected:
-            return
-        acked, rejected = self._acked, self._rejected
-        self._outbox.settle(acked, rejected)
-        self._acked, self._rejected = [], []
-        self._counters["published"] += len(acked)
-        self._counters["rejected"] += len(rejected)
-        if self._settled is not None:
-            self._settled.set()
-
     async def _publish_offline(self, client: mqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
         info = client.publish(self.status_topic, self._status("offline"), qos=1, retain=True)
         waiter: asyncio.Future[bool] = loop.create_future()
@@ -714,48 +404,6 @@ class MqttUplink:
             )
         finally:
             self._status_waiters.pop(info.mid, None)
-
-    def _handle_ack(self, mid: int, reason: ReasonCode) -> None:
-        rid = self._inflight.pop(mid, None)
-        self._carried.discard(mid)
-        if rid is None:  # a status message (the birth, or stop()'s offline)
-            waiter = self._status_waiters.get(mid)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(not reason.is_failure)
-            return
-        self._inflight_ids.discard(rid)
-        if reason.is_failure and reason.value == QUOTA_EXCEEDED:
-            self._pause_for_quota()
-        elif reason.is_failure:
-            self._reject(rid, reason_key(reason), f"record {rid}", f"0x{reason.value:02x}")
-        else:
-            self._quota_attempt = 0
-            self._acked.append(rid)
-        self.notify()
-
-    def _pause_for_quota(self) -> None:
-        """0x97 quota exceeded: keep the record, pause all publishing for a jittered backoff."""
-        cfg, loop = self._cfg, self._loop
-        self._counters["quota_retries"] += 1
-        self._by_reason["quota_exceeded"] = self._by_reason.get("quota_exceeded", 0) + 1
-        if loop is None:
-            return
-        pause = max(
-            cfg.reconnect_min_s,
-            backoff_delay_s(
-                self._quota_attempt, cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng()
-            ),
-        )
-        if self._quota_attempt == 0:
-            log.warning(
-                "MQTT broker %s:%d: quota exceeded (0x97); pausing publishing for %.2f s, the "
-                "record stays in the outbox and is sent again",
-                cfg.host,
-                cfg.port,
-                pause,
-            )
-        self._quota_attempt += 1
-        self._hold_until = max(self._hold_until, loop.time() + pause)
 
     def _handle_connected(self, session_present: bool, up_wall: float, max_packet: int) -> None:
         cfg = self._cfg
@@ -873,19 +521,6 @@ class MqttUplink:
             self._fail_logged = message
             log.error("MQTT uplink: %s; keeping the previous password", message)
 
-    def _check_password_file_mode(self) -> None:
-        path = self._cfg.password_file
-        if not path:
-            return
-        with contextlib.suppress(OSError):
-            mode = os.stat(path).st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                log.warning(
-                    "mqtt.password_file %s can be read by other users (mode %o): chmod 600 it",
-                    path,
-                    stat.S_IMODE(mode),
-                )
-
     # -- the connection ----------------------------------------------------------------------
 
     async def _connect_loop(self) -> None:
@@ -931,81 +566,8 @@ class MqttUplink:
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def _on_loop(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run ``fn(*args)`` on the event loop: at once when called there (paho's callbacks
-        are), else (the connection worker thread) with ``call_soon_threadsafe``."""
-        loop = self._loop
-        if loop is None:
-            return
-        if threading.get_ident() == self._loop_thread:
-            fn(*args)
-            return
-        # A closed loop means stop() was never awaited: nobody is left to tell.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(fn, *args)
-
-    def _watch(self, sock: Any) -> None:
-        """Register paho's new socket with the loop for reading."""
-        loop, client = self._loop, self._client
-        fd: int = sock.fileno()
-        if loop is None or client is None or client.socket() is not sock or fd < 0:
-            return  # already closed again
-        self._fd = fd
-        loop.add_reader(self._fd, self._on_readable)
-        if self._sock_closed is not None:
-            self._sock_closed.clear()
-
-    def _unwatch(self, sock: Any) -> None:
-        """The socket is closing: take it off the loop and wake the connector."""
-        loop = self._loop
-        if loop is not None and self._fd >= 0:
-            loop.remove_reader(self._fd)
-            loop.remove_writer(self._fd)
-        self._fd = -1
-        if self._sock_closed is not None and self._nudge is not None:
-            self._sock_closed.set()
-            self._nudge.set()
-
-    def _watch_writes(self, sock: Any, on: bool) -> None:
-        loop = self._loop
-        if loop is None or self._fd < 0 or sock.fileno() != self._fd:
-            return
-        if on:
-            loop.add_writer(self._fd, self._on_writable)
-        else:
-            loop.remove_writer(self._fd)
-
-    def _on_readable(self) -> None:
-        client = self._client
-        if client is None:
-            return
-        client.loop_read()
-        # TLS: bytes already decrypted into the SSL object leave the socket unreadable; read
-        # them now or they would wait for the next packet.
-        for _ in range(_MAX_PENDING_READS):
-            sock = client.socket()
-            if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
-                break
-            client.loop_read()
-
-    def _on_writable(self) -> None:
-        if self._client is not None:
-            self._client.loop_write()  # every queued packet; unregisters itself when done
-
     # -- paho's callbacks (on the loop; on_pre_connect and on_socket_* may also run in the
     # -- connection worker thread) -----------------------------------------------------------
-
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._watch, sock)
-
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._unwatch, sock)
-
-    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._watch_writes, sock, True)
-
-    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._on_loop(self._watch_writes, sock, False)
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
         self._paho_error = ""

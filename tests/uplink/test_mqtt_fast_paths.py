@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 
 from appliance.outbox import SqliteOutbox
 from appliance.uplink import MqttUplink
-from appliance.uplink.mqtt import PackedProperties, _paho_logger
+from appliance.uplink.paho_loop import PackedProperties, paho_logger
 
 __all__ = ["outbox"]  # the fixture, imported for pytest
 
@@ -40,7 +40,7 @@ def test_the_paho_logger_keeps_error_lines_only_and_stays_out_of_the_logging_tre
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     lines: list[str] = []
-    logger = _paho_logger(lines.append)
+    logger = paho_logger(lines.append)
     with caplog.at_level(logging.DEBUG):
         logger.log(logging.DEBUG, "Sending PUBLISH %s", "x")
         logger.log(logging.ERROR, "ssl error: %s", "bad certificate")

@@ -1,0 +1,168 @@
+"""paho-mqtt on the asyncio event loop (see "Threads and tasks" in :mod:`appliance.uplink.mqtt`).
+
+paho runs in its "external event loop" mode: :class:`PahoOnLoop` registers paho's socket with
+the loop (``add_reader``/``add_writer``) through paho's ``on_socket_*`` callbacks and runs
+``loop_read``/``loop_write`` as the loop's callbacks, so paho's callbacks run on the loop thread.
+The callbacks paho makes from the connection worker thread (opening a connection) are handed
+to the loop with ``call_soon_threadsafe``. :class:`PackedProperties` and :func:`paho_logger`
+take paho's per-packet Python work off the publish path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+
+_MAX_PENDING_READS = 64  # TLS: extra loop_read calls per readable event for buffered records
+
+
+class PackedProperties(Properties):
+    """MQTT 5 properties packed once, at construction, instead of on every PUBLISH.
+
+    paho packs a :class:`Properties` object for every packet it sends (~50 µs in pure Python
+    for two properties); the publish properties never change, so their bytes are reused. Frozen:
+    setting a property afterwards raises ``AttributeError``.
+    """
+
+    _packed: bytes
+    _text: str
+
+    def __init__(self, packet_type: int, **values: Any) -> None:
+        super().__init__(packet_type)  # type: ignore[no-untyped-call]
+        for name, value in values.items():
+            setattr(self, name, value)
+        object.__setattr__(self, "_packed", Properties.pack(self))  # type: ignore[no-untyped-call]
+        object.__setattr__(self, "_text", Properties.__str__(self))  # type: ignore[no-untyped-call]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_packed" in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name}")
+        super().__setattr__(name, value)  # type: ignore[no-untyped-call]
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:
+        return self._text
+
+
+class _PahoErrors(logging.Handler):
+    """Keeps paho's last error line (its ``on_log`` formatted every packet's debug line)."""
+
+    def __init__(self, sink: Callable[[str], None]) -> None:
+        super().__init__(logging.ERROR)
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._sink(record.getMessage())
+
+
+def paho_logger(sink: Callable[[str], None]) -> logging.Logger:
+    """A private logger (not in the logging tree) handing paho's ERROR lines to ``sink``.
+
+    paho's ``_easy_log`` formats its message eagerly for ``on_log`` (a debug line with the
+    properties' ``str()`` for every PUBLISH and PUBACK); a logger at ERROR level filters those
+    out before formatting.
+    """
+    logger = logging.Logger("appliance.uplink.mqtt.paho", logging.ERROR)
+    logger.propagate = False
+    logger.addHandler(_PahoErrors(sink))
+    return logger
+
+
+class PahoOnLoop:
+    """The socket side of an uplink whose paho client runs on the event loop: a mixin of
+    :class:`~appliance.uplink.mqtt.MqttUplink`, which sets these attributes.
+
+    ``_on_socket_*`` are paho's callbacks (on the loop, or in the connection worker thread);
+    the rest runs on the loop. ``_sock_closed`` is set while no socket is registered, and
+    ``_nudge`` wakes the connector task when the socket closes.
+    """
+
+    _loop: asyncio.AbstractEventLoop | None
+    _client: mqtt.Client | None
+    _fd: int
+    _sock_closed: asyncio.Event | None
+    _nudge: asyncio.Event | None
+    _loop_thread: int
+
+    def _on_loop(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the event loop: at once when called there (paho's callbacks
+        are), else (the connection worker thread) with ``call_soon_threadsafe``."""
+        loop = self._loop
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+            return
+        # A closed loop means stop() was never awaited: nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _watch(self, sock: Any) -> None:
+        """Register paho's new socket with the loop for reading."""
+        loop, client = self._loop, self._client
+        fd: int = sock.fileno()
+        if loop is None or client is None or client.socket() is not sock or fd < 0:
+            return  # already closed again
+        self._fd = fd
+        loop.add_reader(self._fd, self._on_readable)
+        if self._sock_closed is not None:
+            self._sock_closed.clear()
+
+    def _unwatch(self, sock: Any) -> None:
+        """The socket is closing: take it off the loop and wake the connector."""
+        loop = self._loop
+        if loop is not None and self._fd >= 0:
+            loop.remove_reader(self._fd)
+            loop.remove_writer(self._fd)
+        self._fd = -1
+        if self._sock_closed is not None and self._nudge is not None:
+            self._sock_closed.set()
+            self._nudge.set()
+
+    def _watch_writes(self, sock: Any, on: bool) -> None:
+        loop = self._loop
+        if loop is None or self._fd < 0 or sock.fileno() != self._fd:
+            return
+        if on:
+            loop.add_writer(self._fd, self._on_writable)
+        else:
+            loop.remove_writer(self._fd)
+
+    def _on_readable(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        client.loop_read()
+        # TLS: bytes already decrypted into the SSL object leave the socket unreadable; read
+        # them now or they would wait for the next packet.
+        for _ in range(_MAX_PENDING_READS):
+            sock = client.socket()
+            if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                break
+            client.loop_read()
+
+    def _on_writable(self) -> None:
+        if self._client is not None:
+            self._client.loop_write()  # every queued packet; unregisters itself when done
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch, sock)
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch_writes, sock, True)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch_writes, sock, False)
