@@ -57,7 +57,7 @@ from appliance.config import MqttSection
 from appliance.contracts import Envelope, Priority
 from appliance.demo.mosquitto import MosquittoProcess, free_port, mosquitto_binary
 from appliance.outbox import SqliteOutbox
-from appliance.outbox.sqlite import _INSERT
+from appliance.outbox.layout import INSERT
 from appliance.payload import mark_historical
 from appliance.uplink import MqttUplink
 from appliance.uplink.paho_loop import PackedProperties
@@ -208,7 +208,7 @@ def bench_sqlite_floor(workdir: Path, n: int, batch: int) -> dict[str, Any]:
         t = time.perf_counter()
         for shifted in batches:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(_INSERT, shifted)
+            db.executemany(INSERT, shifted)
             db.execute("COMMIT")
         dt = time.perf_counter() - t
     remove_outbox(path)

@@ -4,6 +4,11 @@ The outbox is a transaction API (like Telegraf's ``models/buffer.go``): producer
 envelopes; the uplink ``take``s a batch, publishes it and ``settle``s each record as accepted or
 rejected. Anything not settled stays, across reconnects and process restarts.
 
+This module is the storage; the disk budget (coarsening, eviction) is
+:mod:`appliance.outbox.budget`, the id layout shared by both :mod:`appliance.outbox.layout`, and
+the payload format :mod:`appliance.payload`. Producers and the uplink see it as
+:class:`appliance.contracts.Outbox`.
+
 Durability window
 -----------------
 The file is opened in WAL mode (``PRAGMA journal_mode=WAL``) with an explicit ``synchronous``
@@ -130,31 +135,26 @@ only writer.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
-
-import msgspec
+from typing import Any, Literal, TypeVar
 
 from appliance.config import OutboxSection
-from appliance.contracts import Envelope, OutboxRecord, Priority
+from appliance.contracts import Envelope, OutboxRecord
 from appliance.errors import ApplianceError
-from appliance.outbox import coarsen
-from appliance.payload import PayloadEncoder, decode_payload, encode_message
+from appliance.outbox.budget import MAX_COARSEN_WINDOWS, DiskBudget, Freed
+from appliance.outbox.layout import CLASS_SHIFT, CLASSES, INSERT, class_range
+from appliance.payload import PayloadEncoder
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 SCHEMA_VERSION = 1
-_EVICT_TARGET = 0.95  # evict down to this fraction of the budget (hysteresis)
 _EPISODE_END = 0.5  # an eviction episode ends below this fraction of the budget
-_MIN_EVICT_ROWS = 16
-_MAX_EVICT_ROUNDS = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -176,10 +176,6 @@ CREATE TABLE IF NOT EXISTS records (
 );
 """
 
-_INSERT = (  # columns in OutboxRecord's field order: a record is its own parameter tuple
-    "INSERT INTO records (id, stream, seq, topic, priority, payload, created) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
 _UPSERT_STREAM = (
     "INSERT INTO streams (stream, seq) VALUES (?, ?) "
     "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq"
@@ -200,34 +196,8 @@ _WAL_SIZE_LIMIT = 32 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint. Above the ~16 MiB it reaches between
 two automatic checkpoints, so in steady state it is reused, never truncated and re-grown (which
 cost ~35 % of the append rate with a 4 MiB limit)."""
-_CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append order)
-_CLASSES = tuple(sorted(int(p) for p in Priority))
 _MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
-_COARSEN_SCAN_ROWS = 512  # telemetry rows read per step of a coarsening scan
-_MAX_COARSEN_WINDOWS = 10_000  # a merge deletes as many rows in one statement (SQLite: 32766)
 _make_record = OutboxRecord._make
-
-
-class _Freed(NamedTuple):
-    """What making room over the budget did in one transaction."""
-
-    evicted: dict[int, int]  # records deleted, per priority class
-    merged: int = 0  # telemetry records merged into others (coarsening)
-
-
-class _Run:
-    """Consecutive telemetry records of one stream, oldest first, to be merged into one."""
-
-    __slots__ = ("ids", "msgs", "extents", "windows", "topic", "priority", "created")
-
-    def __init__(self, topic: str, priority: int, created: float) -> None:
-        self.ids: list[int] = []
-        self.msgs: list[dict[str, Any]] = []
-        self.extents: list[tuple[int, int]] = []  # (first_seq, windows) of each
-        self.windows = 0
-        self.topic = topic
-        self.priority = priority
-        self.created = created
 
 
 class OutboxError(ApplianceError):
@@ -281,12 +251,7 @@ def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _class_range(priority: int) -> tuple[int, int]:
-    """The half-open id range ``[lo, hi)`` of one priority class."""
-    return priority << _CLASS_SHIFT, (priority + 1) << _CLASS_SHIFT
-
-
-class SqliteOutbox:
+class SqliteOutbox(DiskBudget):
     """Durable, ordered, budgeted store of outgoing messages (see the module docstring).
 
     ``append`` is called on the event loop by the producers (alerts, downsample, status);
@@ -317,9 +282,9 @@ class SqliteOutbox:
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
         if not disk_budget_mb > 0:
             raise ValueError(f"disk_budget_mb must be > 0, not {disk_budget_mb!r}")
-        if coarsen_windows == 1 or not 0 <= coarsen_windows <= _MAX_COARSEN_WINDOWS:
+        if coarsen_windows == 1 or not 0 <= coarsen_windows <= MAX_COARSEN_WINDOWS:
             raise ValueError(
-                f"coarsen_windows must be 0 (off) or 2..{_MAX_COARSEN_WINDOWS}, "
+                f"coarsen_windows must be 0 (off) or 2..{MAX_COARSEN_WINDOWS}, "
                 f"not {coarsen_windows!r}"
             )
         if not appliance_id:
@@ -513,8 +478,8 @@ class SqliteOutbox:
         self._seq_floor = int(row[0]) if row else 0
         self._seqs = dict(db.execute("SELECT stream, seq FROM streams").fetchall())
         last_n = 0
-        for priority in _CLASSES:
-            lo, hi = _class_range(priority)
+        for priority in CLASSES:
+            lo, hi = class_range(priority)
             top = db.execute(
                 "SELECT max(id) FROM records WHERE id >= ? AND id < ?", (lo, hi)
             ).fetchone()[0]
@@ -612,7 +577,7 @@ class SqliteOutbox:
             priority = int(env.priority)
             rows.append(
                 OutboxRecord(
-                    priority << _CLASS_SHIFT | n, stream, seq, env.topic, priority, payload, created
+                    priority << CLASS_SHIFT | n, stream, seq, env.topic, priority, payload, created
                 )
             )
             n += 1
@@ -639,13 +604,13 @@ class SqliteOutbox:
         db: sqlite3.Connection,
         rows: list[OutboxRecord],
         seqs: dict[str, int],
-    ) -> _Freed:
+    ) -> Freed:
         """Insert ``rows`` and their streams' seqs in one transaction, evicting over budget."""
-        freed = _Freed({})
+        freed = Freed({})
         coarse_from = self._coarse_from
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_INSERT, rows)
+            db.executemany(INSERT, rows)
             db.executemany(_UPSERT_STREAM, seqs.items())
             if self._used_bytes(db) > self.disk_budget_bytes:
                 freed = self._evict(db, self._pending + len(rows))
@@ -663,7 +628,7 @@ class SqliteOutbox:
         rows: list[OutboxRecord],
         seqs: dict[str, int],
         err: sqlite3.OperationalError,
-    ) -> _Freed:
+    ) -> Freed:
         """The disk is full: evict per policy, retry the write once, else ``OutboxFullError``."""
         self._counters["disk_full"] += 1
         need = max(_DISK_FULL_MIN_BYTES, _DISK_FULL_HEADROOM * sum(len(r.payload) for r in rows))
@@ -846,10 +811,10 @@ class SqliteOutbox:
             return 0.0
         firsts = [
             row[0]
-            for priority in _CLASSES
+            for priority in CLASSES
             for row in self._conn.execute(
                 "SELECT created FROM records WHERE id >= ? AND id < ? ORDER BY id LIMIT 1",
-                _class_range(priority),
+                class_range(priority),
             )
         ]
         return max(0.0, self._clock() - min(firsts)) if firsts else 0.0
@@ -902,14 +867,6 @@ class SqliteOutbox:
         )
 
     @staticmethod
-    def _used_bytes(db: sqlite3.Connection) -> int:
-        """Bytes of the database in use (free pages excluded, since inserts reuse them)."""
-        pages = db.execute("PRAGMA page_count").fetchone()[0]
-        free = db.execute("PRAGMA freelist_count").fetchone()[0]
-        size = db.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
-
-    @staticmethod
     def _topics(db: sqlite3.Connection, ids: Sequence[int]) -> list[str]:
         """Distinct topics of the records ``ids`` (chunked under SQLite's variable limit)."""
         topics: set[str] = set()
@@ -925,207 +882,3 @@ class SqliteOutbox:
             return 0
         cur = db.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in ids))
         return max(cur.rowcount, 0)
-
-    def _evict(self, db: sqlite3.Connection, pending: int) -> _Freed:
-        """Merge old telemetry, then delete oldest records, least important class first, to
-        95 % of the budget (see "Disk budget" in the module docstring).
-
-        Runs inside the caller's transaction. Returns the number deleted per priority class
-        and the number merged away.
-        """
-        target = self.disk_budget_bytes * _EVICT_TARGET
-        evicted: dict[int, int] = {}
-        merged = 0
-        can_coarsen = self.coarsen_windows > 0
-        for _ in range(_MAX_EVICT_ROUNDS):
-            used = self._used_bytes(db)
-            if used <= target or pending <= 0:
-                break
-            per_row = used / pending  # over-estimates (schema pages count too): safe side
-            want = max(_MIN_EVICT_ROWS, math.ceil((used - target) / per_row))
-            if can_coarsen:
-                n = self._coarsen(db, want)
-                if n:
-                    merged += n
-                    pending -= n
-                    continue  # re-measure: merging frees less than deleting as many rows
-                can_coarsen = False  # nothing left to merge: evict
-            for priority in reversed(_CLASSES):
-                if want <= 0:
-                    break
-                cur = db.execute(
-                    "DELETE FROM records WHERE id IN (SELECT id FROM records "
-                    "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?)",
-                    (*_class_range(priority), want),
-                )
-                n = max(cur.rowcount, 0)
-                if n:
-                    evicted[priority] = evicted.get(priority, 0) + n
-                    pending -= n
-                    want -= n
-                    if priority != Priority.ALERT:
-                        break  # re-measure before touching a more important class
-        return _Freed(evicted, merged)
-
-    def _coarsen(self, db: sqlite3.Connection, want: int) -> int:
-        """Merge runs of consecutive telemetry records of a stream, oldest first, until ``want``
-        rows are gone (see :mod:`appliance.outbox.coarsen`). Inside the caller's transaction.
-
-        A merged record takes the place (id, ``created``) of the oldest one it replaces and
-        covers at most ``coarsen_windows`` windows. Records handed out by ``take`` and not
-        settled (possibly in flight) and anything not shaped like a telemetry window are left
-        alone and end a run. Returns the number of rows merged away.
-        """
-        limit = self.coarsen_windows
-        lo, hi = _class_range(int(Priority.TELEMETRY))
-        pos = max(lo, self._coarse_from)
-        runs: dict[str, _Run] = {}
-        freed = 0
-
-        def close(stream: str) -> None:
-            nonlocal freed
-            run = runs.pop(stream, None)
-            if run is None or len(run.ids) < 2:
-                return
-            try:
-                payload = encode_message(coarsen.merge(run.msgs, run.extents))
-            except coarsen.NotMergeable as err:  # a statistic that is not a number: left as is
-                log.debug("outbox: not merging records %s: %s", run.ids, err)
-                return
-            db.execute(f"DELETE FROM records WHERE id IN ({','.join('?' * len(run.ids))})", run.ids)
-            db.execute(
-                _INSERT,
-                (
-                    run.ids[0],
-                    stream,
-                    run.msgs[-1]["seq"],
-                    run.topic,
-                    run.priority,
-                    payload,
-                    run.created,
-                ),
-            )
-            freed += len(run.ids) - 1
-
-        while freed < want:
-            rows = db.execute(
-                "SELECT id, stream, topic, priority, payload, created FROM records "
-                "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
-                (pos, hi, _COARSEN_SCAN_ROWS),
-            ).fetchall()
-            if not rows:
-                break
-            for rid, stream, topic, priority, payload, created in rows:
-                pos = rid + 1
-                try:
-                    msg = decode_payload(payload)
-                    first_seq, windows = coarsen.extent(msg)
-                except (msgspec.DecodeError, coarsen.NotMergeable):
-                    close(stream)
-                    continue
-                run = runs.get(stream)
-                if run is not None and (
-                    first_seq != run.msgs[-1]["seq"] + 1
-                    or run.windows + windows > limit
-                    or topic != run.topic
-                ):
-                    close(stream)
-                    run = None
-                if rid in self._taken or windows >= limit:
-                    close(stream)
-                    continue
-                if run is None:
-                    run = runs[stream] = _Run(topic, priority, created)
-                run.ids.append(rid)
-                run.msgs.append(msg)
-                run.extents.append((first_seq, windows))
-                run.windows += windows
-                if run.windows >= limit:
-                    close(stream)
-                if freed >= want:
-                    break
-        # Runs still open hold the newest windows of their streams (or where the scan stopped):
-        # scanned again next time, and merged now only when there is nothing older to merge.
-        self._coarse_from = min((run.ids[0] for run in runs.values()), default=pos)
-        if freed < want:
-            for stream in list(runs):
-                close(stream)
-        return freed
-
-    def _evict_bytes(self, db: sqlite3.Connection, need: int) -> dict[int, int]:
-        """Delete the oldest records, least important class first, until their payloads add up
-        to ``need`` bytes (or nothing is left). Inside the caller's transaction."""
-        evicted: dict[int, int] = {}
-        for priority in reversed(_CLASSES):
-            if need <= 0:
-                break
-            lo, hi = _class_range(priority)
-            cutoff, n = None, 0
-            cur = db.execute(
-                "SELECT id, length(payload) + length(topic) + length(stream) + 32 FROM records "
-                "WHERE id >= ? AND id < ? ORDER BY id",
-                (lo, hi),
-            )
-            try:
-                for rid, size in cur:
-                    cutoff, n, need = rid, n + 1, need - size
-                    if need <= 0:
-                        break
-            finally:
-                cur.close()
-            if cutoff is not None:
-                db.execute("DELETE FROM records WHERE id >= ? AND id <= ?", (lo, cutoff))
-                evicted[priority] = n
-        return evicted
-
-    def _count_evictions(
-        self, evicted: dict[int, int], *, merged: int = 0, budget: bool = True
-    ) -> None:
-        """Count evictions (per class) and ``merged`` records; log budget episodes
-        (``budget``), their first eviction and lost alerts once each."""
-        total = sum(evicted.values())
-        alerts = evicted.get(int(Priority.ALERT), 0)
-        self._pending -= total + merged
-        self._counters["evicted"] += total
-        self._counters["evicted_alerts"] += alerts
-        self._counters["coarsened"] += merged
-        budget_mib = self.disk_budget_bytes / 2**20
-        if budget and not self._evicting:
-            self._evicting = True
-            self._alerts_lost = False
-            self._evict_warned = total > 0
-            if self.coarsen_windows:
-                log.warning(
-                    "outbox over its disk budget of %.1f MiB (uplink down?): merging the oldest "
-                    "telemetry into messages of up to %d windows, then evicting the oldest "
-                    "records, telemetry first (%d merged, %d evicted now)",
-                    budget_mib,
-                    self.coarsen_windows,
-                    merged,
-                    total,
-                )
-            else:
-                log.warning(
-                    "outbox over its disk budget of %.1f MiB (uplink down?): evicting the oldest "
-                    "records, telemetry first (%d evicted now)",
-                    budget_mib,
-                    total,
-                )
-        elif budget and total and not self._evict_warned:
-            self._evict_warned = True
-            log.warning(
-                "outbox over its disk budget of %.1f MiB with all its telemetry merged as far "
-                "as outbox.coarsen_windows allows: evicting the oldest records now (%d evicted)",
-                budget_mib,
-                total,
-            )
-        else:
-            log.debug("outbox evicted %d and merged %d record(s)", total, merged)
-        if alerts and not self._alerts_lost:
-            self._alerts_lost = True
-            log.error(
-                "outbox holds nothing but alerts and is out of room: evicting the oldest alerts "
-                "(%d lost now, %d in total)",
-                alerts,
-                self._counters["evicted_alerts"],
-            )
