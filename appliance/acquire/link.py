@@ -48,9 +48,8 @@ class LinkTask:
     The backoff before reconnect attempt ``n`` is :func:`~appliance.backoff.backoff_delay_s`
     (capped exponential, full jitter); it starts over once the link had been up. Stopping sets a
     flag before cancelling, so a task whose cancellation was lost still ends at its next loop
-    turn.
-    Subclasses provide ``_connect``, ``_session``, ``_disconnect`` (idempotent), ``_went_down``
-    and a ``_state``.
+    turn. Subclasses provide ``_connect``, ``_session``, ``_disconnect`` (idempotent),
+    ``_went_down`` and a ``_state``.
     """
 
     _state: State
