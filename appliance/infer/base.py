@@ -44,6 +44,25 @@ class Engine(ABC):
         self.detail = ""  # e.g. the execution providers in use
         self._started = False
 
+    # -- lifecycle seams used by the serving chain (appliance/infer/select.py) ---------------
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this host (module missing, no GPU), or ``None``.
+
+        Cheap: no model load, no build. The serving chain skips a backend that reports a reason.
+        """
+        return None
+
+    def needs_build(self) -> bool:
+        """True when ``start()`` would first have to compile the model (e.g. a TensorRT engine
+        not in the cache yet): the serving chain then builds it in the background while an
+        earlier-ready backend serves."""
+        return False
+
+    def build(self) -> None:
+        """Compile and cache whatever ``start()`` needs (may take minutes; any thread).
+        Backends with nothing to build keep this no-op."""
+        return None
+
     def start(self) -> None:
         """Load the model, then refuse to serve unless it reproduces the golden vectors."""
         if self._started:
