@@ -1,4 +1,4 @@
-"""Command line: ``appliance run | check-config | simulate | demo``.
+"""Command line: ``appliance run | check-config | simulate | demo | engine``.
 
 Exit codes: 0 success; 1 runtime failure (model, I/O); 2 invalid configuration or usage.
 """
@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_run.add_arguments(sp)
     sp.set_defaults(func=_cmd_demo)
+
+    from appliance.infer import cli as engine_cli
+
+    sp = add(
+        "engine", "build or list inference engines", "Build engines ahead of time, list the cache."
+    )
+    engine_cli.add_arguments(sp)
     return p
 
 

@@ -72,16 +72,31 @@ class Engine(ABC):
         self.check_parity()
 
     def check_parity(self) -> float:
-        """Max abs error against the bundle's golden outputs; raises ModelError above atol."""
+        """Check the golden vectors; return the max abs error, raise ModelError on a miss.
+
+        Per element of the output: pass when ``|got - want| <= atol + rtol * |want|`` with the
+        manifest's ``golden_atol`` and ``golden_rtol`` (rtol 0 by default: an absolute check).
+        A NaN anywhere fails. The error names the backend, the model, the worst element (the one
+        furthest beyond its bound) and both tolerances.
+        """
         b = self.bundle
         got = self.infer(b.golden_inputs)
-        err = float(np.max(np.abs(got - b.golden_outputs))) if got.size else 0.0
-        if not err <= b.golden_atol:
+        want = b.golden_outputs
+        if not got.size:
+            return 0.0
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        bound = b.golden_atol + b.golden_rtol * np.abs(want.astype(np.float64))
+        excess = np.where(np.isnan(diff), np.inf, diff - bound)
+        worst = int(np.argmax(excess))
+        if excess[worst] > 0:
             raise ModelError(
                 f"{self.backend}: model {b.name} {b.version} fails its golden-vector parity "
-                f"check (max abs error {err:.3g} > {b.golden_atol:g}); refusing to serve"
+                f"check on output {b.output_name!r}: element {worst} = {float(got[worst])!r}, "
+                f"golden {float(want[worst])!r}, |error| {float(diff[worst])!r} > "
+                f"atol {b.golden_atol:g} + rtol {b.golden_rtol:g} × |golden| "
+                f"= {float(bound[worst])!r}; refusing to serve"
             )
-        return err
+        return float(np.max(diff))
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         if not self._started:
