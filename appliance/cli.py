@@ -1,4 +1,4 @@
-"""Command line: ``appliance run | check-config | simulate | demo | engine``.
+"""Command line: ``appliance run | check-config | simulate | demo``.
 
 Exit codes: 0 success; 1 runtime failure (model, I/O); 2 invalid configuration or usage.
 """
