@@ -49,7 +49,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     ls.set_defaults(func=run_list)
 
 
-def _make_engine(backend: str, cfg: Any, bundle: Any) -> Any:
+def engine_for_backend(backend: str, cfg: Any, bundle: Any) -> Any:
+    """The (not started) engine for ``backend`` built from the config's ``[engine]`` and
+    ``[batch]`` keys, exactly as ``appliance engine build`` makes it."""
     max_batch = max(cfg.batch.max_batch, len(bundle.golden_inputs))
     common = dict(
         max_batch=max_batch,
@@ -81,7 +83,7 @@ def run_build(args: argparse.Namespace) -> int:
     for model in models:
         try:
             bundle = load_bundle(model)
-            engine = _make_engine(backend, cfg, bundle)
+            engine = engine_for_backend(backend, cfg, bundle)
             reason = engine.unavailable_reason()
             if reason is not None:
                 print(f"{backend}: not available here: {reason}", file=sys.stderr)

@@ -85,6 +85,7 @@ class TrtEngine(Engine):
         self._engine: Any = None
         self._context: Any = None
         self._built: Any = None  # the engine build() produced, for start() to reuse
+        self._runtime: Any = None
 
     # -- seams for the serving chain --------------------------------------------------------
     def unavailable_reason(self) -> str | None:
@@ -159,7 +160,9 @@ class TrtEngine(Engine):
         import tensorrt as trt
 
         key = self.key()
-        runtime = trt.Runtime(_logger(trt))
+        if self._runtime is None:  # kept: TensorRT wants the runtime to outlive its engines
+            self._runtime = trt.Runtime(_logger(trt))
+        runtime = self._runtime
 
         def deserialize(data: bytes) -> Any:
             return runtime.deserialize_cuda_engine(data)
@@ -251,7 +254,8 @@ class TrtEngine(Engine):
         assert self._bufs is not None and self._ctx is not None
         n = batch.shape[0]
         with self._ctx:
-            self._context.set_input_shape(self.bundle.input_name, (n, batch.shape[1]))
+            if not self._context.set_input_shape(self.bundle.input_name, (n, batch.shape[1])):
+                raise ModelError(f"tensorrt: batch of {n} is outside the engine's profile")
             self._bufs.upload(batch)
             if not self._context.execute_async_v3(self._bufs.stream_handle):
                 raise ModelError(f"tensorrt: execute_async_v3 failed for a batch of {n}")
