@@ -70,8 +70,8 @@ def test_cache_key_changes_with_each_key_field(change: dict[str, object]) -> Non
     assert dataclasses.replace(BASE_KEY).digest == BASE_KEY.digest  # deterministic
 
 
-def test_without_tensorrt_the_backend_says_why() -> None:
-    assert "tensorrt" not in sys.modules or sys.modules["tensorrt"].__file__ is None
+def test_without_tensorrt_the_backend_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on a host without TensorRT
     assert trt_unavailable_reason() == "tensorrt not installed"
     engine = make_engine(Path("/nonexistent"))
     assert engine.unavailable_reason() == "tensorrt not installed"
@@ -270,6 +270,15 @@ def test_an_engine_from_another_tensorrt_version_never_loads(
     back = make_engine(tmp_path)
     back.start()
     assert back.status == "built" and back.cache.stats.invalid_rebuilt == 1
+
+
+def test_an_onnx_graph_that_does_not_match_its_manifest_is_refused(
+    fake_trt: ModuleType, tmp_path: Path, make_model: Callable[..., Path]
+) -> None:
+    bundle = load_bundle(str(make_model(input="inputs")))
+    with pytest.raises(ModelError, match=r"graph I/O \['features'\].*manifest's inputs→score"):
+        make_engine(tmp_path / "cache", bundle).start()
+    assert not list((tmp_path / "cache").glob("*.engine"))
 
 
 def test_a_build_failure_is_a_model_error(fake_trt: ModuleType, tmp_path: Path) -> None:
