@@ -140,10 +140,15 @@ class TrtEngine(Engine):
         return "fp16" if getattr(builder, "platform_has_fast_fp16", False) else "fp32"
 
     def needs_build(self) -> bool:
+        """True when no valid engine for this key is cached. False when TensorRT is unavailable
+        or the key cannot be formed (a refused precision): ``start()`` then raises the reason."""
         if self.unavailable_reason() is not None:
             return False
-        with self._context_current():
-            return not self.cache.is_cached(self.key())
+        try:
+            with self._context_current():
+                return not self.cache.is_cached(self.key())
+        except ModelError:
+            return False
 
     def build(self) -> None:
         """Build (or find) the engine for this key; safe across threads and processes."""

@@ -12,6 +12,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from engine_fixtures import *  # noqa: F403 (the fake_trt and make_model fixtures)
 
 from appliance.cli import main
 from appliance.config import load_config

@@ -16,6 +16,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from engine_fixtures import *  # noqa: F403 (the fake_trt and make_model fixtures)
 
 from appliance.errors import ModelError
 from appliance.infer.bundle import ModelBundle, load_bundle
@@ -177,6 +178,7 @@ def test_fp16_forced_without_the_manifests_consent_is_refused(
     fake_trt: ModuleType, tmp_path: Path
 ) -> None:
     engine = make_engine(tmp_path, precision="fp16")
+    assert engine.needs_build() is False  # nothing the chain could build; start() says why
     with pytest.raises(ModelError, match='"fp16": true'):
         engine.start()
 

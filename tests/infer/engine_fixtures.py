@@ -1,5 +1,8 @@
 """Fixtures for the engine tests: the TensorRT/pycuda TEST DOUBLE and model copies.
 
+Imported by the test modules that use them (``from engine_fixtures import fake_trt``): a
+``conftest.py`` here would shadow ``tests/conftest.py``, which other tests import by name.
+
 ``fake_trt`` puts ``tests/infer/fake_tensorrt`` (a fake of the ``tensorrt`` and ``pycuda``
 packages, see its README) first on ``sys.path`` for one test and removes it afterwards. Real
 TensorRT cannot run here; everything else (onnxruntime, the cache on disk, file locks,
@@ -20,6 +23,8 @@ from typing import Any
 import pytest
 
 from appliance.infer.bundle import MODELS_DIR
+
+__all__ = ["fake_trt", "make_model"]
 
 FAKE_DIR = Path(__file__).parent / "fake_tensorrt"
 
