@@ -192,7 +192,7 @@ class TrtEngine(Engine):
         parser = trt.OnnxParser(network, logger)
         onnx = self.bundle.onnx_path.read_bytes()
         if not parser.parse(onnx):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelError(f"tensorrt cannot parse {self.bundle.onnx_path}: {errors}")
         names_in = [network.get_input(i).name for i in range(network.num_inputs)]
         names_out = [network.get_output(i).name for i in range(network.num_outputs)]
@@ -281,6 +281,12 @@ class TrtEngine(Engine):
         if self._ctx is not None:
             self._ctx.release()
             self._ctx = None
+
+
+def _parser_error(err: Any) -> str:
+    """An ``IParserError`` as text (its ``desc()``), whatever the release gives back."""
+    desc = getattr(err, "desc", None)
+    return str(desc() if callable(desc) else err)
 
 
 _LOGGERS: dict[int, Any] = {}

@@ -4,6 +4,7 @@ DOUBLE: tests/infer/fake_tensorrt). The cache files, locks, processes and onnxru
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -281,6 +282,19 @@ def test_an_onnx_graph_that_does_not_match_its_manifest_is_refused(
     with pytest.raises(ModelError, match=r"graph I/O \['features'\].*manifest's inputs→score"):
         make_engine(tmp_path / "cache", bundle).start()
     assert not list((tmp_path / "cache").glob("*.engine"))
+
+
+def test_an_onnx_file_tensorrt_cannot_parse_is_a_model_error(
+    fake_trt: ModuleType, tmp_path: Path, make_model: Callable[..., Path]
+) -> None:
+    d = make_model()
+    garbage = b"not an onnx graph"
+    (d / "model.onnx").write_bytes(garbage)
+    make_model_sha = hashlib.sha256(garbage).hexdigest()
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "onnx_sha256": make_model_sha}))
+    with pytest.raises(ModelError, match=r"tensorrt cannot parse .*model\.onnx: ModelImporter"):
+        make_engine(tmp_path / "cache", load_bundle(str(d))).start()
 
 
 def test_a_build_failure_is_a_model_error(fake_trt: ModuleType, tmp_path: Path) -> None:

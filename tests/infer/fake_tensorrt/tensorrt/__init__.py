@@ -96,6 +96,14 @@ def _dims(shape: Any) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else -1 for d in shape)
 
 
+class IParserError:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def desc(self) -> str:
+        return self.text
+
+
 class OnnxParser:
     def __init__(self, network: INetworkDefinition, logger: Logger) -> None:
         self.network = network
@@ -105,8 +113,8 @@ class OnnxParser:
     def num_errors(self) -> int:
         return len(self.errors)
 
-    def get_error(self, i: int) -> str:
-        return self.errors[i]
+    def get_error(self, i: int) -> IParserError:
+        return IParserError(self.errors[i])
 
     def parse(self, model: bytes) -> bool:
         import onnxruntime as ort
