@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_run.add_arguments(sp)
     sp.set_defaults(func=_cmd_demo)
+
+    from appliance.infer import cli as engine_cli
+
+    sp = add(
+        "engine", "build or list inference engines", "Build engines ahead of time, list the cache."
+    )
+    engine_cli.add_arguments(sp)
     return p
 
 

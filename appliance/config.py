@@ -348,8 +348,14 @@ class BatchSection(_Section, frozen=True):
 
 class EngineSection(_Section, frozen=True):
     model: str = "cnc_anomaly"
-    backend: Literal["auto", "onnxruntime-cpu"] = "auto"
+    backend: Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"] = "auto"
     threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    #: serialized TensorRT engines (appliance/infer/cache.py); relative to the config file
+    cache_dir: str = "/var/lib/appliance/engines"
+    #: "auto": FP16 when the GPU has fast FP16 and the model's manifest allows it
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
+    #: TensorRT builder workspace limit
+    workspace_mb: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 1024
 
 
 class ThresholdRule(_Section, frozen=True):
@@ -512,7 +518,9 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     model = cfg.engine.model
     if "/" in model or model.endswith(".onnx"):
         model = _resolve(base_dir, model)
-    engine = msgspec.structs.replace(cfg.engine, model=model)
+    engine = msgspec.structs.replace(
+        cfg.engine, model=model, cache_dir=_resolve(base_dir, cfg.engine.cache_dir)
+    )
     mqtt_files = {
         key: _resolve(base_dir, getattr(cfg.mqtt, key))
         for key in ("ca_file", "cert_file", "key_file", "password_file")

@@ -44,6 +44,25 @@ class Engine(ABC):
         self.detail = ""  # e.g. the execution providers in use
         self._started = False
 
+    # -- lifecycle seams used by the serving chain (appliance/infer/select.py) ---------------
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this host (module missing, no GPU), or ``None``.
+
+        Cheap: no model load, no build. The serving chain skips a backend that reports a reason.
+        """
+        return None
+
+    def needs_build(self) -> bool:
+        """True when ``start()`` would first have to compile the model (e.g. a TensorRT engine
+        not in the cache yet): the serving chain then builds it in the background while an
+        earlier-ready backend serves."""
+        return False
+
+    def build(self) -> None:
+        """Compile and cache whatever ``start()`` needs (may take minutes; any thread).
+        Backends with nothing to build keep this no-op."""
+        return None
+
     def start(self) -> None:
         """Load the model, then refuse to serve unless it reproduces the golden vectors."""
         if self._started:
@@ -53,16 +72,31 @@ class Engine(ABC):
         self.check_parity()
 
     def check_parity(self) -> float:
-        """Max abs error against the bundle's golden outputs; raises ModelError above atol."""
+        """Check the golden vectors; return the max abs error, raise ModelError on a miss.
+
+        Per element of the output: pass when ``|got - want| <= atol + rtol * |want|`` with the
+        manifest's ``golden_atol`` and ``golden_rtol`` (rtol 0 by default: an absolute check).
+        A NaN anywhere fails. The error names the backend, the model, the worst element (the one
+        furthest beyond its bound) and both tolerances.
+        """
         b = self.bundle
         got = self.infer(b.golden_inputs)
-        err = float(np.max(np.abs(got - b.golden_outputs))) if got.size else 0.0
-        if not err <= b.golden_atol:
+        want = b.golden_outputs
+        if not got.size:
+            return 0.0
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        bound = b.golden_atol + b.golden_rtol * np.abs(want.astype(np.float64))
+        excess = np.where(np.isnan(diff), np.inf, diff - bound)
+        worst = int(np.argmax(excess))
+        if excess[worst] > 0:
             raise ModelError(
                 f"{self.backend}: model {b.name} {b.version} fails its golden-vector parity "
-                f"check (max abs error {err:.3g} > {b.golden_atol:g}); refusing to serve"
+                f"check on output {b.output_name!r}: element {worst} = {float(got[worst])!r}, "
+                f"golden {float(want[worst])!r}, |error| {float(diff[worst])!r} > "
+                f"atol {b.golden_atol:g} + rtol {b.golden_rtol:g} × |golden| "
+                f"= {float(bound[worst])!r}; refusing to serve"
             )
-        return err
+        return float(np.max(diff))
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         if not self._started:

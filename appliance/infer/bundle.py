@@ -2,7 +2,8 @@
 
 Layout of a model directory (``models/<name>/``)::
 
-    manifest.json   name, version, input/output names, feature layout, sha256 of the ONNX file
+    manifest.json   name, version, input/output names, feature layout, sha256 of the ONNX file,
+                    golden_atol / golden_rtol (parity tolerances), fp16 (may TensorRT use FP16)
     model.onnx      the graph; input [N, F] float32, output [N] float32
     golden.npz      arrays ``inputs`` [G, F] and ``outputs`` [G] the engine must reproduce
 """
@@ -39,6 +40,10 @@ class ModelBundle:
     golden_outputs: np.ndarray
     golden_atol: float
     manifest: dict[str, Any]
+    #: relative tolerance of the golden check: pass when |got - want| <= atol + rtol * |want|
+    golden_rtol: float = 0.0
+    #: the manifest's ``"fp16": true``: the model may be built in FP16 (TensorRT)
+    allow_fp16: bool = False
 
     @property
     def n_features(self) -> int:
@@ -88,7 +93,15 @@ def load_bundle(model: str) -> ModelBundle:
             output_name=str(m["output"]),
             window_s=float(m["window_s"]),
             golden_atol=float(m.get("golden_atol", 1e-4)),
+            golden_rtol=float(m.get("golden_rtol", 0.0)),
+            allow_fp16=m.get("fp16", False),
         )
+        for tol in ("golden_atol", "golden_rtol"):
+            value = bundle_fields[tol]
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"{tol} must be a finite number >= 0, got {value}")
+        if not isinstance(bundle_fields["allow_fp16"], bool):
+            raise ValueError(f"fp16 must be true or false, got {bundle_fields['allow_fp16']!r}")
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"{manifest_path}: missing or invalid field: {err}") from None
     if not onnx_path.is_file():
@@ -118,5 +131,5 @@ def load_bundle(model: str) -> ModelBundle:
         golden_inputs=gin,
         golden_outputs=gout,
         manifest=m,
-        **bundle_fields,  # type: ignore[arg-type]
+        **bundle_fields,
     )
