@@ -53,6 +53,7 @@ class Appliance:
             appliance_id=aid,
             synchronous=cfg.outbox.synchronous,
             disk_budget_mb=cfg.outbox.disk_budget_mb,
+            coarsen_windows=cfg.outbox.coarsen_windows,
         )
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
         self.engine, self.engine_reason = select_engine(
