@@ -1,6 +1,7 @@
 """Command line: ``appliance run | check-config | simulate | demo``.
 
-Exit codes: 0 success; 1 runtime failure (model, I/O); 2 invalid configuration or usage.
+Exit codes: 0 success; 1 runtime failure (I/O); 2 invalid configuration (a model that cannot
+be loaded included) or usage.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ def setup_logging(level: str) -> None:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from appliance.config import load_config
+    from appliance.runtime.checks import config_warnings, load_model_for
 
     cfg = load_config(args.file)
+    try:
+        load_model_for(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{args.file}: {err}") from None
+    for warning in config_warnings(cfg):
+        print(f"appliance: warning: {args.file}: {warning}", file=sys.stderr)
     n_regs = sum(len(d.registers) for d in cfg.devices)
     print(
         f"{args.file}: OK — appliance {cfg.appliance.id}, {len(cfg.devices)} devices, "
@@ -104,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(
         "check-config",
         "validate a config file and exit",
-        "Validate a config file. Exit 0 when valid; exit 2 with the file, key path and "
-        "offending value when not.",
+        "Validate a config file as `appliance run` would: the schema, register maps (no "
+        "overlapping registers), the model (`engine.model` loads, `features.window_s` is the "
+        "model's). Exit 0 when valid; exit 2 with the file, key path and offending value when "
+        "not. Warnings (e.g. two devices with the same host, port and unit id) go to stderr "
+        "and do not change the exit code.",
     )
     sp.add_argument("file", metavar="FILE", help="TOML config file")
     sp.set_defaults(func=_cmd_check_config)

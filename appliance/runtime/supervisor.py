@@ -25,10 +25,10 @@ from appliance.batch import Batcher
 from appliance.config import Config
 from appliance.contracts import Envelope, Frame
 from appliance.downsample import TelemetryDownsampler
-from appliance.errors import ConfigError
 from appliance.features import FeatureBuilder, WindowAggregator
-from appliance.infer import load_bundle, select_engine
+from appliance.infer import select_engine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
+from appliance.runtime.checks import config_warnings, load_model_for
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
@@ -42,12 +42,9 @@ class Appliance:
         self.cfg = cfg
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
-        self.bundle = load_bundle(cfg.engine.model)
-        if abs(self.bundle.window_s - cfg.features.window_s) > 1e-9:
-            raise ConfigError(
-                f"features.window_s = {cfg.features.window_s} but model {self.bundle.name} was "
-                f"trained on {self.bundle.window_s} s windows"
-            )
+        self.bundle = load_model_for(cfg)
+        for warning in config_warnings(cfg):
+            log.warning("config: %s", warning)
         self.outbox = SqliteOutbox(
             cfg.outbox.path,
             appliance_id=aid,

@@ -82,7 +82,8 @@ class Register(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 def check_register_map(
     registers: Sequence[Register], where: str, groups: Sequence[str] | None = None
 ) -> None:
-    """Checks a single entry cannot make: duplicate names, unknown conversions, unknown groups.
+    """Checks a single entry cannot make: duplicate names, unknown conversions, unknown groups,
+    values of one table that share an address (see :func:`_check_overlaps`).
 
     ``groups`` lists the poll groups the device declares (``None``: any group is accepted).
     Errors name the key path, e.g. ``devices[2].registers[7].group: ...``.
@@ -104,6 +105,46 @@ def check_register_map(
                 f"(first at {where}[{seen[reg.name]}])"
             )
         seen[reg.name] = i
+    _check_overlaps(registers, where)
+
+
+def _check_overlaps(registers: Sequence[Register], where: str) -> None:
+    """Two values of one table must not share an address: a float32 at 4-5 and a uint16 at 5
+    would decode the same register twice as different things. ``bit`` values overlap only a
+    ``bit`` value of the same register and bit (several bits of one status word, or the word
+    itself next to its bits, are a normal map)."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    bits: dict[tuple[str, int, int], int] = {}
+    for i, reg in enumerate(registers):
+        if reg.type == "bit":
+            key = (reg.table, reg.address, reg.bit)
+            if key in bits:
+                j = bits[key]
+                raise RegisterMapError(
+                    f"{where}[{i}] ({reg.name}).bit: bit {reg.bit} of {reg.table} register "
+                    f"{reg.address} is also {where}[{j}] ({registers[j].name})"
+                )
+            bits[key] = i
+        else:
+            spans.setdefault(reg.table, []).append((reg.address, reg.address + reg.count, i))
+    for table, entries in spans.items():
+        entries.sort()
+        end, holder = -1, -1
+        for start, stop, i in entries:
+            if start < end:
+                a, b = sorted((holder, i))
+                ra, rb = registers[a], registers[b]
+                raise RegisterMapError(
+                    f"{where}[{b}] ({rb.name}).address: {table} {_span(rb)} overlaps "
+                    f"{where}[{a}] ({ra.name}) at {_span(ra)}"
+                )
+            if stop > end:
+                end, holder = stop, i
+
+
+def _span(reg: Register) -> str:
+    last = reg.address + reg.count - 1
+    return f"{reg.address}" if last == reg.address else f"{reg.address}-{last}"
 
 
 class _Profile(msgspec.Struct, forbid_unknown_fields=True):
