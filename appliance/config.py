@@ -4,8 +4,10 @@ Every error names the file, the key path and the offending value, e.g.::
 
     appliance.toml: Invalid enum value 'flaot32' - at `$.devices[0].registers[5].type`
 
-Relative paths in the file (``outbox.path``, ``engine.model``) are resolved against the directory
-of the config file. See ``docs/configuration.md`` for every key.
+Relative paths in the file (``outbox.path``, ``engine.model`` and device ``profile`` values that
+are paths, the MQTT certificate and password files) are resolved against the directory of the
+config file, never the working directory (systemd starts the service in ``/``). See
+``docs/configuration.md`` for every key.
 """
 
 from __future__ import annotations
@@ -152,12 +154,23 @@ class ModbusRtuConfig(_ModbusBase, frozen=True, kw_only=True, tag="modbus_rtu"):
         )
 
 
-def _resolve_modbus(dev: ModbusTcpConfig | ModbusRtuConfig, where: str) -> Any:
-    """Resolve a Modbus device's profile into registers and check its map (key-path errors)."""
+def is_path(name: str) -> bool:
+    """Whether a ``profile`` or ``engine.model`` value is a path (has a ``/``, or ends in
+    ``.toml``/``.onnx``) rather than the name of a shipped one."""
+    return "/" in name or name.endswith((".toml", ".onnx"))
+
+
+def _resolve_modbus(
+    dev: ModbusTcpConfig | ModbusRtuConfig, where: str, base_dir: Path | None = None
+) -> Any:
+    """Resolve a Modbus device's profile into registers and check its map (key-path errors).
+    A profile given as a path is resolved against ``base_dir`` (the config file's folder)."""
     groups = list(dev.group_intervals_ms())
     if dev.profile:
         if dev.registers:
             raise ValueError(f"{where}: give `profile` or `registers`, not both")
+        if base_dir is not None and is_path(dev.profile):
+            dev = msgspec.structs.replace(dev, profile=_resolve(base_dir, dev.profile))
         try:
             dev = msgspec.structs.replace(dev, registers=load_profile(dev.profile))
         except RegisterMapError as err:
@@ -460,8 +473,9 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _cross_checks(cfg: Config) -> Config:
-    """Checks that span sections; resolves device profiles into registers."""
+def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
+    """Checks that span sections; resolves device profiles into registers (profile paths
+    against ``base_dir``)."""
     names: dict[str, int] = {}
     devices: list[DeviceConfig] = []
     for i, dev in enumerate(cfg.devices):
@@ -472,7 +486,7 @@ def _cross_checks(cfg: Config) -> Config:
         if isinstance(dev, (HaasConfig, LineConfig)):  # channels checked by the class itself
             devices.append(dev)
             continue
-        dev = _resolve_modbus(dev, where)
+        dev = _resolve_modbus(dev, where, base_dir)
         devices.append(dev)
     _check_rtu_buses(devices)
     # String registers are not channels (no numeric samples): a rule on one could never fire.
@@ -505,12 +519,12 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
         }
     try:
         cfg = msgspec.convert(data, Config)
-        cfg = _cross_checks(cfg)
+        cfg = _cross_checks(cfg, base_dir)
     except (msgspec.ValidationError, ValueError) as err:
         raise ConfigError(f"{source}: {err}") from None
     outbox = msgspec.structs.replace(cfg.outbox, path=_resolve(base_dir, cfg.outbox.path))
     model = cfg.engine.model
-    if "/" in model or model.endswith(".onnx"):
+    if is_path(model):
         model = _resolve(base_dir, model)
     engine = msgspec.structs.replace(cfg.engine, model=model)
     mqtt_files = {

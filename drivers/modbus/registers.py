@@ -153,8 +153,10 @@ class _Profile(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def profile_path(name: str) -> Path:
-    """Path of a shipped profile by name, or ``name`` itself if it is a path to a .toml file."""
-    if name.endswith(".toml"):
+    """Path of a shipped profile by name (``cnc-sim``), or ``name`` itself if it is a path (it
+    has a ``/`` or ends in ``.toml``; a relative one is relative to the working directory, so
+    callers resolve it against their own base first)."""
+    if "/" in name or name.endswith(".toml"):
         return Path(name)
     return PROFILE_DIR / f"{name}.toml"
 
