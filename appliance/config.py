@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from appliance.errors import ConfigError
+from drivers.modbus.codec import ByteOrder, ValueType
 from drivers.modbus.registers import (
     DEFAULT_GROUP,
     GroupName,
@@ -26,6 +27,7 @@ from drivers.modbus.registers import (
     RegisterMapError,
     check_register_map,
     load_profile,
+    with_defaults,
 )
 from drivers.modbus.waveform import HEADER_REGISTERS, MAX_CAPACITY
 
@@ -63,12 +65,16 @@ class _ModbusBase(_DeviceBase, frozen=True):
     """Fields every Modbus device has (TCP and RTU). Registers come from ``profile`` or are
     listed inline. ``groups`` maps poll-group names to intervals in ms (default: one group
     ``fast`` at ``poll_interval_ms``); every register's ``group`` must be declared.
-    ``max_gap``: unused addresses one read may span (coalescing); ``max_registers``/``max_bits``
+    ``order``/``type``: defaults for the registers (inline or from the profile) that do not
+    set their own (``type`` only in the ``holding``/``input`` tables). ``max_gap``: unused
+    addresses one read may span (coalescing); ``max_registers``/``max_bits``
     cap one read for devices with small buffers. ``stale_after_s``: how long the last good value
     is repeated with quality STALE when a read fails, before it turns BAD/NaN."""
 
     profile: str = ""
     registers: tuple[Register, ...] = ()
+    order: ByteOrder = "ABCD"
+    type: ValueType = "uint16"
     groups: dict[GroupName, GroupMs] = msgspec.field(default_factory=dict)
     max_gap: Annotated[int, msgspec.Meta(ge=0, le=124)] = 0
     max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] = 125
@@ -172,7 +178,8 @@ def _resolve_modbus(
         if base_dir is not None and is_path(dev.profile):
             dev = msgspec.structs.replace(dev, profile=_resolve(base_dir, dev.profile))
         try:
-            dev = msgspec.structs.replace(dev, registers=load_profile(dev.profile))
+            regs = load_profile(dev.profile, order=dev.order, type=dev.type)
+            dev = msgspec.structs.replace(dev, registers=regs)
         except RegisterMapError as err:
             raise ValueError(f"{where}.profile: {err}") from None
         try:
@@ -507,16 +514,30 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
     return msgspec.structs.replace(cfg, devices=tuple(devices))
 
 
+def _prepare_device(raw: object) -> object:
+    """A raw device table before validation: ``protocol`` defaults to Modbus TCP; ``order`` in
+    any letter case; inline registers inherit the device's ``order``/``type``."""
+    if not isinstance(raw, dict):
+        return raw
+    dev = {"protocol": DEFAULT_PROTOCOL, **raw}
+    if dev["protocol"] in ("modbus_tcp", "modbus_rtu"):
+        if isinstance(dev.get("order"), str):
+            dev["order"] = dev["order"].upper()
+        if "registers" in dev:
+            order, type_ = dev.get("order"), dev.get("type")
+            dev["registers"] = with_defaults(
+                dev["registers"],
+                order=order if isinstance(order, str) else None,
+                type=type_ if isinstance(type_, str) else None,
+            )
+    return dev
+
+
 def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Path) -> Config:
     """Validate a decoded TOML document. Raises :class:`ConfigError` naming ``source``."""
     devices = data.get("devices")
     if isinstance(devices, list):  # `protocol` may be omitted: Modbus TCP is the default
-        data = {
-            **data,
-            "devices": [
-                {"protocol": DEFAULT_PROTOCOL, **d} if isinstance(d, dict) else d for d in devices
-            ],
-        }
+        data = {**data, "devices": [_prepare_device(d) for d in devices]}
     try:
         cfg = msgspec.convert(data, Config)
         cfg = _cross_checks(cfg, base_dir)

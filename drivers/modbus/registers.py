@@ -147,6 +147,32 @@ def _span(reg: Register) -> str:
     return f"{reg.address}" if last == reg.address else f"{reg.address}-{last}"
 
 
+def with_defaults(
+    registers: object, *, order: str | None = None, type: str | None = None
+) -> object:
+    """Raw register tables (decoded TOML) with a device's defaults applied, before validation.
+
+    A register without ``order`` gets ``order``, one without ``type`` in a ``holding``/``input``
+    table gets ``type`` (coils and discrete inputs hold bits); ``order`` is accepted in any
+    letter case (``cdab``). Anything that is not a list of tables is returned unchanged, for
+    the validation to report.
+    """
+    if not isinstance(registers, list):
+        return registers
+    out: list[object] = []
+    for raw in registers:
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            if order is not None:
+                raw.setdefault("order", order)
+            if type is not None and raw.get("table", "holding") in ("holding", "input"):
+                raw.setdefault("type", type)
+            if isinstance(raw.get("order"), str):
+                raw["order"] = raw["order"].upper()
+        out.append(raw)
+    return out
+
+
 class _Profile(msgspec.Struct, forbid_unknown_fields=True):
     description: str = ""
     registers: list[Register] = msgspec.field(default_factory=list)
@@ -161,8 +187,14 @@ def profile_path(name: str) -> Path:
     return PROFILE_DIR / f"{name}.toml"
 
 
-def load_profile(name: str) -> tuple[Register, ...]:
-    """Load and validate a register-map profile. Raises :class:`RegisterMapError`."""
+def load_profile(
+    name: str, *, order: str | None = None, type: str | None = None
+) -> tuple[Register, ...]:
+    """Load and validate a register-map profile. Raises :class:`RegisterMapError`.
+
+    ``order``/``type``: the device's defaults for registers that do not set their own
+    (:func:`with_defaults`).
+    """
     path = profile_path(name)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -171,6 +203,8 @@ def load_profile(name: str) -> tuple[Register, ...]:
         raise RegisterMapError(f"profile {name!r}: no file {path} (shipped: {known})") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise RegisterMapError(f"profile {name!r} ({path}): {err}") from None
+    if isinstance(data.get("registers"), list):
+        data["registers"] = with_defaults(data["registers"], order=order, type=type)
     try:
         prof = msgspec.convert(data, _Profile)
     except msgspec.ValidationError as err:

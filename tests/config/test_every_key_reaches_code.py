@@ -226,6 +226,8 @@ MODBUS_COMMON = [
     ("max_registers", 3),
     ("max_bits", 2),
     ("stale_after_s", 1.0),
+    ("order", "cdab"),  # inherited by `a` (float32, no order of its own)
+    ("type", "int16"),  # inherited by `b` (no type of its own)
 ]
 TEXT_COMMON = [
     ("host", "other-host"),
