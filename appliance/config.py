@@ -46,8 +46,12 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 
 class ApplianceSection(_Section, frozen=True):
+    """``health_log_s``: seconds between the one-line health summaries ``appliance run`` logs
+    at INFO (0: none)."""
+
     id: Name = "appliance-01"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    health_log_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
 class _DeviceBase(_Section, frozen=True, tag_field="protocol"):

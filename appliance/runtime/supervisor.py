@@ -29,6 +29,7 @@ from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.infer import select_engine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import config_warnings, load_model_for
+from appliance.runtime.health import HealthLog
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
@@ -78,6 +79,7 @@ class Appliance:
             window_sinks.insert(0, self.telemetry)
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
+        self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
         self.frames = 0
         self.append_failures = 0
         self._append_failing = False
@@ -131,6 +133,7 @@ class Appliance:
             "engine: %s (%s) — %s", self.engine.backend, self.engine.detail, self.engine_reason
         )
         await self.acquisition.start()
+        self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -139,6 +142,7 @@ class Appliance:
             return
         self._stopped = True
         log.info("appliance stopping: acquisition first, then draining")
+        await self.health.stop()
         await self.acquisition.stop()
         self.windows.flush()
         await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))

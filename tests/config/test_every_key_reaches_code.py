@@ -347,6 +347,7 @@ def device_probes() -> list[P]:
 
 PROBES: list[P] = [
     P("appliance.id", "box-2"),
+    P("appliance.health_log_s", 0),
     P(
         "appliance.log_level",
         "debug",
