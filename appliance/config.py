@@ -1,8 +1,9 @@
 """The appliance configuration: one TOML file, typed with msgspec and validated once at load.
 
-Every error names the file, the key path and the offending value, e.g.::
+Every error names the file, the key path (with the names of devices, registers and rules on
+it) and the offending value, e.g.::
 
-    appliance.toml: Invalid enum value 'flaot32' - at `$.devices[0].registers[5].type`
+    appliance.toml: devices[0] (press-1).registers[5] (oil_temp).type: Invalid enum value 'flaot32'
 
 Relative paths in the file (``outbox.path``, ``engine.model`` and device ``profile`` values that
 are paths, the MQTT certificate and password files) are resolved against the directory of the
@@ -26,6 +27,7 @@ from drivers.modbus.registers import (
     Register,
     RegisterMapError,
     check_register_map,
+    describe_validation_error,
     load_profile,
     with_defaults,
 )
@@ -223,7 +225,8 @@ def _check_rtu_buses(devices: list[Any]) -> None:
             j, other = first[dev.port]
             if dev.line_settings() != other.line_settings():
                 raise ValueError(
-                    f"devices[{i}].port: {dev.port!r} is shared with devices[{j}] but the line "
+                    f"devices[{i}] ({dev.name}).port: {dev.port!r} is shared with devices[{j}] "
+                    f"({other.name}) but the line "
                     f"settings differ (baudrate, bytesize, parity, stopbits, "
                     f"inter_frame_gap_ms, local_echo)"
                 )
@@ -232,8 +235,8 @@ def _check_rtu_buses(devices: list[Any]) -> None:
         key = (dev.port, dev.unit_id)
         if key in units:
             raise ValueError(
-                f"devices[{i}].unit_id: unit {dev.unit_id} on {dev.port!r} is already "
-                f"devices[{units[key]}]"
+                f"devices[{i}] ({dev.name}).unit_id: unit {dev.unit_id} on {dev.port!r} is "
+                f"already devices[{units[key]}] ({devices[units[key]].name})"
             )
         units[key] = i
 
@@ -490,7 +493,7 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
     names: dict[str, int] = {}
     devices: list[DeviceConfig] = []
     for i, dev in enumerate(cfg.devices):
-        where = f"devices[{i}]"
+        where = f"devices[{i}] ({dev.name})"
         if dev.name in names:
             raise ValueError(f"{where}.name: duplicate device name {dev.name!r}")
         names[dev.name] = i
@@ -506,7 +509,7 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
     }
     channels |= {w.channel for dev in devices if (w := getattr(dev, "waveform", None)) is not None}
     for i, rule in enumerate(cfg.alerts.rules):
-        where = f"alerts.rules[{i}]"
+        where = f"alerts.rules[{i}] ({rule.name})"
         if rule.source == "channel" and rule.channel not in channels:
             raise ValueError(
                 f"{where}.channel: {rule.channel!r} is not a numeric channel of any device "
@@ -545,7 +548,9 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     try:
         cfg = msgspec.convert(data, Config)
         cfg = _cross_checks(cfg, base_dir)
-    except (msgspec.ValidationError, ValueError) as err:
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{source}: {describe_validation_error(err, data)}") from None
+    except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
     outbox = msgspec.structs.replace(cfg.outbox, path=_resolve(base_dir, cfg.outbox.path))
     model = cfg.engine.model

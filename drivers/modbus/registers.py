@@ -6,6 +6,7 @@ reusable profiles in ``drivers/profiles/<name>.toml`` (a TOML file with a ``[[re
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,22 +87,23 @@ def check_register_map(
     values of one table that share an address (see :func:`_check_overlaps`).
 
     ``groups`` lists the poll groups the device declares (``None``: any group is accepted).
-    Errors name the key path, e.g. ``devices[2].registers[7].group: ...``.
+    Errors name the key path with the names of the entries, e.g.
+    ``devices[2] (press-1).registers[7] (oil_temp).group: ...``.
     """
     seen: dict[str, int] = {}
     for i, reg in enumerate(registers):
         try:
             conversion(reg.convert)
         except UnknownConversion as err:
-            raise RegisterMapError(f"{where}[{i}].convert: {err}") from None
+            raise RegisterMapError(f"{where}[{i}] ({reg.name}).convert: {err}") from None
         if groups is not None and reg.group not in groups:
             raise RegisterMapError(
-                f"{where}[{i}].group: {reg.group!r} is not a poll group of this device "
-                f"(declared: {sorted(groups)})"
+                f"{where}[{i}] ({reg.name}).group: {reg.group!r} is not a poll group of this "
+                f"device (declared: {sorted(groups)})"
             )
         if reg.name in seen:
             raise RegisterMapError(
-                f"{where}[{i}].name: duplicate register name {reg.name!r} "
+                f"{where}[{i}] ({reg.name}).name: duplicate register name {reg.name!r} "
                 f"(first at {where}[{seen[reg.name]}])"
             )
         seen[reg.name] = i
@@ -173,6 +175,39 @@ def with_defaults(
     return out
 
 
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`$", re.S)
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def named_path(path: str, data: object) -> str:
+    """``.devices[2].registers[7].type`` → ``devices[2] (press-1).registers[7] (oil_temp).type``:
+    every array element of ``data`` (the raw document) on the path that has a string ``name``
+    gets it added after its index."""
+    out: list[str] = []
+    node: object = data
+    for m in _STEP.finditer(path):
+        if m.group(1) is not None:
+            out.append(("." if out else "") + m.group(1))
+            node = node.get(m.group(1)) if isinstance(node, dict) else None
+        else:
+            i = int(m.group(2))
+            out.append(f"[{i}]")
+            node = node[i] if isinstance(node, list) and i < len(node) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            if isinstance(name, str):
+                out.append(f" ({name})")
+    return "".join(out)
+
+
+def describe_validation_error(err: msgspec.ValidationError, data: object) -> str:
+    """A msgspec error as ``<key path with names>: <what>`` (see :func:`named_path`); the
+    message unchanged when it has no path."""
+    m = _AT.match(str(err))
+    if m is None or not m.group("path"):
+        return str(err)
+    return f"{named_path(m.group('path'), data)}: {m.group('msg')}"
+
+
 class _Profile(msgspec.Struct, forbid_unknown_fields=True):
     description: str = ""
     registers: list[Register] = msgspec.field(default_factory=list)
@@ -208,6 +243,7 @@ def load_profile(
     try:
         prof = msgspec.convert(data, _Profile)
     except msgspec.ValidationError as err:
-        raise RegisterMapError(f"profile {name!r} ({path}): {err}") from None
+        what = describe_validation_error(err, data)
+        raise RegisterMapError(f"profile {name!r} ({path}): {what}") from None
     check_register_map(prof.registers, "registers")
     return tuple(prof.registers)

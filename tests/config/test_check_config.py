@@ -56,8 +56,8 @@ def test_overlapping_registers_are_refused_naming_both(
     text = regs(("speed", 0, ""), ("power", 4, 'type = "float32"'), ("oil_temp", 5, ""))
     rc, err = check(tmp_path, text, capsys)
     assert rc == 2
-    assert "devices[0].registers[2] (oil_temp).address: holding 5 overlaps" in err
-    assert "devices[0].registers[1] (power) at 4-5" in err
+    assert "devices[0] (press-1).registers[2] (oil_temp).address: holding 5 overlaps" in err
+    assert "devices[0] (press-1).registers[1] (power) at 4-5" in err
 
 
 def test_the_same_address_in_another_table_is_no_overlap(

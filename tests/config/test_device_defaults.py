@@ -64,7 +64,7 @@ def test_a_register_order_in_lower_case_is_accepted(tmp_path: Path) -> None:
 
 
 def test_an_unknown_device_order_is_refused_naming_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'XYZW'.*devices\[0\]"):
+    with pytest.raises(ConfigError, match=r"devices\[0\] \(m\).order: Invalid enum value 'XYZW'"):
         load(tmp_path, '[[devices]]\nname = "m"\norder = "xyzw"\nprofile = "cnc-sim"\n')
 
 

@@ -90,6 +90,6 @@ def test_a_missing_profile_path_names_the_resolved_file(cell: Path) -> None:
         timeout=60,
     )
     assert res.returncode == 2
-    assert "devices[0].profile" in res.stderr and str(cell.parent / "profiles" / "nope.toml") in (
-        res.stderr
-    )
+    assert "devices[0] (mill).profile" in res.stderr and str(
+        cell.parent / "profiles" / "nope.toml"
+    ) in (res.stderr)
