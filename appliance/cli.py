@@ -1,6 +1,7 @@
-"""Command line: ``appliance run | check-config | simulate | demo``.
+"""Command line: ``appliance run | check-config | profile from-csv | simulate | demo``.
 
-Exit codes: 0 success; 1 runtime failure (model, I/O); 2 invalid configuration or usage.
+Exit codes: 0 success; 1 runtime failure (I/O); 2 invalid configuration (a model that cannot
+be loaded included) or usage.
 """
 
 from __future__ import annotations
@@ -31,14 +32,59 @@ def setup_logging(level: str) -> None:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from appliance.config import load_config
+    from appliance.runtime.checks import config_warnings, load_model_for
 
     cfg = load_config(args.file)
+    try:
+        load_model_for(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{args.file}: {err}") from None
+    for warning in config_warnings(cfg):
+        print(f"appliance: warning: {args.file}: {warning}", file=sys.stderr)
     n_regs = sum(len(d.registers) for d in cfg.devices)
     print(
         f"{args.file}: OK — appliance {cfg.appliance.id}, {len(cfg.devices)} devices, "
         f"{n_regs} registers, {len(cfg.alerts.rules)} alert rules, model {cfg.engine.model}, "
         f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}"
     )
+    return EXIT_OK
+
+
+PROFILE_CSV_HELP = """\
+Write a register-map profile (TOML) from a spreadsheet exported as CSV, then use it in the
+config with `profile = "<path>"` (relative to the config file's folder).
+
+The first row is the header. Columns, in any order and letter case (other columns are ignored;
+a blank optional cell takes the default, or the device's `order`/`type` in the config):
+  name      required  channel name: a letter or _, then letters, digits, _
+  address   required  request address, 0-based as on the wire (decimal or 0x hex)
+  table     optional  holding (default), input, coil, discrete
+  type      optional  uint16 (default), int16, uint32, int32, uint64, int64, float32,
+                      float64, bool (coils and discrete inputs), bit
+  order     optional  byte/word order ABCD (default), CDAB, BADC, DCBA, any letter case
+  scale     optional  engineering value = raw * scale + offset (default 1)
+  offset    optional  (default 0)
+  unit      optional  engineering unit, e.g. degC
+
+The profile is checked like the config checks it (types, duplicate names, overlapping
+registers) by loading the written file back. Errors name the CSV row (the header is row 1)
+and the column. Exit 0 when written, 2 on an error in the CSV."""
+
+
+def _cmd_profile_from_csv(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from drivers.modbus.profile_csv import csv_to_profile
+    from drivers.modbus.registers import RegisterMapError
+
+    out = Path(args.out) if args.out else Path(args.file).with_suffix(".toml")
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists (give --force to overwrite it)")
+    try:
+        registers = csv_to_profile(args.file, out)
+    except RegisterMapError as err:
+        raise ConfigError(str(err)) from None
+    print(f"{out}: {len(registers)} registers from {args.file}")
     return EXIT_OK
 
 
@@ -104,11 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(
         "check-config",
         "validate a config file and exit",
-        "Validate a config file. Exit 0 when valid; exit 2 with the file, key path and "
-        "offending value when not.",
+        "Validate a config file as `appliance run` would: the schema, register maps (no "
+        "overlapping registers), the model (`engine.model` loads, `features.window_s` is the "
+        "model's). Exit 0 when valid; exit 2 with the file, key path and offending value when "
+        "not. Warnings (e.g. two devices with the same host, port and unit id) go to stderr "
+        "and do not change the exit code.",
     )
     sp.add_argument("file", metavar="FILE", help="TOML config file")
     sp.set_defaults(func=_cmd_check_config)
+
+    sp = sub.add_parser(
+        "profile",
+        help="register-map profiles (import from a spreadsheet)",
+        description="Register-map profiles: files with a [[registers]] array that a device "
+        'uses with `profile = "<path>"`.',
+    )
+    profile_sub = sp.add_subparsers(dest="profile_command", metavar="SUBCOMMAND", required=True)
+    sp = profile_sub.add_parser(
+        "from-csv",
+        help="write a profile from a register-map CSV",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=PROFILE_CSV_HELP,
+    )
+    sp.add_argument("file", metavar="FILE", help="the CSV file (comma or semicolon separated)")
+    sp.add_argument(
+        "--out", metavar="PATH", help="profile to write (default: FILE with the suffix .toml)"
+    )
+    sp.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    sp.set_defaults(func=_cmd_profile_from_csv)
 
     from appliance.simulate import cli as sim_cli
 

@@ -1,11 +1,14 @@
 """The appliance configuration: one TOML file, typed with msgspec and validated once at load.
 
-Every error names the file, the key path and the offending value, e.g.::
+Every error names the file, the key path (with the names of devices, registers and rules on
+it) and the offending value, e.g.::
 
-    appliance.toml: Invalid enum value 'flaot32' - at `$.devices[0].registers[5].type`
+    appliance.toml: devices[0] (press-1).registers[5] (oil_temp).type: Invalid enum value 'flaot32'
 
-Relative paths in the file (``outbox.path``, ``engine.model``) are resolved against the directory
-of the config file. See ``docs/configuration.md`` for every key.
+Relative paths in the file (``outbox.path``, ``engine.model`` and device ``profile`` values that
+are paths, the MQTT certificate and password files) are resolved against the directory of the
+config file, never the working directory (systemd starts the service in ``/``). See
+``docs/configuration.md`` for every key.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from typing import Annotated, Any, Literal, NamedTuple
 import msgspec
 
 from appliance.errors import ConfigError
+from drivers.modbus.codec import ByteOrder, ValueType
 from drivers.modbus.registers import (
     DEFAULT_GROUP,
     GroupName,
     Register,
     RegisterMapError,
     check_register_map,
+    describe_validation_error,
     load_profile,
+    with_defaults,
 )
 from drivers.modbus.waveform import HEADER_REGISTERS, MAX_CAPACITY
 
@@ -42,8 +48,12 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 
 class ApplianceSection(_Section, frozen=True):
+    """``health_log_s``: seconds between the one-line health summaries ``appliance run`` logs
+    at INFO (0: none)."""
+
     id: Name = "appliance-01"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    health_log_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
 class _DeviceBase(_Section, frozen=True, tag_field="protocol"):
@@ -61,12 +71,16 @@ class _ModbusBase(_DeviceBase, frozen=True):
     """Fields every Modbus device has (TCP and RTU). Registers come from ``profile`` or are
     listed inline. ``groups`` maps poll-group names to intervals in ms (default: one group
     ``fast`` at ``poll_interval_ms``); every register's ``group`` must be declared.
-    ``max_gap``: unused addresses one read may span (coalescing); ``max_registers``/``max_bits``
+    ``order``/``type``: defaults for the registers (inline or from the profile) that do not
+    set their own (``type`` only in the ``holding``/``input`` tables). ``max_gap``: unused
+    addresses one read may span (coalescing); ``max_registers``/``max_bits``
     cap one read for devices with small buffers. ``stale_after_s``: how long the last good value
     is repeated with quality STALE when a read fails, before it turns BAD/NaN."""
 
     profile: str = ""
     registers: tuple[Register, ...] = ()
+    order: ByteOrder = "ABCD"
+    type: ValueType = "uint16"
     groups: dict[GroupName, GroupMs] = msgspec.field(default_factory=dict)
     max_gap: Annotated[int, msgspec.Meta(ge=0, le=124)] = 0
     max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] = 125
@@ -152,14 +166,26 @@ class ModbusRtuConfig(_ModbusBase, frozen=True, kw_only=True, tag="modbus_rtu"):
         )
 
 
-def _resolve_modbus(dev: ModbusTcpConfig | ModbusRtuConfig, where: str) -> Any:
-    """Resolve a Modbus device's profile into registers and check its map (key-path errors)."""
+def is_path(name: str) -> bool:
+    """Whether a ``profile`` or ``engine.model`` value is a path (has a ``/``, or ends in
+    ``.toml``/``.onnx``) rather than the name of a shipped one."""
+    return "/" in name or name.endswith((".toml", ".onnx"))
+
+
+def _resolve_modbus(
+    dev: ModbusTcpConfig | ModbusRtuConfig, where: str, base_dir: Path | None = None
+) -> Any:
+    """Resolve a Modbus device's profile into registers and check its map (key-path errors).
+    A profile given as a path is resolved against ``base_dir`` (the config file's folder)."""
     groups = list(dev.group_intervals_ms())
     if dev.profile:
         if dev.registers:
             raise ValueError(f"{where}: give `profile` or `registers`, not both")
+        if base_dir is not None and is_path(dev.profile):
+            dev = msgspec.structs.replace(dev, profile=_resolve(base_dir, dev.profile))
         try:
-            dev = msgspec.structs.replace(dev, registers=load_profile(dev.profile))
+            regs = load_profile(dev.profile, order=dev.order, type=dev.type)
+            dev = msgspec.structs.replace(dev, registers=regs)
         except RegisterMapError as err:
             raise ValueError(f"{where}.profile: {err}") from None
         try:
@@ -199,7 +225,8 @@ def _check_rtu_buses(devices: list[Any]) -> None:
             j, other = first[dev.port]
             if dev.line_settings() != other.line_settings():
                 raise ValueError(
-                    f"devices[{i}].port: {dev.port!r} is shared with devices[{j}] but the line "
+                    f"devices[{i}] ({dev.name}).port: {dev.port!r} is shared with devices[{j}] "
+                    f"({other.name}) but the line "
                     f"settings differ (baudrate, bytesize, parity, stopbits, "
                     f"inter_frame_gap_ms, local_echo)"
                 )
@@ -208,8 +235,8 @@ def _check_rtu_buses(devices: list[Any]) -> None:
         key = (dev.port, dev.unit_id)
         if key in units:
             raise ValueError(
-                f"devices[{i}].unit_id: unit {dev.unit_id} on {dev.port!r} is already "
-                f"devices[{units[key]}]"
+                f"devices[{i}] ({dev.name}).unit_id: unit {dev.unit_id} on {dev.port!r} is "
+                f"already devices[{units[key]}] ({devices[units[key]].name})"
             )
         units[key] = i
 
@@ -466,19 +493,20 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _cross_checks(cfg: Config) -> Config:
-    """Checks that span sections; resolves device profiles into registers."""
+def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
+    """Checks that span sections; resolves device profiles into registers (profile paths
+    against ``base_dir``)."""
     names: dict[str, int] = {}
     devices: list[DeviceConfig] = []
     for i, dev in enumerate(cfg.devices):
-        where = f"devices[{i}]"
+        where = f"devices[{i}] ({dev.name})"
         if dev.name in names:
             raise ValueError(f"{where}.name: duplicate device name {dev.name!r}")
         names[dev.name] = i
         if isinstance(dev, (HaasConfig, LineConfig)):  # channels checked by the class itself
             devices.append(dev)
             continue
-        dev = _resolve_modbus(dev, where)
+        dev = _resolve_modbus(dev, where, base_dir)
         devices.append(dev)
     _check_rtu_buses(devices)
     # String registers are not channels (no numeric samples): a rule on one could never fire.
@@ -487,7 +515,7 @@ def _cross_checks(cfg: Config) -> Config:
     }
     channels |= {w.channel for dev in devices if (w := getattr(dev, "waveform", None)) is not None}
     for i, rule in enumerate(cfg.alerts.rules):
-        where = f"alerts.rules[{i}]"
+        where = f"alerts.rules[{i}] ({rule.name})"
         if rule.source == "channel" and rule.channel not in channels:
             raise ValueError(
                 f"{where}.channel: {rule.channel!r} is not a numeric channel of any device "
@@ -499,24 +527,40 @@ def _cross_checks(cfg: Config) -> Config:
     return msgspec.structs.replace(cfg, devices=tuple(devices))
 
 
+def _prepare_device(raw: object) -> object:
+    """A raw device table before validation: ``protocol`` defaults to Modbus TCP; ``order`` in
+    any letter case; inline registers inherit the device's ``order``/``type``."""
+    if not isinstance(raw, dict):
+        return raw
+    dev = {"protocol": DEFAULT_PROTOCOL, **raw}
+    if dev["protocol"] in ("modbus_tcp", "modbus_rtu"):
+        if isinstance(dev.get("order"), str):
+            dev["order"] = dev["order"].upper()
+        if "registers" in dev:
+            order, type_ = dev.get("order"), dev.get("type")
+            dev["registers"] = with_defaults(
+                dev["registers"],
+                order=order if isinstance(order, str) else None,
+                type=type_ if isinstance(type_, str) else None,
+            )
+    return dev
+
+
 def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Path) -> Config:
     """Validate a decoded TOML document. Raises :class:`ConfigError` naming ``source``."""
     devices = data.get("devices")
     if isinstance(devices, list):  # `protocol` may be omitted: Modbus TCP is the default
-        data = {
-            **data,
-            "devices": [
-                {"protocol": DEFAULT_PROTOCOL, **d} if isinstance(d, dict) else d for d in devices
-            ],
-        }
+        data = {**data, "devices": [_prepare_device(d) for d in devices]}
     try:
         cfg = msgspec.convert(data, Config)
-        cfg = _cross_checks(cfg)
-    except (msgspec.ValidationError, ValueError) as err:
+        cfg = _cross_checks(cfg, base_dir)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{source}: {describe_validation_error(err, data)}") from None
+    except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
     outbox = msgspec.structs.replace(cfg.outbox, path=_resolve(base_dir, cfg.outbox.path))
     model = cfg.engine.model
-    if "/" in model or model.endswith(".onnx"):
+    if is_path(model):
         model = _resolve(base_dir, model)
     engine = msgspec.structs.replace(
         cfg.engine, model=model, cache_dir=_resolve(base_dir, cfg.engine.cache_dir)

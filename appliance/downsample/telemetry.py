@@ -14,7 +14,10 @@ from appliance.contracts import Envelope, Priority, Window
 
 
 def _num(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 6)
+    """The statistic as sent: ``None`` for NaN, else the value itself. Never rounded: JSON
+    encoding writes the shortest decimal that reads back as the same float64, so a 3e-06 W
+    channel keeps all its significant digits."""
+    return None if math.isnan(x) else float(x)
 
 
 class TelemetryDownsampler:

@@ -13,8 +13,8 @@ oldest one's ``start`` to the newest one's ``end``, and ``first_seq`` is the ``s
 oldest window merged: a subscriber checking for gaps expects ``first_seq`` (not ``seq``) to
 follow the last ``seq`` it saw. Statistics per channel, over the good samples of all windows:
 ``n`` summed, ``mean`` weighted by ``n``, ``rms`` as the root of the ``n``-weighted mean square,
-``min``/``max`` of the windows' ones, ``last`` the newest non-null one. Rounded to 6 decimals
-like the downsampler's.
+``min``/``max`` of the windows' ones, ``last`` the newest non-null one. Never rounded
+to a fixed number of decimals, like the downsampler's.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def extent(msg: Any) -> tuple[int, int]:
 
 
 def _round(x: float) -> float:
-    return round(x, 6)
+    """A merged statistic as sent: not rounded (JSON encodes the shortest decimal that reads
+    back as the same float64), like the downsampler's."""
+    return float(x)
 
 
 def _merge_channel(entries: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:

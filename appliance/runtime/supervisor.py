@@ -25,10 +25,11 @@ from appliance.batch import Batcher
 from appliance.config import Config
 from appliance.contracts import Envelope, Frame
 from appliance.downsample import TelemetryDownsampler
-from appliance.errors import ConfigError
 from appliance.features import FeatureBuilder, WindowAggregator
-from appliance.infer import load_bundle, select_engine
+from appliance.infer import select_engine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
+from appliance.runtime.checks import config_warnings, load_model_for
+from appliance.runtime.health import HealthLog
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
@@ -42,17 +43,15 @@ class Appliance:
         self.cfg = cfg
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
-        self.bundle = load_bundle(cfg.engine.model)
-        if abs(self.bundle.window_s - cfg.features.window_s) > 1e-9:
-            raise ConfigError(
-                f"features.window_s = {cfg.features.window_s} but model {self.bundle.name} was "
-                f"trained on {self.bundle.window_s} s windows"
-            )
+        self.bundle = load_model_for(cfg)
+        for warning in config_warnings(cfg):
+            log.warning("config: %s", warning)
         self.outbox = SqliteOutbox(
             cfg.outbox.path,
             appliance_id=aid,
             synchronous=cfg.outbox.synchronous,
             disk_budget_mb=cfg.outbox.disk_budget_mb,
+            coarsen_windows=cfg.outbox.coarsen_windows,
         )
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
         self.engine, self.engine_reason = select_engine(
@@ -80,6 +79,7 @@ class Appliance:
             window_sinks.insert(0, self.telemetry)
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
+        self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
         self.frames = 0
         self.append_failures = 0
         self._append_failing = False
@@ -133,6 +133,7 @@ class Appliance:
             "engine: %s (%s) — %s", self.engine.backend, self.engine.detail, self.engine_reason
         )
         await self.acquisition.start()
+        self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -141,6 +142,7 @@ class Appliance:
             return
         self._stopped = True
         log.info("appliance stopping: acquisition first, then draining")
+        await self.health.stop()
         await self.acquisition.stop()
         self.windows.flush()
         await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))

@@ -6,6 +6,7 @@ reusable profiles in ``drivers/profiles/<name>.toml`` (a TOML file with a ``[[re
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,28 +83,129 @@ class Register(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 def check_register_map(
     registers: Sequence[Register], where: str, groups: Sequence[str] | None = None
 ) -> None:
-    """Checks a single entry cannot make: duplicate names, unknown conversions, unknown groups.
+    """Checks a single entry cannot make: duplicate names, unknown conversions, unknown groups,
+    values of one table that share an address (see :func:`_check_overlaps`).
 
     ``groups`` lists the poll groups the device declares (``None``: any group is accepted).
-    Errors name the key path, e.g. ``devices[2].registers[7].group: ...``.
+    Errors name the key path with the names of the entries, e.g.
+    ``devices[2] (press-1).registers[7] (oil_temp).group: ...``.
     """
     seen: dict[str, int] = {}
     for i, reg in enumerate(registers):
         try:
             conversion(reg.convert)
         except UnknownConversion as err:
-            raise RegisterMapError(f"{where}[{i}].convert: {err}") from None
+            raise RegisterMapError(f"{where}[{i}] ({reg.name}).convert: {err}") from None
         if groups is not None and reg.group not in groups:
             raise RegisterMapError(
-                f"{where}[{i}].group: {reg.group!r} is not a poll group of this device "
-                f"(declared: {sorted(groups)})"
+                f"{where}[{i}] ({reg.name}).group: {reg.group!r} is not a poll group of this "
+                f"device (declared: {sorted(groups)})"
             )
         if reg.name in seen:
             raise RegisterMapError(
-                f"{where}[{i}].name: duplicate register name {reg.name!r} "
+                f"{where}[{i}] ({reg.name}).name: duplicate register name {reg.name!r} "
                 f"(first at {where}[{seen[reg.name]}])"
             )
         seen[reg.name] = i
+    _check_overlaps(registers, where)
+
+
+def _check_overlaps(registers: Sequence[Register], where: str) -> None:
+    """Two values of one table must not share an address: a float32 at 4-5 and a uint16 at 5
+    would decode the same register twice as different things. ``bit`` values overlap only a
+    ``bit`` value of the same register and bit (several bits of one status word, or the word
+    itself next to its bits, are a normal map)."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    bits: dict[tuple[str, int, int], int] = {}
+    for i, reg in enumerate(registers):
+        if reg.type == "bit":
+            key = (reg.table, reg.address, reg.bit)
+            if key in bits:
+                j = bits[key]
+                raise RegisterMapError(
+                    f"{where}[{i}] ({reg.name}).bit: bit {reg.bit} of {reg.table} register "
+                    f"{reg.address} is also {where}[{j}] ({registers[j].name})"
+                )
+            bits[key] = i
+        else:
+            spans.setdefault(reg.table, []).append((reg.address, reg.address + reg.count, i))
+    for table, entries in spans.items():
+        entries.sort()
+        end, holder = -1, -1
+        for start, stop, i in entries:
+            if start < end:
+                a, b = sorted((holder, i))
+                ra, rb = registers[a], registers[b]
+                raise RegisterMapError(
+                    f"{where}[{b}] ({rb.name}).address: {table} {_span(rb)} overlaps "
+                    f"{where}[{a}] ({ra.name}) at {_span(ra)}"
+                )
+            if stop > end:
+                end, holder = stop, i
+
+
+def _span(reg: Register) -> str:
+    last = reg.address + reg.count - 1
+    return f"{reg.address}" if last == reg.address else f"{reg.address}-{last}"
+
+
+def with_defaults(
+    registers: object, *, order: str | None = None, type: str | None = None
+) -> object:
+    """Raw register tables (decoded TOML) with a device's defaults applied, before validation.
+
+    A register without ``order`` gets ``order``, one without ``type`` in a ``holding``/``input``
+    table gets ``type`` (coils and discrete inputs hold bits); ``order`` is accepted in any
+    letter case (``cdab``). Anything that is not a list of tables is returned unchanged, for
+    the validation to report.
+    """
+    if not isinstance(registers, list):
+        return registers
+    out: list[object] = []
+    for raw in registers:
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            if order is not None:
+                raw.setdefault("order", order)
+            if type is not None and raw.get("table", "holding") in ("holding", "input"):
+                raw.setdefault("type", type)
+            if isinstance(raw.get("order"), str):
+                raw["order"] = raw["order"].upper()
+        out.append(raw)
+    return out
+
+
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`$", re.S)
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def named_path(path: str, data: object) -> str:
+    """``.devices[2].registers[7].type`` → ``devices[2] (press-1).registers[7] (oil_temp).type``:
+    every array element of ``data`` (the raw document) on the path that has a string ``name``
+    gets it added after its index."""
+    out: list[str] = []
+    node: object = data
+    for m in _STEP.finditer(path):
+        if m.group(1) is not None:
+            out.append(("." if out else "") + m.group(1))
+            node = node.get(m.group(1)) if isinstance(node, dict) else None
+        else:
+            i = int(m.group(2))
+            out.append(f"[{i}]")
+            node = node[i] if isinstance(node, list) and i < len(node) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            if isinstance(name, str):
+                out.append(f" ({name})")
+    return "".join(out)
+
+
+def describe_validation_error(err: msgspec.ValidationError, data: object) -> str:
+    """A msgspec error as ``<key path with names>: <what>`` (see :func:`named_path`); the
+    message unchanged when it has no path."""
+    m = _AT.match(str(err))
+    if m is None or not m.group("path"):
+        return str(err)
+    return f"{named_path(m.group('path'), data)}: {m.group('msg')}"
 
 
 class _Profile(msgspec.Struct, forbid_unknown_fields=True):
@@ -112,14 +214,22 @@ class _Profile(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def profile_path(name: str) -> Path:
-    """Path of a shipped profile by name, or ``name`` itself if it is a path to a .toml file."""
-    if name.endswith(".toml"):
+    """Path of a shipped profile by name (``cnc-sim``), or ``name`` itself if it is a path (it
+    has a ``/`` or ends in ``.toml``; a relative one is relative to the working directory, so
+    callers resolve it against their own base first)."""
+    if "/" in name or name.endswith(".toml"):
         return Path(name)
     return PROFILE_DIR / f"{name}.toml"
 
 
-def load_profile(name: str) -> tuple[Register, ...]:
-    """Load and validate a register-map profile. Raises :class:`RegisterMapError`."""
+def load_profile(
+    name: str, *, order: str | None = None, type: str | None = None
+) -> tuple[Register, ...]:
+    """Load and validate a register-map profile. Raises :class:`RegisterMapError`.
+
+    ``order``/``type``: the device's defaults for registers that do not set their own
+    (:func:`with_defaults`).
+    """
     path = profile_path(name)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -128,9 +238,12 @@ def load_profile(name: str) -> tuple[Register, ...]:
         raise RegisterMapError(f"profile {name!r}: no file {path} (shipped: {known})") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise RegisterMapError(f"profile {name!r} ({path}): {err}") from None
+    if isinstance(data.get("registers"), list):
+        data["registers"] = with_defaults(data["registers"], order=order, type=type)
     try:
         prof = msgspec.convert(data, _Profile)
     except msgspec.ValidationError as err:
-        raise RegisterMapError(f"profile {name!r} ({path}): {err}") from None
+        what = describe_validation_error(err, data)
+        raise RegisterMapError(f"profile {name!r} ({path}): {what}") from None
     check_register_map(prof.registers, "registers")
     return tuple(prof.registers)

@@ -106,21 +106,25 @@ def test_an_empty_waveform_table_reads_the_simulators_fifo_defaults() -> None:
 @pytest.mark.parametrize(
     ("waveform", "device", "message"),
     [
-        ({"capacity": 121}, {}, r"Expected `int` <= 120 - at `\$.devices\[0\].waveform.capacity`"),
-        ({"interval_ms": 0}, {}, r"at `\$.devices\[0\].waveform.interval_ms`"),
-        ({"table": "coil"}, {}, r"at `\$.devices\[0\].waveform.table`"),
-        ({"channel": "9x"}, {}, r"at `\$.devices\[0\].waveform.channel`"),
-        ({"rate": 1000}, {}, r"unknown field `rate` - at `\$.devices\[0\].waveform`"),
-        ({"address": 65500}, {}, r"runs past register 65535 - at `\$.devices\[0\].waveform`"),
+        ({"capacity": 121}, {}, r"devices\[0\] \(cnc-1\).waveform.capacity: Expected `int` <= 120"),
+        ({"interval_ms": 0}, {}, r"devices\[0\] \(cnc-1\).waveform.interval_ms: "),
+        ({"table": "coil"}, {}, r"devices\[0\] \(cnc-1\).waveform.table: "),
+        ({"channel": "9x"}, {}, r"devices\[0\] \(cnc-1\).waveform.channel: "),
+        (
+            {"rate": 1000},
+            {},
+            r"devices\[0\] \(cnc-1\).waveform: Object contains unknown field `rate`",
+        ),
+        ({"address": 65500}, {}, r"devices\[0\] \(cnc-1\).waveform: .*runs past register 65535"),
         (
             {"channel": "vibration_rms"},
             {},
-            r"devices\[0\].waveform.channel: 'vibration_rms' is also a register of this device",
+            r"devices\[0\] \(cnc-1\).waveform.channel: 'vibration_rms' is also a register",
         ),
         (
             {},
             {"protocol": "modbus_rtu", "port": "/dev/ttyUSB0"},
-            r"unknown field `waveform` - at `\$.devices\[0\]`",
+            r"devices\[0\] \(cnc-1\): Object contains unknown field `waveform`",
         ),
     ],
 )

@@ -37,17 +37,17 @@ DEVICE = '[[devices]]\nname = "m"\nprofile = "cnc-sim"\n'
         (
             '[[devices]]\nname = "m"\n[[devices.registers]]\nname = "t"\naddress = 5\n'
             'type = "flaot32"\n',
-            "Invalid enum value 'flaot32' - at `$.devices[0].registers[0].type`",
+            "devices[0] (m).registers[0] (t).type: Invalid enum value 'flaot32'",
         ),
-        (DEVICE + "poll_interval_ms = -100\n", "`$.devices[0].poll_interval_ms`"),
-        (DEVICE + "colour = 3\n", "unknown field `colour` - at `$.devices[0]`"),
+        (DEVICE + "poll_interval_ms = -100\n", "devices[0] (m).poll_interval_ms: Expected `int`"),
+        (DEVICE + "colour = 3\n", "devices[0] (m): Object contains unknown field `colour`"),
         (
             DEVICE + '[[alerts.rules]]\nname = "x"\nchannel = "spindle_tmp"\nabove = 1\n',
-            "alerts.rules[0].channel: 'spindle_tmp' is not a numeric channel",
+            "alerts.rules[0] (x).channel: 'spindle_tmp' is not a numeric channel",
         ),
-        (DEVICE + DEVICE, "devices[1].name: duplicate device name 'm'"),
-        ('[[devices]]\nname = "m"\nprofile = "nope"\n', "devices[0].profile: profile 'nope'"),
-        ("[mqtt]\nport = 70000\n", "`$.mqtt.port`"),
+        (DEVICE + DEVICE, "devices[1] (m).name: duplicate device name 'm'"),
+        ('[[devices]]\nname = "m"\nprofile = "nope"\n', "devices[0] (m).profile: profile 'nope'"),
+        ("[mqtt]\nport = 70000\n", "mqtt.port: Expected `int` <= 65535"),
         ("[mqtt\nport = 1", "not valid TOML"),
     ],
 )
@@ -65,7 +65,7 @@ def test_check_config_exits_2_naming_the_key_path(
     path = write(tmp_path, DEVICE + "poll_interval_ms = -1\n")
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "devices[0].poll_interval_ms" in err and str(path) in err
+    assert "devices[0] (m).poll_interval_ms" in err and str(path) in err
 
 
 def test_check_config_accepts_the_sample(capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,3 +92,32 @@ def test_an_alert_rule_on_a_string_register_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="'serial_no' is not a numeric channel"):
         load_config(path)
+
+
+def test_errors_name_devices_and_registers_by_name_as_well_as_index(tmp_path: Path) -> None:
+    regs = "".join(f'[[devices.registers]]\nname = "r{i}"\naddress = {i}\n' for i in range(7))
+    path = write(
+        tmp_path,
+        DEVICE
+        + DEVICE.replace('"m"', '"m2"')
+        + '[[devices]]\nname = "press-1"\n'
+        + regs
+        + '[[devices.registers]]\nname = "oil_temp"\naddress = 9\ntype = "flaot32"\n',
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value) == (
+        f"{path}: devices[2] (press-1).registers[7] (oil_temp).type: Invalid enum value 'flaot32'"
+    )
+
+
+def test_errors_in_a_profile_name_the_profile_and_the_register(tmp_path: Path) -> None:
+    (tmp_path / "press.toml").write_text(
+        '[[registers]]\nname = "a"\naddress = 0\n'
+        '[[registers]]\nname = "oil_temp"\naddress = 1\nscale = "x"\n'
+    )
+    path = write(tmp_path, '[[devices]]\nname = "press-1"\nprofile = "press.toml"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "devices[0] (press-1).profile: profile " in str(exc.value)
+    assert "registers[1] (oil_temp).scale: Expected `float`, got `str`" in str(exc.value)

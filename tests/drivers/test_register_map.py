@@ -82,33 +82,33 @@ REGS = [{"name": "a", "address": 0}, {"name": "b", "address": 1, "group": "slow"
     [
         pytest.param(
             {"registers": [{"name": "a", "address": 0}, {"name": "a", "address": 1}]},
-            "cell.toml: devices[1].registers[1].name: duplicate register name 'a'",
+            "cell.toml: devices[1] (m).registers[1] (a).name: duplicate register name 'a'",
             id="duplicate register names",
         ),
         pytest.param(
             {"registers": REGS},
-            "devices[1].registers[1].group: 'slow' is not a poll group of this device "
+            "devices[1] (m).registers[1] (b).group: 'slow' is not a poll group of this device "
             "(declared: ['fast'])",
             id="a group without a declared interval",
         ),
         pytest.param(
             {"registers": REGS, "groups": {"fast": 100, "slw": 1000}},
-            "devices[1].registers[1].group: 'slow' is not a poll group",
+            "devices[1] (m).registers[1] (b).group: 'slow' is not a poll group",
             id="a misspelt group",
         ),
         pytest.param(
             {"registers": [{"name": "a", "address": 0, "convert": "degF->degK"}]},
-            "devices[1].registers[0].convert: unknown conversion 'degF->degK'",
+            "devices[1] (m).registers[0] (a).convert: unknown conversion 'degF->degK'",
             id="unknown conversion",
         ),
         pytest.param(
             {"registers": [{"name": "a", "address": 65535, "type": "float32"}]},
-            "address 65535 + 2 registers exceeds 65535 - at `$.devices[1].registers[0]`",
+            "devices[1] (m).registers[0] (a): address 65535 + 2 registers exceeds 65535",
             id="a value running past the address space",
         ),
         pytest.param(
             {"registers": [{"name": "a", "address": 70000}]},
-            "Expected `int` <= 65535 - at `$.devices[1].registers[0].address`",
+            "devices[1] (m).registers[0] (a).address: Expected `int` <= 65535",
             id="address out of range",
         ),
         pytest.param(
@@ -123,7 +123,7 @@ REGS = [{"name": "a", "address": 0}, {"name": "b", "address": 1, "group": "slow"
         ),
         pytest.param(
             {"registers": [{"name": "a", "address": 0}], "max_gap": -1},
-            "Expected `int` >= 0 - at `$.devices[1].max_gap`",
+            "devices[1] (m).max_gap: Expected `int` >= 0",
             id="negative max_gap",
         ),
         pytest.param(
@@ -133,17 +133,17 @@ REGS = [{"name": "a", "address": 0}, {"name": "b", "address": 1, "group": "slow"
         ),
         pytest.param(
             {"protocol": "modbus_rtu", "registers": [{"name": "a", "address": 0}]},
-            "Object missing required field `port` - at `$.devices[1]`",
+            "devices[1] (m): Object missing required field `port`",
             id="RTU without a port",
         ),
         pytest.param(
             {"protocol": "modbus_rtu", "port": "/dev/x", "unit_id": 0, "registers": REGS[:1]},
-            "Expected `int` >= 1 - at `$.devices[1].unit_id`",
+            "devices[1] (m).unit_id: Expected `int` >= 1",
             id="RTU broadcast unit id",
         ),
         pytest.param(
             {"protocol": "modbus_rtu", "port": "/dev/x", "parity": "X", "registers": REGS[:1]},
-            "at `$.devices[1].parity`",
+            "devices[1] (m).parity: Invalid enum value 'X'",
             id="RTU parity",
         ),
     ],
@@ -168,9 +168,15 @@ def rtu(name: str, port: str, unit: int, **kw: Any) -> dict[str, Any]:
 
 
 def test_rtu_units_on_one_port_must_agree_on_line_settings_and_have_distinct_ids() -> None:
-    with pytest.raises(ConfigError, match=r"devices\[1\].port: '/dev/ttyUSB0' is shared"):
+    with pytest.raises(
+        ConfigError,
+        match=r"devices\[1\] \(b\).port: '/dev/ttyUSB0' is shared with devices\[0\] \(a\)",
+    ):
         load({"devices": [rtu("a", "/dev/ttyUSB0", 1), rtu("b", "/dev/ttyUSB0", 2, baudrate=9600)]})
-    with pytest.raises(ConfigError, match=r"devices\[1\].unit_id: unit 1 on '/dev/ttyUSB0'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"devices\[1\] \(b\).unit_id: unit 1 on '/dev/ttyUSB0' is already devices\[0\] \(a\)",
+    ):
         load({"devices": [rtu("a", "/dev/ttyUSB0", 1), rtu("b", "/dev/ttyUSB0", 1)]})
     cfg = load({"devices": [rtu("a", "/dev/ttyUSB0", 1), rtu("b", "/dev/ttyUSB1", 1)]})
     assert [type(d) for d in cfg.devices] == [ModbusRtuConfig, ModbusRtuConfig]
@@ -199,7 +205,8 @@ def test_a_valid_map_with_groups_conversion_strings_and_max_gap_loads() -> None:
 
 def test_a_profile_register_in_an_undeclared_group_names_the_profile() -> None:
     with pytest.raises(
-        ConfigError, match=r"devices\[1\].registers\[0\].group.*in profile 'cnc-sim'"
+        ConfigError,
+        match=r"devices\[1\] \(m\).registers\[0\] \(spindle_speed\).group.*in profile 'cnc-sim'",
     ):
         load(base(profile="cnc-sim", groups={"slow": 1000}))
 
@@ -251,6 +258,7 @@ def test_a_value_larger_than_the_devices_read_limit_is_refused_at_load() -> None
         {"name": "s", "address": 4, "type": "string", "length": 40},
     ]
     with pytest.raises(
-        ConfigError, match=r"devices\[1\].registers\[1\] \(s\): 20 registers do not fit one read"
+        ConfigError,
+        match=r"devices\[1\] \(m\).registers\[1\] \(s\): 20 registers do not fit one read",
     ):
         load(base(registers=regs, max_registers=16))

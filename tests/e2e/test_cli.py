@@ -21,7 +21,7 @@ APPLIANCE = [sys.executable, "-m", "appliance"]
 def test_version_and_help_of_every_command() -> None:
     out = subprocess.run([*APPLIANCE, "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"appliance {__version__}"
-    for cmd in ("run", "check-config", "simulate", "demo"):
+    for cmd in ("run", "check-config", "profile", "simulate", "demo"):
         res = subprocess.run([*APPLIANCE, cmd, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "usage: appliance " + cmd in res.stdout
 

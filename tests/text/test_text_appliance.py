@@ -110,8 +110,14 @@ def test_a_cell_config_with_haas_and_line_devices_loads_and_builds_drivers(tmp_p
         ({"host": "h", "parts_channel": "", "running_channel": ""}, "no channels"),
         ({"host": "h", "variables": [{"name": "running", "var": 1}]}, "duplicate channel"),
         ({"host": "h", "stopbits": 3}, "stopbits"),
-        ({"host": "h", "variables": [{"name": "9bad", "var": 1}]}, "variables[0].name"),
-        ({"host": "h", "variables": [{"name": "s", "var": 0}]}, "variables[0].var"),
+        (
+            {"host": "h", "variables": [{"name": "9bad", "var": 1}]},
+            "devices[0] (m).variables[0] (9bad).name",
+        ),
+        (
+            {"host": "h", "variables": [{"name": "s", "var": 0}]},
+            "devices[0] (m).variables[0] (s).var",
+        ),
         ({"host": "h", "parity": "X"}, "parity"),
     ],
 )
