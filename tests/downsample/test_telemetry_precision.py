@@ -16,7 +16,7 @@ import pytest
 from appliance.contracts import Envelope, Window
 from appliance.downsample import TelemetryDownsampler
 from appliance.outbox import coarsen
-from appliance.outbox.sqlite import encode_payload
+from appliance.payload import encode_payload
 
 VALUES = [3e-06, -1.234567e-05, 1e-9, 123456.789, 0.1 + 0.2, -2.5e-30]
 

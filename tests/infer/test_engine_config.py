@@ -6,6 +6,7 @@ tests/infer/fake_tensorrt)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -62,13 +63,13 @@ def test_relative_cache_dir_resolves_against_the_config_directory(tmp_path: Path
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
-        ('backend = "tensorrt-fast"', "$.engine.backend"),
-        ('precision = "int8"', "$.engine.precision"),
-        ("workspace_mb = 0", "$.engine.workspace_mb"),
+        ('backend = "tensorrt-fast"', "engine.backend"),
+        ('precision = "int8"', "engine.precision"),
+        ("workspace_mb = 0", "engine.workspace_mb"),
     ],
 )
 def test_bad_engine_keys_name_the_key_path(tmp_path: Path, line: str, needle: str) -> None:
-    with pytest.raises(ConfigError, match=rf"appliance.toml: .*{needle.replace('$', '.')}"):
+    with pytest.raises(ConfigError, match=rf"appliance.toml: {re.escape(needle)}: "):
         load_config(write_config(tmp_path, line))
 
 
