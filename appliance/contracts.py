@@ -158,6 +158,25 @@ class WindowSink(Protocol):
 
 
 class ScoreSink(Protocol):
-    """Consumer of model scores (alerts). Called on the event loop."""
+    """Consumer of model scores (alerts). Called on the event loop, one call per scored batch."""
 
-    def on_scores(self, scores: Sequence[Score]) -> None: ...
+    def on_scores(self, scores: ScoreBatch) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreBatch:
+    """Model output for one batch of :class:`FeatureRow` s, columnar (the batcher's output).
+
+    Arrays are aligned with ``machines``: row ``i`` scores the window of ``machines[i]`` that
+    ended at ``window_end[i]`` (seconds, epoch). ``backend`` names the engine that scored the
+    whole batch (``onnxruntime-cpu``, ``tensorrt``, ...). Built by the batcher on the event
+    loop; never mutated afterwards.
+    """
+
+    machines: tuple[str, ...]
+    window_end: F64
+    score: F32
+    backend: str
+
+    def __len__(self) -> int:
+        return len(self.machines)

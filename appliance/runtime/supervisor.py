@@ -27,7 +27,7 @@ from appliance.contracts import Envelope, Frame
 from appliance.downsample import TelemetryDownsampler
 from appliance.errors import ConfigError
 from appliance.features import FeatureBuilder, WindowAggregator
-from appliance.infer import load_bundle, select_engine
+from appliance.infer import EngineOptions, ServingEngine, load_bundle
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
@@ -55,11 +55,14 @@ class Appliance:
             disk_budget_mb=cfg.outbox.disk_budget_mb,
         )
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
-        self.engine, self.engine_reason = select_engine(
+        self.engine = ServingEngine(
             self.bundle,
             cfg.engine.backend,
-            threads=cfg.engine.threads,
-            max_batch=max(cfg.batch.max_batch, len(self.bundle.golden_inputs)),
+            EngineOptions(
+                threads=cfg.engine.threads,
+                max_batch=max(cfg.batch.max_batch, len(self.bundle.golden_inputs)),
+                settings=cfg.engine,
+            ),
         )
         self.alerts = AlertEngine(
             cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m)
@@ -129,9 +132,7 @@ class Appliance:
         self.outbox.open()
         await self.uplink.start()
         await self.batcher.start()
-        log.info(
-            "engine: %s (%s) — %s", self.engine.backend, self.engine.detail, self.engine_reason
-        )
+        log.info("engine: serving on %s — %s", self.engine.backend, self.engine.summary())
         await self.acquisition.start()
         log.info("appliance %s running", self.cfg.appliance.id)
 
@@ -175,16 +176,7 @@ class Appliance:
             "feature_rows": self.features.rows,
             "incomplete_windows": self.features.incomplete_windows,
             "batcher": self.batcher.stats(),
-            "engine": {
-                "backend": self.engine.backend,
-                "detail": self.engine.detail,
-                "reason": self.engine_reason,
-                "calls": self.engine.stats.calls,
-                "rows": self.engine.stats.rows,
-                "mean_ms": (self.engine.stats.total_ms / self.engine.stats.calls)
-                if self.engine.stats.calls
-                else 0.0,
-            },
+            "engine": self.engine.stats(),
             "alerts": {
                 "raised": self.alerts.raised,
                 "cleared": self.alerts.cleared,
