@@ -25,9 +25,10 @@ Three parts, all on the shipped model (``--model``, default ``cnc_anomaly``):
   boundary; 128:5, a shorter delay). Every window of a round waits for the rows that fill its
   batch or for max_delay_ms: the batcher cannot know no more windows are coming.
 
-The thread hand-off alone (a no-op job through a ``SimpleQueue`` worker and
-``call_soon_threadsafe`` back) is measured too: the floor of any batcher that keeps inference
-off the event loop.
+Two more figures split the batcher's added cost: its own work on the event loop per batch
+(``submit_many`` + taking the batch out, and delivering the ScoreBatch, without the worker), and
+the thread hand-off alone (a no-op job through a ``SimpleQueue`` worker and
+``call_soon_threadsafe`` back): the floor of any batcher that keeps inference off the loop.
 
 Run ``python benchmarks/inference.py --help``; figures are in docs/benchmarks.md.
 """
@@ -207,6 +208,38 @@ async def _roundtrips(
     }
 
 
+async def _loop_side_cost(bundle: ModelBundle, n: int, reps: int) -> dict[str, Any]:
+    """The batcher's own work on the event loop for one batch of ``n`` rows, without the
+    hand-off: ``submit_many`` + taking the batch out (the job is taken off the worker queue
+    unrun), then ``_done`` delivering a ScoreBatch (to a consumer that only keeps it)."""
+    engine = ServingEngine(bundle, "onnxruntime-cpu", EngineOptions(max_batch=max(4096, n)))
+    got: list[ScoreBatch] = []
+    b = Batcher(engine, got.append, max_batch=n, max_delay_ms=60_000, queue_size=max(1024, 2 * n))
+    b._loop = asyncio.get_running_loop()
+    b._wakeup = asyncio.Event()
+    x = rows_for(bundle, n)
+    machines = [f"m{i}" for i in range(n)]
+    ends = np.full(n, 1.0e9)
+    scores = np.zeros(n, np.float32)
+    names = tuple(machines)
+    t_in, t_out = np.empty(reps), np.empty(reps)
+    for i in range(reps):
+        t0 = time.perf_counter()
+        b.submit_many(machines, ends, x)
+        t1 = time.perf_counter()
+        b._jobs.get_nowait()
+        t2 = time.perf_counter()
+        b._done(names, ends, scores, "onnxruntime-cpu", None)
+        t3 = time.perf_counter()
+        t_in[i], t_out[i] = t1 - t0, t3 - t2
+        got.clear()
+    return {
+        "batch": n,
+        "submit_and_launch_p50_us": float(np.percentile(t_in, 50) * 1e6),
+        "deliver_p50_us": float(np.percentile(t_out, 50) * 1e6),
+    }
+
+
 async def _handoff_floor(reps: int) -> dict[str, float]:
     """The cost of the hand-off alone: a no-op job through the same kind of worker thread
     (``SimpleQueue`` in, ``call_soon_threadsafe`` back) and back on the loop."""
@@ -373,6 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fits = {
         kind: fit([r for r in batcher if r["submit"] == kind]) for kind in ("submit_many", "submit")
     }
+    loop_side = [asyncio.run(_loop_side_cost(bundle, n, args.roundtrips)) for n in batches]
+    for c in loop_side:
+        print(
+            f"  batcher work on the loop, batch {c['batch']:>5}: submit_many + launch "
+            f"{c['submit_and_launch_p50_us']:.6g} µs, deliver {c['deliver_p50_us']:.6g} µs (p50)"
+        )
     floor = asyncio.run(_handoff_floor(args.roundtrips))
     print(
         f"  thread hand-off alone (no-op job, loop → worker → loop): p50 {floor['p50_us']:.6g} µs,"
@@ -407,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batcher": batcher,
         "batcher_added_cost": fits,
         "handoff_floor": floor,
+        "batcher_loop_side": loop_side,
         "window_to_score": latency,
         "targets": {
             "batcher_per_batch_le_20us": cm["per_batch_us"] <= TARGET_BATCH_US,

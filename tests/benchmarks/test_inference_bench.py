@@ -54,6 +54,8 @@ def test_the_inference_benchmark_measures_engines_batcher_and_window_latency(
         assert b["roundtrip_p50_us"] > b["infer_p50_us"] > 0
     assert set(r["batcher_added_cost"]) == {"submit_many", "submit"}
     assert r["handoff_floor"]["p50_us"] > 0
+    assert [c["batch"] for c in r["batcher_loop_side"]] == [1, 32]
+    assert all(c["submit_and_launch_p50_us"] > 0 for c in r["batcher_loop_side"])
     (lat,) = r["window_to_score"]
     assert lat["windows"] == 10 * 3 and 0 < lat["p50_ms"] <= lat["p99_ms"]
     assert set(r["targets"]) == {
