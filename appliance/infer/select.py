@@ -10,7 +10,8 @@ calls with whichever backend currently serves:
   so no window is lost or scored twice.
 - Serving while building: a better backend that ``needs_build()`` (a TensorRT engine not in the
   cache yet) is built, started and parity-checked in a background thread while the next backend
-  that works serves; the inference worker swaps it in between two batches.
+  that works serves; the inference worker swaps it in between two batches. The replaced backend
+  stays loaded (``standby``): it is the first fallback should the new one fail at run time.
 - A forced backend (any other ``engine.backend``) has no fallback: absent is a
   :class:`~appliance.errors.ConfigError` at start, failing to build/load/pass parity a
   :class:`~appliance.errors.ModelError`, both naming the backend and the reason.

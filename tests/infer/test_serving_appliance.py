@@ -19,6 +19,7 @@ import pytest
 
 from appliance.config import parse_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
+from appliance.errors import ConfigError
 from appliance.infer import select
 from appliance.infer.base import Engine
 from appliance.infer.bundle import ModelBundle
@@ -82,3 +83,35 @@ def test_appliance_serves_on_the_next_backend_when_the_first_fails_its_golden_ch
         ("onnxruntime-cpu", "serving"),
     ]
     assert "parity" in eng["chain"][0]["reason"]
+
+
+def absent_cpu(bundle: ModelBundle, opts: select.EngineOptions) -> Engine:
+    raise select.BackendUnavailable("onnxruntime is not installed (test double)")
+
+
+def test_a_forced_backend_that_is_absent_stops_the_appliance_at_start_naming_it(
+    tmp_path: Path, mosquitto: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fallback for a forced backend: a ConfigError (exit 2 from the CLI) naming it and why,
+    and a clean stop of what had started (outbox, uplink)."""
+    monkeypatch.setitem(select.FACTORIES, "onnxruntime-cpu", absent_cpu)
+    cfg = parse_config(
+        {
+            "devices": [{"name": "cnc-1", "port": free_port(), "profile": "cnc-sim"}],
+            "engine": {"backend": "onnxruntime-cpu"},
+            "outbox": {"path": "outbox.sqlite"},
+            "mqtt": {"port": mosquitto.port},
+        },
+        source="t",
+        base_dir=tmp_path,
+    )
+    app = Appliance(cfg)
+    with pytest.raises(ConfigError, match="engine.backend = 'onnxruntime-cpu': onnxruntime is not"):
+        asyncio.run(app.run_until_signal(5.0))
+    assert app.stats()["engine"]["chain"] == [
+        {
+            "backend": "onnxruntime-cpu",
+            "state": "absent",
+            "reason": "onnxruntime is not installed (test double)",
+        }
+    ]
