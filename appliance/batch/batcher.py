@@ -39,6 +39,7 @@ from appliance.infer.select import ServingEngine
 
 log = logging.getLogger(__name__)
 
+
 class Batcher:
     def __init__(
         self,
