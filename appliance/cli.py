@@ -1,4 +1,5 @@
-"""Command line: ``appliance run | check-config | profile from-csv | simulate | demo``.
+"""Command line: ``appliance run | check-config | selftest | engine build|list | profile from-csv |
+simulate | demo``.
 
 Exit codes: 0 success; 1 runtime failure (I/O); 2 invalid configuration (a model that cannot
 be loaded included) or usage.
@@ -99,6 +100,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    import json
+
+    from appliance.config import Config, load_config
+    from appliance.infer.selftest import format_report, run_selftest
+
+    setup_logging(args.log_level or "warning")
+    if args.iterations < 1:
+        raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
+    cfg = load_config(args.config) if args.config else Config()
+    report = run_selftest([cfg.engine.model], cfg, iterations=args.iterations)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return EXIT_OK if report["passed"] else EXIT_FAILURE
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from appliance.simulate import cli as sim_cli
 
@@ -178,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     sp.set_defaults(func=_cmd_profile_from_csv)
+
+    sp = add(
+        "selftest",
+        "check every inference backend on this host",
+        "For every inference backend (TensorRT, onnxruntime CUDA, onnxruntime CPU; absent ones "
+        "are listed with the reason) and the configured model: build or load, parity error "
+        "against the golden vectors, latency p50/p99 at batch 1 and at batch.max_batch, rows/s. "
+        "Exit 0 when at least one backend passes, 1 when none does.",
+    )
+    sp.add_argument("-c", "--config", metavar="FILE", help="TOML config (default: defaults)")
+    sp.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    sp.add_argument(
+        "--iterations", type=int, default=200, metavar="N", help="timed calls per batch size"
+    )
+    sp.set_defaults(func=_cmd_selftest)
 
     from appliance.simulate import cli as sim_cli
 

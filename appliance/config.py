@@ -375,7 +375,9 @@ class BatchSection(_Section, frozen=True):
 
 class EngineSection(_Section, frozen=True):
     model: str = "cnc_anomaly"
-    backend: Literal["auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"] = "auto"
+    backend: Literal[
+        "auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"
+    ] = "auto"
     threads: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     #: serialized TensorRT engines (appliance/infer/cache.py); relative to the config file
     cache_dir: str = "/var/lib/appliance/engines"

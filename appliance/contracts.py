@@ -4,14 +4,15 @@ Stages import this module, never each other (``tests/test_import_graph.py`` chec
 supervisor (``appliance/runtime``) wires them. The payload format of stored messages lives
 next to it in :mod:`appliance.payload`. Data flow (one asyncio process)::
 
-    acquire ──Frame──▶ features ──FeatureRow──▶ batch ──ndarray──▶ infer ──Score──▶ alerts
+    acquire ──Frame──▶ features ──FeatureRow──▶ batch ──ndarray──▶ infer ──ScoreBatch──▶ alerts
                           │                                                          │
                           └──Window──▶ downsample ──Envelope──▶ outbox ◀──Envelope───┘
                                                                   │
                                                                 uplink
 
-Threading: every stage runs on the event loop except the engine (one worker thread, called by the
-batcher through ``run_in_executor``). The MQTT client runs on the loop as well; only its
+Threading: every stage runs on the event loop except the engine (the batcher's one inference
+worker thread; a better backend may be built in a background thread and swapped in between two
+batches). The MQTT client runs on the loop as well; only its
 connection attempts (DNS, TCP, TLS handshake) borrow a worker thread.
 """
 
@@ -84,16 +85,6 @@ class FeatureRow:
     machine: str
     window_end: float
     vector: F32
-
-
-@dataclass(frozen=True, slots=True)
-class Score:
-    """Model output for one :class:`FeatureRow`."""
-
-    machine: str
-    window_end: float
-    score: float
-    engine: str
 
 
 class Priority(enum.IntEnum):
@@ -184,44 +175,25 @@ class GroupedDevice(PolledDevice, Protocol):
     async def read(self, group: str | None = None) -> ReadResult: ...
 
 
-class EngineCounters(Protocol):
-    """An engine's counters since construction (``infer.base.EngineStats``)."""
-
-    @property
-    def calls(self) -> int: ...
-
-    @property
-    def rows(self) -> int: ...
-
-    @property
-    def errors(self) -> int: ...
-
-    @property
-    def total_ms(self) -> float: ...
-
-
 class Engine(Protocol):
-    """A loaded model as the batcher uses it; ``appliance.infer.base.Engine`` (the base class
-    of every backend) implements it.
+    """The model server as the batcher uses it: ``appliance.infer.select.ServingEngine``, the
+    fallback chain over the backends (``appliance.infer.base.Engine`` subclasses).
 
-    The batcher calls ``start``, ``infer`` and ``close`` from its one inference worker thread
-    (``run_in_executor``), never two at once; ``backend`` and ``stats`` are read on the event
-    loop. ``start()`` loads the model and refuses to serve (raises ``ModelError``) unless it
-    reproduces the bundle's golden vectors. ``infer(batch)`` takes an ``[N, F]`` float32
-    batch (``N`` rows of the manifest's ``F`` features) and returns ``[N]``
-    float32 scores in row order, or raises (``ValueError`` for a malformed batch, anything for
-    a backend failure: the batch is lost, counted in ``stats.errors``). ``close()`` is
-    idempotent."""
-
-    @property
-    def backend(self) -> str: ...
+    The batcher calls ``start``, ``infer`` and ``close`` from its one inference worker thread,
+    never two at once; ``n_features`` is read on the event loop when the batcher is built.
+    ``start()`` starts the best backend that passes its golden parity check (raises
+    ``ConfigError``/``ModelError`` when none can serve). ``infer(batch)`` takes an ``[N, F]``
+    float32 batch (``N`` rows of the manifest's ``F`` features) and returns ``[N]`` float32
+    scores in row order plus the name of the backend that scored them; a backend that fails
+    is dropped for the next one and the batch re-run there, so it raises only when no backend
+    is left (the batch is then lost, counted by the batcher). ``close()`` is idempotent."""
 
     @property
-    def stats(self) -> EngineCounters: ...
+    def n_features(self) -> int: ...
 
     def start(self) -> None: ...
 
-    def infer(self, batch: F32) -> F32: ...
+    def infer(self, batch: F32) -> tuple[F32, str]: ...
 
     def close(self) -> None: ...
 
@@ -248,3 +220,22 @@ class Outbox(Protocol):
 
     @property
     def pending(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreBatch:
+    """Model output for one batch of :class:`FeatureRow` s, columnar (the batcher's output).
+
+    Arrays are aligned with ``machines``: row ``i`` scores the window of ``machines[i]`` that
+    ended at ``window_end[i]`` (seconds, epoch). ``backend`` names the engine that scored the
+    whole batch (``onnxruntime-cpu``, ``tensorrt``, ...). Built by the batcher on the event
+    loop; never mutated afterwards.
+    """
+
+    machines: tuple[str, ...]
+    window_end: F64
+    score: F32
+    backend: str
+
+    def __len__(self) -> int:
+        return len(self.machines)

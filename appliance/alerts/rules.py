@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.config import ThresholdRule
-from appliance.contracts import Envelope, Frame, Priority, Quality, Score
+from appliance.contracts import Envelope, Frame, Priority, Quality, ScoreBatch
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class AlertEngine:
         self._topic_for = topic_for
         self._state: dict[tuple[str, str], _State] = {}
         self._index_cache: dict[tuple[str, ...], dict[str, int]] = {}
+        self._active_count: dict[str, int] = {}  # rule name → machines it is raised on
         self.raised = 0
         self.cleared = 0
 
@@ -82,15 +83,26 @@ class AlertEngine:
         if out:
             self._emit(out)
 
-    def on_scores(self, scores: Sequence[Score]) -> None:
-        if not self._score_rules:
+    def on_scores(self, scores: ScoreBatch) -> None:
+        """Evaluate the score rules on one scored batch, rows in batch order. While a rule has
+        no raised machine, the rows before its first score above the threshold cannot change an
+        alert and are skipped in numpy (the common case: the whole batch)."""
+        if not self._score_rules or not len(scores):
             return
         out: list[Envelope] = []
-        for s in scores:
-            for rule in self._score_rules:
-                if rule.machines and s.machine not in rule.machines:
+        values = scores.score
+        for rule in self._score_rules:
+            first = 0  # raised machines may clear: look at every row
+            if not self._active_count.get(rule.name, 0):
+                hot = np.flatnonzero(values > rule.above)
+                if not len(hot):
                     continue
-                self._evaluate(rule, s.machine, s.score, s.window_end, out)
+                first = int(hot[0])  # nothing before the first raise can change an alert
+            for i in range(first, len(scores)):
+                machine = scores.machines[i]
+                if rule.machines and machine not in rule.machines:
+                    continue
+                self._evaluate(rule, machine, float(values[i]), float(scores.window_end[i]), out)
         if out:
             self._emit(out)
 
@@ -108,6 +120,7 @@ class AlertEngine:
                 st.raised_at = ts
                 st.peak = value
                 self.raised += 1
+                self._active_count[rule.name] = self._active_count.get(rule.name, 0) + 1
                 log.info(
                     "alert raised: %s on %s (%s %.3g > %.3g)",
                     rule.name,
@@ -122,6 +135,7 @@ class AlertEngine:
             if value < clear_below:
                 st.active = False
                 self.cleared += 1
+                self._active_count[rule.name] -= 1
                 log.info(
                     "alert cleared: %s on %s (%.3g < %.3g)", rule.name, machine, value, clear_below
                 )

@@ -2,6 +2,14 @@
 
 from appliance.infer.base import Engine, EngineStats
 from appliance.infer.bundle import ModelBundle, load_bundle
-from appliance.infer.select import select_engine
+from appliance.infer.select import EngineOptions, ServingEngine, select_engine
 
-__all__ = ["Engine", "EngineStats", "ModelBundle", "load_bundle", "select_engine"]
+__all__ = [
+    "Engine",
+    "EngineOptions",
+    "EngineStats",
+    "ModelBundle",
+    "ServingEngine",
+    "load_bundle",
+    "select_engine",
+]

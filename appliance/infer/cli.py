@@ -51,23 +51,10 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
 
 def engine_for_backend(backend: str, cfg: Any, bundle: Any) -> Any:
     """The (not started) engine for ``backend`` built from the config's ``[engine]`` and
-    ``[batch]`` keys, exactly as ``appliance engine build`` makes it."""
-    max_batch = max(cfg.batch.max_batch, len(bundle.golden_inputs))
-    common = dict(
-        max_batch=max_batch,
-        opt_batch=cfg.batch.max_batch,
-        cache_dir=cfg.engine.cache_dir,
-        precision=cfg.engine.precision,
-        workspace_mb=cfg.engine.workspace_mb,
-    )
-    if backend == "tensorrt":
-        from appliance.infer.trt import TrtEngine
+    ``[batch]`` keys, exactly as ``appliance run`` makes it (the serving chain's factories)."""
+    from appliance.infer.select import FACTORIES, EngineOptions
 
-        return TrtEngine(bundle, **common)
-    from appliance.infer.ort import OrtEngine
-
-    device = {"onnxruntime-tensorrt": "tensorrt-ep", "onnxruntime-cuda": "cuda"}.get(backend, "cpu")
-    return OrtEngine(bundle, device=device, threads=cfg.engine.threads, **common)
+    return FACTORIES[backend](bundle, EngineOptions.from_config(cfg, bundle))
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from appliance.config import Config
 from appliance.contracts import Envelope, Frame
 from appliance.downsample import TelemetryDownsampler
 from appliance.features import FeatureBuilder, WindowAggregator
-from appliance.infer import select_engine
+from appliance.infer import EngineOptions, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import config_warnings, load_model_for
 from appliance.runtime.health import HealthLog
@@ -54,11 +54,10 @@ class Appliance:
             coarsen_windows=cfg.outbox.coarsen_windows,
         )
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
-        self.engine, self.engine_reason = select_engine(
+        self.engine = ServingEngine(
             self.bundle,
             cfg.engine.backend,
-            threads=cfg.engine.threads,
-            max_batch=max(cfg.batch.max_batch, len(self.bundle.golden_inputs)),
+            EngineOptions.from_config(cfg, self.bundle),
         )
         self.alerts = AlertEngine(
             cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m)
@@ -129,9 +128,7 @@ class Appliance:
         self.outbox.open()
         await self.uplink.start()
         await self.batcher.start()
-        log.info(
-            "engine: %s (%s) — %s", self.engine.backend, self.engine.detail, self.engine_reason
-        )
+        log.info("engine: serving on %s — %s", self.engine.backend, self.engine.summary())
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
@@ -177,16 +174,7 @@ class Appliance:
             "feature_rows": self.features.rows,
             "incomplete_windows": self.features.incomplete_windows,
             "batcher": self.batcher.stats(),
-            "engine": {
-                "backend": self.engine.backend,
-                "detail": self.engine.detail,
-                "reason": self.engine_reason,
-                "calls": self.engine.stats.calls,
-                "rows": self.engine.stats.rows,
-                "mean_ms": (self.engine.stats.total_ms / self.engine.stats.calls)
-                if self.engine.stats.calls
-                else 0.0,
-            },
+            "engine": self.engine.stats(),
             "alerts": {
                 "raised": self.alerts.raised,
                 "cleared": self.alerts.cleared,

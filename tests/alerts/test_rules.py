@@ -8,7 +8,7 @@ import numpy as np
 
 from appliance.alerts import AlertEngine
 from appliance.config import ThresholdRule
-from appliance.contracts import Envelope, Frame, Priority, Quality, Score
+from appliance.contracts import Envelope, Frame, Priority, Quality, ScoreBatch
 
 CH = ("spindle_temp", "vibration_rms")
 
@@ -62,9 +62,9 @@ def test_state_is_per_machine_and_machine_filter_applies() -> None:
 
 def test_score_rule_raises_and_clears_on_model_scores() -> None:
     eng, out = make([ThresholdRule(name="anomaly", source="score", above=2.0, clear_below=1.0)])
-    eng.on_scores([Score("m1", 1.0, 0.5, "ort"), Score("m2", 1.0, 3.0, "ort")])
-    eng.on_scores([Score("m2", 2.0, 1.5, "ort")])
-    eng.on_scores([Score("m2", 3.0, 0.9, "ort")])
+    eng.on_scores(scored(("m1", 1.0, 0.5), ("m2", 1.0, 3.0)))
+    eng.on_scores(scored(("m2", 2.0, 1.5)))
+    eng.on_scores(scored(("m2", 3.0, 0.9)))
     assert [(e.body["machine"], e.body["state"]) for e in out] == [
         ("m2", "raised"),
         ("m2", "cleared"),
@@ -74,5 +74,31 @@ def test_score_rule_raises_and_clears_on_model_scores() -> None:
 
 def test_nan_values_are_ignored() -> None:
     eng, out = make([ThresholdRule(name="anomaly", source="score", above=2.0)])
-    eng.on_scores([Score("m1", 1.0, float("nan"), "ort")])
+    eng.on_scores(scored(("m1", 1.0, float("nan"))))
     assert out == [] and eng.raised == 0
+
+
+def scored(*rows: tuple[str, float, float]) -> ScoreBatch:
+    """A batch as the batcher delivers it: (machine, window_end, score) per row."""
+    return ScoreBatch(
+        tuple(r[0] for r in rows),
+        np.array([r[1] for r in rows], np.float64),
+        np.array([r[2] for r in rows], np.float32),
+        "onnxruntime-cpu",
+    )
+
+
+def test_one_batch_can_raise_and_clear_the_same_machine_in_window_order() -> None:
+    eng, out = make([ThresholdRule(name="anomaly", source="score", above=2.0, clear_below=1.0)])
+    eng.on_scores(scored(("m1", 1.0, 3.0), ("m2", 1.0, 0.1), ("m1", 2.0, 2.5), ("m1", 3.0, 0.5)))
+    assert [(e.body["machine"], e.body["state"], e.ts) for e in out] == [
+        ("m1", "raised", 1.0),
+        ("m1", "cleared", 3.0),
+    ]
+    assert out[1].body["peak"] == 3.0 and eng.active() == []
+
+
+def test_score_rule_machine_filter_applies_to_batches() -> None:
+    eng, out = make([ThresholdRule(name="a", source="score", above=2.0, machines=("m2",))])
+    eng.on_scores(scored(("m1", 1.0, 5.0), ("m2", 1.0, 5.0)))
+    assert [e.body["machine"] for e in out] == ["m2"]
