@@ -5,11 +5,12 @@ Python. amqtt comes with the ``demo`` extra (``pip install -e '.[demo]'``), neve
 device installs; without it :meth:`EmbeddedBroker.start` raises :class:`BrokerUnavailable`,
 whose message says how to install it.
 
-The broker listens on one TCP address (no websocket or other listeners), accepts anonymous
-clients, keeps sessions and retained messages in memory only, and speaks MQTT 3.1.1: clients
-must connect with protocol 3.1.1 (the demo's config sets ``mqtt.protocol = "3.1.1"``). amqtt
-logs only errors: its per-connection warnings (a client that drops without DISCONNECT, one that
-reconnects quickly) are noise in a demo.
+The broker listens on one TCP address (no websocket or other listeners), accepts every client
+(no credentials needed) and keeps its persistent session (``clean_session = False``: subscriptions
+and QoS 1 messages queued while it is away) as Mosquitto does, in memory only, as are retained
+messages. It speaks MQTT 3.1.1: clients must connect with protocol 3.1.1 (the demo's config sets
+``mqtt.protocol = "3.1.1"``). amqtt logs only errors: its per-connection warnings (a client that
+drops without DISCONNECT, one that reconnects quickly) are noise in a demo.
 """
 
 from __future__ import annotations
@@ -57,13 +58,12 @@ class EmbeddedBroker:
 
     @property
     def config(self) -> dict[str, Any]:
-        """amqtt's broker configuration: one TCP listener, anonymous clients, no other plugin."""
+        """amqtt's configuration: one TCP listener, every client accepted, no other plugin."""
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            # An explicit plugin list: amqtt's default one adds $SYS topics and packet logging.
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
+            # An explicit plugin list (amqtt's default one adds $SYS topics and packet logging),
+            # with our own anonymous access: see appliance.demo.amqtt_auth for why.
+            "plugins": {"appliance.demo.amqtt_auth.AcceptEveryClient": {}},
         }
 
     async def start(self) -> None:

@@ -99,6 +99,58 @@ def test_qos1_messages_pass_through_in_order_and_stop_releases_the_port() -> Non
         s.bind(("127.0.0.1", port))
 
 
+def _away_and_back(port: int, n: int) -> list[int]:
+    """Subscribe with a persistent session, go away, let ``n`` QoS 1 messages be published, come
+    back without subscribing again; return the numbers delivered within 10 s."""
+    received: list[int] = []
+    all_in, subscribed = threading.Event(), threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        received.append(int(msg.payload))
+        if len(received) >= n:
+            all_in.set()
+
+    sub = _client("test-away", clean_session=False)
+    sub.on_subscribe = lambda *_: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    sub.subscribe("away/#", qos=1)
+    assert subscribed.wait(10), "the subscriber got no SUBACK"
+    sub.disconnect()
+    sub.loop_stop()
+    pub = _client("test-pub")
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    infos = [pub.publish("away/x", str(i).encode(), qos=1) for i in range(n)]
+    for info in infos:
+        info.wait_for_publish(30)
+    pub.disconnect()
+    pub.loop_stop()
+    back = _client("test-away", clean_session=False)
+    back.on_message = on_message
+    back.connect("127.0.0.1", port)
+    back.loop_start()
+    all_in.wait(10)
+    back.disconnect()
+    back.loop_stop()
+    return received
+
+
+def test_a_persistent_session_gets_what_was_published_while_it_was_away() -> None:
+    """As on Mosquitto; amqtt's own anonymous access would drop the session at disconnect."""
+    port = free_port()
+
+    async def scenario() -> list[int]:
+        broker = EmbeddedBroker("127.0.0.1", port)
+        await broker.start()
+        try:
+            return await asyncio.to_thread(_away_and_back, port, 200)
+        finally:
+            await broker.stop()
+
+    assert asyncio.run(scenario()) == list(range(200))
+
+
 def test_start_on_a_taken_port_is_a_one_line_error() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
