@@ -11,6 +11,12 @@ and QoS 1 messages queued while it is away) as Mosquitto does, in memory only, a
 messages. It speaks MQTT 3.1.1: clients must connect with protocol 3.1.1 (the demo's config sets
 ``mqtt.protocol = "3.1.1"``). amqtt logs only errors: its per-connection warnings (a client that
 drops without DISCONNECT, one that reconnects quickly) are noise in a demo.
+
+A known limit, fine for a demo on one machine: when a subscriber's connection breaks (no
+DISCONNECT), amqtt 0.12 forgets the QoS 1 messages it had in flight to it and some published
+until it notices, instead of resending them when the session comes back (upstream issue
+Yakifo/amqtt#401). The demo's subscriber would report them as sequence gaps. The appliance's own
+messages are not at risk: its outbox keeps each one until the broker acknowledged it.
 """
 
 from __future__ import annotations
