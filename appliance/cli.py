@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(
         "demo",
         "simulated cell → appliance → MQTT → live output",
-        "Start a simulated CNC cell, an MQTT broker (mosquitto if installed, else an embedded "
-        "one), the appliance and a subscriber that prints telemetry and alerts. A spindle "
-        "over-temperature fault is injected after about 10 s. Ctrl-C stops everything.",
+        "Start a simulated CNC cell, an MQTT broker (mosquitto if installed, else the embedded "
+        "amqtt broker of the `demo` extra: pip install -e '.[demo]'), the appliance and a "
+        "subscriber that prints telemetry and alerts. A spindle over-temperature fault is "
+        "injected after about 10 s. Ctrl-C stops everything.",
     )
     demo_run.add_arguments(sp)
     sp.set_defaults(func=_cmd_demo)

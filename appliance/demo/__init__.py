@@ -1,1 +1,1 @@
-"""The demo: embedded broker, subscriber and the `appliance demo` orchestration."""
+"""The demo: the embedded broker (amqtt, ``demo`` extra), subscriber and `appliance demo`."""

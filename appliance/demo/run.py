@@ -1,7 +1,8 @@
 """``appliance demo``: simulated CNC cell → appliance → MQTT broker → live subscriber output.
 
 Everything runs in this one process except Mosquitto (a child process when installed; otherwise
-the embedded broker of :mod:`appliance.demo.broker` runs in this event loop). The appliance
+the embedded amqtt broker of :mod:`appliance.demo.broker`, from the ``demo`` extra, runs in this
+event loop and the appliance speaks MQTT 3.1.1 to it, as amqtt does not speak 5). The appliance
 itself is configured exactly as in the field, from a TOML file written to a temporary directory
 (printed at start, so it can be copied).
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import load_config
+from appliance.demo.broker import EmbeddedBroker
 from appliance.demo.mosquitto import MosquittoProcess, free_port, mosquitto_binary
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.runtime import Appliance
@@ -146,17 +148,15 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     )
     mqtt_port = free_port()
     mosq: MosquittoProcess | None = None
-    embedded: Any = None
+    embedded: EmbeddedBroker | None = None
     if use_mosquitto:
         mosq = MosquittoProcess(mqtt_port, workdir / "mosquitto", persistence=False)
         await asyncio.to_thread(mosq.start)
-        broker_name = "mosquitto"
+        broker_name, protocol = "mosquitto", "5"
     else:
-        from appliance.demo.broker import EmbeddedBroker
-
         embedded = EmbeddedBroker("127.0.0.1", mqtt_port)
         await embedded.start()
-        broker_name = "embedded"
+        broker_name, protocol = "embedded", "3.1.1"
     say(f"MQTT broker: {broker_name} on 127.0.0.1:{mqtt_port}")
 
     ports = [free_port() for _ in range(args.machines)]
@@ -166,7 +166,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     ]
     cell = SimulatedCell(machines=args.machines, ports=ports, seed=args.seed, faults=faults)
-    config_path = write_config(workdir, ports, mqtt_port, "5")
+    config_path = write_config(workdir, ports, mqtt_port, protocol)
     app = Appliance(load_config(config_path))
     sub = DemoSubscriber("127.0.0.1", mqtt_port, app.cfg.mqtt.topic_prefix, DEMO_ID, printer=say)
 

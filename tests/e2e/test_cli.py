@@ -86,16 +86,20 @@ def test_run_publishes_then_stops_cleanly_on_sigterm(
 
 
 @pytest.mark.slow
-def test_demo_runs_headless_and_writes_its_summary(tmp_path: Path) -> None:
+def test_demo_on_the_embedded_broker_delivers_every_message_and_the_alert_lifecycle(
+    tmp_path: Path,
+) -> None:
+    """The whole demo on amqtt over MQTT 3.1.1: the fault at t+1 s ramps the spindle for 15 s,
+    so the over-temperature alert is raised and cleared within the run."""
     summary = tmp_path / "s.json"
     res = subprocess.run(
         [
             *APPLIANCE,
             "demo",
             "--duration",
-            "25",
+            "24",
             "--fault-at",
-            "2",
+            "1",
             "--broker",
             "embedded",
             "--machines",
@@ -111,7 +115,8 @@ def test_demo_runs_headless_and_writes_its_summary(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     s = json.loads(summary.read_text())
     assert s["broker"] == "embedded"
-    assert s["telemetry_messages"] >= 30 and s["alerts_raised"] >= 1
+    assert s["telemetry_messages"] >= 30 and s["alerts_raised"] >= 1 and s["alerts_cleared"] >= 1
     assert s["polls"] > 300 and s["published"] >= s["telemetry_messages"]
-    assert s["subscriber"]["gaps"] == 0
+    assert s["subscriber"]["gaps"] == 0 and s["subscriber"]["bad_messages"] == 0
+    assert s["subscriber"]["status"] == "offline"  # the appliance's retained status, at its stop
     assert "demo summary:" in res.stdout
