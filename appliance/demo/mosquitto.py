@@ -26,6 +26,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_block(n: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """The first of ``n`` consecutive TCP ports that were all free on ``host`` a moment ago
+    (for ``appliance simulate --base-port``, which listens on ``base .. base + n - 1``)."""
+    for _ in range(tries):
+        base = free_port(host)
+        if base + n > 65536:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise OSError(f"no block of {n} free consecutive ports on {host}")
+
+
 def wait_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -> None:
     """Block until something accepts TCP connections on ``host:port``; TimeoutError if not."""
     deadline = time.monotonic() + timeout_s

@@ -16,6 +16,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ModbusIOException
 
+from appliance.demo.mosquitto import free_port_block
 from appliance.simulate.cell import FaultSchedule, SimulatedCell
 from appliance.simulate.cli import add_arguments, run
 from drivers.modbus.codec import decode
@@ -133,7 +134,7 @@ def test_the_serial_option_serves_the_cell_over_rtu_then_exits_zero(
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(
-        ["--machines", "2", "--base-port", str(free_port()), "--duration", "0.2"]
+        ["--machines", "2", "--base-port", str(free_port_block(2)), "--duration", "0.2"]
         + ["--serial", pty_pair[1], "--serial-baud", "115200"]
     )
     caplog.set_level("INFO", logger="appliance.simulate")
