@@ -248,3 +248,30 @@ def test_a_state_change_without_a_configured_token_file_is_refused(tmp_path: Pat
     )  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"api.token_file: cannot read .*x"):
         asyncio.run(server.start())
+
+
+def test_appliance_status_prints_the_picture_from_a_url_or_a_config_file(
+    cell: RunningCell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from appliance.cli import main
+
+    assert main(["status", "--url", cell.base + "/"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("api-test  v") and "READY" in out
+    assert "cnc-1" in out and "online" in out and "spindle_temp=" in out
+    assert "connected" in out and "cnc_anomaly" in out
+    conf = tmp_path / "appliance.toml"
+    conf.write_text(f'[api]\nenabled = true\nlisten = "0.0.0.0"\nport = {cell.api_port}\n')
+    assert main(["status", "-c", str(conf), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["appliance"]["id"] == "api-test"
+    conf.write_text("[api]\nenabled = false\n")
+    assert main(["status", "-c", str(conf)]) == 2
+    assert "api.enabled is false" in capsys.readouterr().err
+
+
+def test_appliance_status_exits_1_when_nothing_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.cli import main
+    from appliance.demo.mosquitto import free_port
+
+    assert main(["status", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+    assert "no answer from" in capsys.readouterr().out
