@@ -43,6 +43,8 @@ _OUTBOX_COUNTERS = (
     ("evicted_alerts", "Alert records evicted by the disk budget."),
     ("coarsened", "Telemetry records merged into coarser ones by the disk budget."),
     ("disk_full", "Appends that hit a full disk."),
+    ("disk_full_failed", "Appends that still failed after eviction and one retry."),
+    ("recovered_corrupt", "Unusable outbox files moved aside and replaced."),
     ("append_failures", "Envelopes lost because the outbox could not store them."),
 )
 _UPLINK_COUNTERS = (
@@ -53,6 +55,8 @@ _UPLINK_COUNTERS = (
     ("auth_failures", "Connection attempts refused for credentials."),
     ("tls_failures", "Connection attempts failed in TLS."),
     ("short_connections", "Connections dropped within 10 s of being established."),
+    ("quota_retries", "PUBACKs with quota exceeded (0x97): the record is retried."),
+    ("historical", "Records published with historical: true (backlog)."),
 )
 
 
@@ -205,7 +209,7 @@ class ApplianceCollector(Collector):
             active.add_metric([str(x["rule"]), str(x["machine"])], 1)
         yield active
         yield GaugeMetricFamily(
-            "appliance_alerts_active_total", "Number of active alerts.", len(a["active"])
+            "appliance_alerts_active_count", "Number of active alerts.", len(a["active"])
         )
 
     def _outbox(self, o: dict[str, Any]) -> Iterator[Metric]:
