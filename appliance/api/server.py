@@ -15,6 +15,7 @@ pipeline is not affected.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -24,10 +25,10 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.api import views
-from appliance.api.metrics import ApplianceCollector, make_registry
+from appliance.api.metrics import ApplianceCollector, exposition_chunks
 from appliance.config import ApiSection
 from appliance.errors import ConfigError
 
@@ -80,8 +81,8 @@ class ApiServer:
         self._token: str | None = None
         self._page = b""
         self._runner: web.AppRunner | None = None
-        self._registry = make_registry(
-            ApplianceCollector(app, lambda: (dict(self.requests), dict(self.bad_requests)))
+        self._collector = ApplianceCollector(
+            app, lambda: (dict(self.requests), dict(self.bad_requests))
         )
         self.url = f"http://{cfg.listen}:{cfg.port}/"
 
@@ -190,7 +191,12 @@ class ApiServer:
         return _json({"ready": not reasons, "reasons": reasons}, 503 if reasons else 200)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(self._registry))
+        metrics = list(self._collector.collect())  # one consistent snapshot of the counters
+        body = []
+        for chunk in exposition_chunks(metrics):
+            body.append(chunk)
+            await asyncio.sleep(0)  # let a due poll run between chunks
+        resp = web.Response(body=b"".join(body))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
