@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from appliance.config import parse_config
@@ -101,6 +102,7 @@ async def measure(
         for p, n0 in zip(pollers, polls0, strict=True):
             n = p.polls - n0
             jitter += list(p._jitter)[-n:] if n else []  # the window's polls only
+        blocks = loop_blocks(app) if mode == "load" else {}
         client_report: dict[str, Any] = {}
         if client is not None:
             client.terminate()
@@ -119,6 +121,37 @@ async def measure(
         "jitter_ms_p99": float(np.percentile(j, 99)),
         "jitter_ms_max": float(j.max()),
         "client": client_report,
+        **blocks,
+    }
+
+
+def loop_blocks(app: Appliance, n: int = 30) -> dict[str, float]:
+    """How long the event loop is held, at most, by one status-page refresh (one uninterrupted
+    block: stats, JSON) and by one chunk of a /metrics scrape (ms, max over ``n`` tries)."""
+    from appliance.api import views
+    from appliance.api.metrics import exposition_chunks
+
+    assert app.api is not None
+    status_ms: list[float] = []
+    chunk_ms: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        msgspec.json.encode(views.status(app, time.time() - 2.0))
+        status_ms.append((time.perf_counter() - t0) * 1000.0)
+        t0 = time.perf_counter()
+        metrics = list(app.api._collector.collect())
+        chunk_ms.append((time.perf_counter() - t0) * 1000.0)
+        chunks = exposition_chunks(metrics)
+        while True:
+            t0 = time.perf_counter()
+            if next(chunks, None) is None:
+                break
+            chunk_ms.append((time.perf_counter() - t0) * 1000.0)
+    return {
+        "status_block_ms_max": max(status_ms),
+        "status_block_ms_median": float(np.median(status_ms)),
+        "metrics_block_ms_max": max(chunk_ms),
+        "metrics_block_ms_median": float(np.median(chunk_ms)),
     }
 
 
@@ -240,6 +273,15 @@ def main() -> int:
                         f"{res['client'] or ''}",
                         flush=True,
                     )
+                    if "status_block_ms_max" in res:
+                        print(
+                            "      loop held per status refresh "
+                            f"{res['status_block_ms_median']:.2f} ms (max "
+                            f"{res['status_block_ms_max']:.2f}), per /metrics chunk "
+                            f"{res['metrics_block_ms_median']:.2f} ms (max "
+                            f"{res['metrics_block_ms_max']:.2f})",
+                            flush=True,
+                        )
         finally:
             sim.terminate()
             sim.wait(10)

@@ -92,3 +92,60 @@ def test_history_is_bounded_by_history_s_and_aligns_channels_that_come_and_go() 
     assert h["channels"] == {"a": [2.0, 3.0, 4.0], "b": [None, 30.0, 40.0]}
     assert h["score"] == {"t": [3.0, 4.0], "value": [0.5, None]}
     assert live.last_score("m") is None and live.last_score("x") is None
+
+
+def test_ready_is_503_naming_the_engine_and_uplink_before_the_pipeline_has_started(
+    tmp_path: Path,
+) -> None:
+    """The API comes up before the engine loads (a TensorRT build can take minutes): /health
+    answers, /ready says why it is not ready yet."""
+    import asyncio
+    import json
+    import urllib.error
+    import urllib.request
+
+    from appliance.demo.mosquitto import free_port
+    from appliance.runtime import Appliance
+
+    api_port, mqtt_port = free_port(), free_port()
+    cfg = parse_config(
+        {
+            "devices": [{"name": "m", "profile": "cnc-sim", "port": free_port()}],
+            "outbox": {"path": "o.sqlite"},
+            "mqtt": {"port": mqtt_port},
+            "api": {"enabled": True, "port": api_port},
+        },
+        base_dir=tmp_path,
+    )
+    app = Appliance(cfg)
+    assert app.api is not None
+
+    def get(path: str) -> tuple[int, object]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}{path}", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    async def go() -> tuple[tuple[int, object], tuple[int, object]]:
+        assert app.api is not None
+        await app.api.start()
+        try:
+            return await asyncio.to_thread(get, "/health"), await asyncio.to_thread(get, "/ready")
+        finally:
+            await app.api.stop()
+            await app.api.stop()  # idempotent
+
+    health, ready = asyncio.run(go())
+    assert health == (200, {"status": "ok"})
+    assert ready == (
+        503,
+        {
+            "ready": False,
+            "reasons": [
+                "appliance is not running",
+                "engine not loaded (model cnc_anomaly)",
+                f"uplink not connected to 127.0.0.1:{mqtt_port}",
+            ],
+        },
+    )
