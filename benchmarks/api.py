@@ -11,7 +11,8 @@ Scenario (issue 15): the demo's load (``--machines`` simulated CNC machines poll
   ``/api/v1/status?history_since=...`` every second exactly like the page's script does.
 
 The simulated cell runs in its own process (``appliance simulate``) and the HTTP clients in
-another (this script with ``--client``), so the appliance's process measures only its own CPU.
+another (this script with ``--client``, at nice 19: in the field the clients are other machines),
+so the appliance's process measures only its own CPU.
 Each mode starts a fresh appliance, warms up for ``--warmup`` s and measures ``--seconds`` s:
 CPU % of one core (``time.process_time`` of the appliance process, every thread) and the poll
 start jitter of every poll in the window (ms late against the deadline grid, from the pollers),
@@ -240,6 +241,9 @@ def main() -> int:
     p.add_argument("--serve-cell", metavar="PORTS", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.client:
+        # In the field Prometheus and the browsers run on other machines: here they share the
+        # CPUs, so they run at the lowest priority to measure the appliance's cost, not theirs.
+        os.nice(19)
         asyncio.run(_clients(args.client))
         return 0
     if args.serve_cell:

@@ -91,7 +91,8 @@ class ApiServer:
         r.add_get("/metrics", self._metrics)
         r.add_get("/api/v1/status", self._status)
         r.add_get("/api/v1/devices", self._devices)
-        r.add_get("/api/v1/devices/{name}", self._device)
+        # a device name's own pattern (config.Name): "..", "/" or "\\" never reach the handler
+        r.add_get(r"/api/v1/devices/{name:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}}", self._device)
         r.add_get("/api/v1/alerts", self._alerts)
         r.add_post("/api/v1/alerts/ack", self._ack)
         r.add_get("/api/v1/engine", self._engine)

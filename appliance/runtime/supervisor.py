@@ -4,7 +4,8 @@ Start order (sinks before sources): outbox → uplink → engine/batcher → fea
 acquisition. Stop order (sources before sinks): acquisition stops polling; open windows are
 flushed; queued rows are scored; the uplink drains the outbox within a deadline and publishes its
 retained ``offline`` status; the outbox closes. Whatever the drain deadline leaves unsent stays in
-the outbox on disk and goes out after the next start.
+the outbox on disk and goes out after the next start. The local API (``[api]``, appliance/api/)
+starts after the uplink, before the engine, and stops first.
 """
 
 from __future__ import annotations
