@@ -237,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo_run.add_arguments(sp)
     sp.set_defaults(func=_cmd_demo)
 
+    from appliance.api import status_cli
+
+    sp = add(
+        "status",
+        "show a running appliance's status (local API)",
+        "Ask a running appliance's local API (/api/v1/status) and print its health, devices, "
+        "model, outbox/uplink and active alerts. Exit 0 when ready, 1 when not ready or not "
+        "answering.",
+    )
+    status_cli.add_arguments(sp)
+    sp.set_defaults(func=status_cli.run)
+
     from appliance.infer import cli as engine_cli
 
     sp = add(

@@ -478,6 +478,25 @@ class MqttSection(_Section, frozen=True):
             raise ValueError("mqtt.username is required with password_file / password_env")
 
 
+class ApiSection(_Section, frozen=True):
+    """The local HTTP API, Prometheus metrics and status page (docs/api.md).
+
+    ``listen`` is the address to bind (127.0.0.1: only this host; 0.0.0.0: the cell's network).
+    ``token_file`` holds the bearer token for requests that change state (acknowledging an
+    alert); without it those requests are refused. ``max_body_bytes`` caps a request body (413
+    above). ``history_s``: seconds of per-window channel means and scores kept for the status
+    page's sparklines. ``refresh_ms``: how often the status page polls.
+    """
+
+    enabled: bool = False
+    listen: str = "127.0.0.1"
+    port: Port = 8080
+    token_file: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 65536
+    history_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
+    refresh_ms: Annotated[int, msgspec.Meta(ge=200, le=60000)] = 1000
+
+
 class Config(_Section, frozen=True):
     appliance: ApplianceSection = msgspec.field(default_factory=ApplianceSection)
     devices: tuple[DeviceConfig, ...] = ()
@@ -488,6 +507,7 @@ class Config(_Section, frozen=True):
     telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     mqtt: MqttSection = msgspec.field(default_factory=MqttSection)
+    api: ApiSection = msgspec.field(default_factory=ApiSection)
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -573,7 +593,13 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
         if getattr(cfg.mqtt, key)
     }
     mqtt = msgspec.structs.replace(cfg.mqtt, **mqtt_files)
-    return msgspec.structs.replace(cfg, outbox=outbox, engine=engine, mqtt=mqtt)
+    cfg = msgspec.structs.replace(cfg, outbox=outbox, engine=engine, mqtt=mqtt)
+    if cfg.api.token_file:
+        token_file = _resolve(base_dir, cfg.api.token_file)
+        cfg = msgspec.structs.replace(
+            cfg, api=msgspec.structs.replace(cfg.api, token_file=token_file)
+        )
+    return cfg
 
 
 def load_config(path: str | Path) -> Config:

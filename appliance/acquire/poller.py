@@ -64,6 +64,7 @@ silently skipped.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import random
@@ -89,6 +90,9 @@ log = logging.getLogger(__name__)
 
 #: Polls over which start jitter percentiles are computed.
 JITTER_WINDOW = 1000
+#: Upper bounds (ms) of the cumulative start-jitter histogram in ``stats()["jitter_ms_histogram"]``
+#: (the local API's Prometheus ``appliance_device_poll_jitter_seconds``); a last bucket is +Inf.
+JITTER_BUCKETS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 1000.0)
 #: Default width (seconds) of one stagger slot: see :func:`stagger_phases`.
 STAGGER_SLOT_S = 0.01
 
@@ -201,6 +205,8 @@ class DevicePoller(LinkTask):
         self._offline_bad_sent = False
         self._state: State = "connecting"
         self._jitter: deque[float] = deque(maxlen=JITTER_WINDOW)
+        self._jitter_counts = [0] * (len(JITTER_BUCKETS_MS) + 1)
+        self._jitter_sum_ms = 0.0
         self.polls = 0
         self.exception_responses = 0
         self.overruns = 0
@@ -244,7 +250,10 @@ class DevicePoller(LinkTask):
         ``exception_responses``: requests the device refused or garbled; ``overruns``: skipped
         deadlines; ``stale_values``/``bad_values``: values sent STALE/BAD; ``last_jitter_ms``:
         how late the last poll started; ``jitter_ms_p50``/``jitter_ms_p99``: over the last
-        :data:`JITTER_WINDOW` polls; ``last_poll_ts``: epoch seconds of the last poll;
+        :data:`JITTER_WINDOW` polls; ``jitter_ms_histogram``: every poll since construction,
+        per bucket of :data:`JITTER_BUCKETS_MS` (``counts`` has one more entry, above the last
+        bound; not cumulative) and the ``sum`` in ms; ``last_poll_ts``: epoch seconds of the last
+        poll;
         ``phase_ms``: each group's grid phase; ``waveform``: the waveform reader's counters
         (:meth:`WaveformPoller.stats`, only for devices with a ``waveform`` table);
         ``strings``: string registers read at connect (text, not channels); ``frame_errors``
@@ -270,6 +279,11 @@ class DevicePoller(LinkTask):
             "last_jitter_ms": self.last_jitter_ms,
             "jitter_ms_p50": p50,
             "jitter_ms_p99": p99,
+            "jitter_ms_histogram": {
+                "le": list(JITTER_BUCKETS_MS),
+                "counts": list(self._jitter_counts),
+                "sum": self._jitter_sum_ms,
+            },
             "last_poll_ts": self.last_poll_ts,
             "groups": {g: s * 1000.0 for g, s in self.group_intervals_s.items()},
             "phase_ms": {g: s * 1000.0 for g, s in self.phase_s.items()},
@@ -333,6 +347,8 @@ class DevicePoller(LinkTask):
                 await self._sleep(delay)
             self.last_jitter_ms = (self._monotonic() - deadline) * 1000.0
             self._jitter.append(self.last_jitter_ms)
+            self._jitter_counts[bisect.bisect_left(JITTER_BUCKETS_MS, self.last_jitter_ms)] += 1
+            self._jitter_sum_ms += self.last_jitter_ms
             if self._single_group:
                 result = await self._driver.read()
             else:

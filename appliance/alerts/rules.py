@@ -51,6 +51,7 @@ class AlertEngine:
         self._active_count: dict[str, int] = {}  # rule name → machines it is raised on
         self.raised = 0
         self.cleared = 0
+        self._acknowledged: set[str] = set()
 
     def active(self) -> list[dict[str, object]]:
         """Currently raised alerts (for the local API and tests)."""
@@ -59,6 +60,21 @@ class AlertEngine:
             for (rule, machine), s in self._state.items()
             if s.active
         ]
+
+    def acknowledge(self, alert_id: str) -> bool:
+        """Mark an active alert as seen by someone (the local API). True when ``alert_id`` is
+        active now; False (nothing changes) otherwise. Acknowledging changes no alert state:
+        the alert still clears on its rule, and a new raise gets a new ``alert_id``."""
+        active = {s.alert_id for s in self._state.values() if s.active}
+        self._acknowledged &= active  # forget cleared alerts
+        if alert_id not in active:
+            return False
+        self._acknowledged.add(alert_id)
+        return True
+
+    def acknowledged(self, alert_id: str) -> bool:
+        """Whether ``alert_id`` was acknowledged (while it is active)."""
+        return alert_id in self._acknowledged
 
     def on_frame(self, frame: Frame) -> None:
         if not self._channel_rules:

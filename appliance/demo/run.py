@@ -77,6 +77,10 @@ synchronous = "NORMAL"
 host = "127.0.0.1"
 port = {mqtt_port}
 protocol = "{protocol}"
+
+[api]
+enabled = true
+port = {api_port}
 """
 
 DEVICE_TEMPLATE = """\
@@ -132,6 +136,7 @@ def write_config(workdir: Path, ports: list[int], mqtt_port: int, protocol: str)
         outbox=workdir / "outbox.sqlite",
         mqtt_port=mqtt_port,
         protocol=protocol,
+        api_port=free_port(),
     )
     path = workdir / "appliance.toml"
     path.write_text(text)
@@ -184,6 +189,8 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             f"appliance running (config {config_path}); engine {app.engine.backend} "
             f"[{app.engine.detail}]"
         )
+        if app.api is not None:
+            print(f"status page: {app.api.url}", flush=True)  # also with --quiet
         say(
             f"subscribed to {sub.topic}; a spindle over-temperature fault hits "
             f"cnc-{faults[0].machine + 1} at t+{args.fault_at:.0f}s. Ctrl-C to stop."

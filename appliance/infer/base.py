@@ -11,9 +11,10 @@ worker thread (or from a test's main thread); an engine is never used from two t
 
 from __future__ import annotations
 
+import bisect
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -24,15 +25,23 @@ from appliance.infer.bundle import ModelBundle
 _F32 = np.dtype(np.float32)
 _now = time.perf_counter
 
+#: Upper bounds (ms) of the inference latency histogram (:attr:`EngineStats.latency_counts`).
+LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+
 
 @dataclass
 class EngineStats:
+    """Counters of successful ``infer()`` calls (``errors``: failed ones). ``latency_counts``
+    has one entry per bound of :data:`LATENCY_BUCKETS_MS` plus one above the last (per bucket,
+    not cumulative); ``total_ms`` is their sum."""
+
     calls: int = 0
     rows: int = 0
     errors: int = 0
     total_ms: float = 0.0
     last_ms: float = 0.0
     max_batch_seen: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
 
 class Engine(ABC):
@@ -46,6 +55,11 @@ class Engine(ABC):
         self.stats = EngineStats()
         self.detail = ""  # e.g. the execution providers in use
         self._started = False
+
+    @property
+    def started(self) -> bool:
+        """True between a successful ``start()`` and ``close()`` (the local API's ``/ready``)."""
+        return self._started
 
     # -- lifecycle seams used by the serving chain (appliance/infer/select.py) ---------------
     def unavailable_reason(self) -> str | None:
@@ -136,6 +150,7 @@ class Engine(ABC):
         s.rows += n
         s.total_ms += ms
         s.last_ms = ms
+        s.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
         if n > s.max_batch_seen:
             s.max_batch_seen = n
         return out

@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from appliance.config import Config
 from appliance.errors import ConfigError, ModelError
-from appliance.infer.base import Engine
+from appliance.infer.base import LATENCY_BUCKETS_MS, Engine
 from appliance.infer.bundle import ModelBundle
 from appliance.infer.ort import OrtEngine
 
@@ -175,6 +175,12 @@ class ServingEngine:
     def backend(self) -> str:
         """Name of the serving backend (``""`` before start)."""
         return self._current.name if self._current else ""
+
+    @property
+    def started(self) -> bool:
+        """A backend has loaded, passed its parity check and serves."""
+        e = self.engine
+        return e is not None and e.started
 
     @property
     def n_features(self) -> int:
@@ -393,6 +399,22 @@ class ServingEngine:
         engines = [s.engine for s in self._slots if s.engine is not None]
         calls = sum(e.stats.calls for e in engines)
         total_ms = sum(e.stats.total_ms for e in engines)
+        per_backend = [
+            {
+                "backend": e.backend,
+                "calls": e.stats.calls,
+                "rows": e.stats.rows,
+                "errors": e.stats.errors,
+                "total_ms": e.stats.total_ms,
+                "last_ms": e.stats.last_ms,
+                "max_batch_seen": e.stats.max_batch_seen,
+                "latency_ms_histogram": {
+                    "le": list(LATENCY_BUCKETS_MS),
+                    "counts": list(e.stats.latency_counts),
+                },
+            }
+            for e in engines
+        ]
         return {
             "backend": self.backend,
             "requested": self.requested,
@@ -404,6 +426,7 @@ class ServingEngine:
             "rows": sum(e.stats.rows for e in engines),
             "errors": sum(e.stats.errors for e in engines),
             "mean_ms": total_ms / calls if calls else 0.0,
+            "backends": per_backend,
         }
 
     def summary(self) -> str:

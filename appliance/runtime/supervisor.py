@@ -4,7 +4,8 @@ Start order (sinks before sources): outbox → uplink → engine/batcher → fea
 acquisition. Stop order (sources before sinks): acquisition stops polling; open windows are
 flushed; queued rows are scored; the uplink drains the outbox within a deadline and publishes its
 retained ``offline`` status; the outbox closes. Whatever the drain deadline leaves unsent stays in
-the outbox on disk and goes out after the next start.
+the outbox on disk and goes out after the next start. The local API (``[api]``, appliance/api/)
+starts after the uplink, before the engine, and stops first.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 from appliance import __version__
 from appliance.acquire import Acquisition
 from appliance.alerts import AlertEngine
+from appliance.api import ApiServer, LiveView
 from appliance.batch import Batcher
 from appliance.config import Config
-from appliance.contracts import Envelope, Frame
+from appliance.contracts import Envelope, Frame, ScoreBatch
 from appliance.downsample import TelemetryDownsampler
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.infer import EngineOptions, ServingEngine
@@ -64,7 +66,7 @@ class Appliance:
         )
         self.batcher = Batcher(
             self.engine,
-            self.alerts.on_scores,
+            self._on_scores,
             max_batch=cfg.batch.max_batch,
             max_delay_ms=cfg.batch.max_delay_ms,
             queue_size=cfg.batch.queue_size,
@@ -76,6 +78,10 @@ class Appliance:
         window_sinks: list[Any] = [self.features]
         if cfg.telemetry.enabled:
             window_sinks.insert(0, self.telemetry)
+        self.live = LiveView(cfg.api.history_s, cfg.features.window_s)
+        if cfg.api.enabled:
+            window_sinks.append(self.live.on_window)
+        self.api = ApiServer(cfg.api, self) if cfg.api.enabled else None
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
         self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
@@ -91,6 +97,13 @@ class Appliance:
         self.frames += 1
         self.windows.on_frame(frame)
         self.alerts.on_frame(frame)
+        if self.api is not None:
+            self.live.on_frame(frame)
+
+    def _on_scores(self, scores: ScoreBatch) -> None:
+        self.alerts.on_scores(scores)
+        if self.api is not None:
+            self.live.on_scores(scores)
 
     def _append(self, envelopes: Sequence[Envelope]) -> None:
         """Hand envelopes to the outbox. When the outbox cannot store them (a full disk that
@@ -127,6 +140,8 @@ class Appliance:
         )
         self.outbox.open()
         await self.uplink.start()
+        if self.api is not None:  # answers /health (and /ready: 503) while the engine loads
+            await self.api.start()
         await self.batcher.start()
         log.info("engine: serving on %s — %s", self.engine.backend, self.engine.summary())
         await self.acquisition.start()
@@ -139,6 +154,8 @@ class Appliance:
             return
         self._stopped = True
         log.info("appliance stopping: acquisition first, then draining")
+        if self.api is not None:
+            await self.api.stop()
         await self.health.stop()
         await self.acquisition.stop()
         self.windows.flush()
@@ -162,6 +179,16 @@ class Appliance:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()`` (the local API's ``/ready``)."""
+        return self._started and not self._stopped
+
+    @property
+    def outbox_failing(self) -> bool:
+        """True while the outbox refuses envelopes (an ``append_failures`` episode)."""
+        return self._append_failing
 
     def stats(self) -> dict[str, Any]:
         return {

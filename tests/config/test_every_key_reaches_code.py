@@ -201,6 +201,13 @@ def uplink(key: str) -> held:
     return held(lambda a: getattr(a.uplink._cfg, key), "appliance/uplink")
 
 
+def api(key: str) -> held:
+    return held(lambda a: getattr(a.api.cfg, key), "appliance/api")
+
+
+API_ON = {"api.enabled": True}
+
+
 def rule(key: str) -> held:
     return held(lambda a: getattr(a.alerts._channel_rules[0], key), "appliance/alerts")
 
@@ -367,6 +374,13 @@ PROBES: list[P] = [
     P("engine.backend", "onnxruntime-cpu"),
     P("engine.threads", 2),
     P("engine.cache_dir", "/tmp/elsewhere"),
+    P("api.enabled", True),
+    P("api.history_s", 30.0),
+    P("api.listen", "0.0.0.0", base=API_ON),
+    P("api.port", 9999, base=API_ON),
+    P("api.max_body_bytes", 4096, api("max_body_bytes"), base=API_ON),
+    P("api.refresh_ms", 5000, api("refresh_ms"), base=API_ON),
+    P("api.token_file", "/etc/appliance/token", api("token_file"), base=API_ON),
     P("engine.precision", "fp16"),
     P("engine.workspace_mb", 256),
     P("alerts.rules[].name", "r2", rule("name")),
