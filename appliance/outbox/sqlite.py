@@ -143,7 +143,14 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from appliance.config import OutboxSection
+from appliance.config import (
+    OUTBOX_BATCH_BYTES,
+    OUTBOX_PAGE_BYTES,
+    OUTBOX_WAL_FRAME_BYTES,
+    OutboxSection,
+    outbox_min_budget_bytes,
+    outbox_wal_bytes,
+)
 from appliance.contracts import Envelope, OutboxRecord
 from appliance.errors import ApplianceError
 from appliance.outbox.budget import MAX_COARSEN_WINDOWS, DiskBudget, Freed
@@ -192,10 +199,6 @@ _OPTIONAL_TABLES = frozenset({"meta"})  # added after version 1 files existed: m
 _SEQ_FLOOR_PER_S = 1000  # seq_floor after a recovery: milliseconds since the epoch
 _DISK_FULL_HEADROOM = 2  # on a full disk, evict this many times the batch's payload bytes
 _DISK_FULL_MIN_BYTES = 64 * 1024
-_WAL_SIZE_LIMIT = 32 * 1024 * 1024
-"""Bytes the WAL file is truncated to after a checkpoint. Above the ~16 MiB it reaches between
-two automatic checkpoints, so in steady state it is reused, never truncated and re-grown (which
-cost ~35 % of the append rate with a 4 MiB limit)."""
 _MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
 _make_record = OutboxRecord._make
 
@@ -280,8 +283,11 @@ class SqliteOutbox(DiskBudget):
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
-        if not disk_budget_mb > 0:
-            raise ValueError(f"disk_budget_mb must be > 0, not {disk_budget_mb!r}")
+        if not disk_budget_mb * 2**20 >= outbox_min_budget_bytes():
+            raise ValueError(
+                f"disk_budget_mb = {disk_budget_mb!r} cannot hold the empty outbox, its WAL and "
+                f"one append batch (at least {outbox_min_budget_bytes() / 2**20:.2f} MiB)"
+            )
         if coarsen_windows == 1 or not 0 <= coarsen_windows <= MAX_COARSEN_WINDOWS:
             raise ValueError(
                 f"coarsen_windows must be 0 (off) or 2..{MAX_COARSEN_WINDOWS}, "
@@ -292,7 +298,9 @@ class SqliteOutbox(DiskBudget):
         self.path = path
         self.appliance_id = appliance_id
         self.synchronous = synchronous
-        self.disk_budget_bytes = int(disk_budget_mb * 1024 * 1024)
+        budget = int(disk_budget_mb * 1024 * 1024)
+        self.wal_bytes = outbox_wal_bytes(budget)
+        self.disk_budget_bytes = budget - self.wal_bytes  # the database's share
         self.coarsen_windows = coarsen_windows
         self._clock = clock
         self._payloads = PayloadEncoder(appliance_id)
@@ -458,13 +466,17 @@ class SqliteOutbox(DiskBudget):
             raise _Unusable("integrity check failed: " + "; ".join(map(str, problems)))
 
     def _init(self, db: sqlite3.Connection, seq_floor: int, seqs: dict[str, int]) -> None:
-        db.execute("PRAGMA page_size=16384")  # before WAL: only a new, empty file takes it
+        db.execute(f"PRAGMA page_size={OUTBOX_PAGE_BYTES}")  # before WAL: a new file only
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
-        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        frame = page + OUTBOX_WAL_FRAME_BYTES
+        threshold = max(1, (self.wal_bytes - OUTBOX_BATCH_BYTES) // frame)
+        db.execute(f"PRAGMA wal_autocheckpoint={threshold}")
+        db.execute(f"PRAGMA journal_size_limit={self.wal_bytes}")
         db.execute("PRAGMA cache_size=-16384")
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

@@ -309,11 +309,12 @@ def damage_under(ob: SqliteOutbox) -> None:
     connection commit, which makes the outbox's connection drop its page cache and read the
     file again."""
     other = sqlite3.connect(ob.path, isolation_level=None)
+    page = other.execute("PRAGMA page_size").fetchone()[0]
     try:
         other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         with open(ob.path, "r+b") as f:
-            f.seek(16384)  # page 2 onwards (16 KiB pages)
-            f.write(b"\xa5" * (os.path.getsize(ob.path) - 16384))
+            f.seek(page)  # page 2 onwards
+            f.write(b"\xa5" * (os.path.getsize(ob.path) - page))
         other.execute("PRAGMA user_version = 1")  # a commit (page 1 only, via the WAL)
     finally:
         other.close()
