@@ -915,7 +915,10 @@ class SqliteOutbox(DiskBudget):
 
         ``appended``, ``published`` (settled as accepted), ``rejected``, ``evicted`` (all
         classes), ``evicted_alerts`` and ``coarsened`` (telemetry records merged into others)
-        are counts; ``pending`` is the number of unsettled
+        are counts of records; ``evicted_windows`` counts the telemetry windows the evicted
+        records held (a merged record holds several) and ``coarsened_windows`` the windows
+        merged into a coarser message for the first time; ``quarantined`` the records that
+        failed their CRC32 (kept aside, not published); ``pending`` is the number of unsettled
         records; ``oldest_age_s`` the age of the oldest of them in seconds (0 when empty).
         ``recovered_corrupt`` counts unusable files moved aside at ``open``; ``disk_full`` appends
         that hit a full disk and ``disk_full_failed`` those of them that failed after the retry.
