@@ -33,10 +33,12 @@ QUOTA_EXCEEDED = 0x97
 _RETRY_AFTER_ERROR_S = 1.0
 SETTLE_DELAY_S = 2.0
 """Acks are settled in one outbox transaction at most this long after the first of them
-arrived (or at once: 1000 of them, a rejection, stop). Settling a few windows' acks together
-rewrites each outbox page once instead of once per window (flash wear, docs/benchmarks.md); the
-cost is that a crash re-sends up to this many seconds of acknowledged messages (duplicates)."""
-_SETTLE_MAX = 1000
+arrived (or at once: :data:`SETTLE_MAX_ACKS` of them, a rejection, a lost connection, stop).
+Settling a few windows' acks together rewrites each outbox page once instead of once per window
+(flash wear, docs/benchmarks.md); the cost is that a crash re-sends the acknowledged messages
+still waiting (duplicates)."""
+SETTLE_MAX_ACKS = 256
+"""At most this many acks wait for their settle (also bounds the duplicates after a crash)."""
 _MIN_RATE_WAIT_S = 0.01  # the publisher never wakes more often than this for the rate limit
 BURST_S = 0.05  # token bucket capacity, seconds of backlog_rate_per_s
 _PACKET_OVERHEAD_BYTES = 64  # PUBLISH header + packet id + our properties, upper bound
@@ -226,8 +228,9 @@ class DeliveryPolicy:
 
     def _flush_settled(self, force: bool = False) -> float | None:
         """Settle the acks gathered so far in one outbox transaction, once the oldest of them
-        is :data:`SETTLE_DELAY_S` old (at once when ``force``, stopping, 1000 of them or a
-        rejection). Returns the seconds until they are due, ``None`` when nothing waits."""
+        is :data:`SETTLE_DELAY_S` old (at once when ``force``, stopping, :data:`SETTLE_MAX_ACKS`
+        of them or a rejection). Returns the seconds until they are due, ``None`` when nothing
+        waits."""
         if not self._acked and not self._rejected:
             self._settle_due = None
             return None
@@ -235,7 +238,7 @@ class DeliveryPolicy:
             now = self._loop.time() if self._loop is not None else 0.0
             if self._settle_due is None:
                 self._settle_due = now + SETTLE_DELAY_S
-            if now < self._settle_due and len(self._acked) < _SETTLE_MAX:
+            if now < self._settle_due and len(self._acked) < SETTLE_MAX_ACKS:
                 return self._settle_due - now
         self._settle_due = None
         acked, rejected = self._acked, self._rejected

@@ -14,9 +14,10 @@ callbacks (CONNACK, PUBACK, disconnect) therefore run on the loop thread and upd
 state directly. The publisher task takes records from the outbox, hands them to
 ``client.publish`` (which only queues the packet; the writer callback sends every packet queued
 in one loop iteration together) and settles acknowledged records in SQLite, in one transaction
-per :data:`~appliance.uplink.delivery.SETTLE_DELAY_S` (2 s; at once for 1000 acks, a rejection
-or at stop: flash wear, docs/benchmarks.md); acknowledged records stay excluded from ``take``
-until then, and a crash before it re-sends them (duplicates, recognisable by ``id``). The
+per :data:`~appliance.uplink.delivery.SETTLE_DELAY_S` (2 s; at once for 256 acks, a
+rejection, a lost connection or at stop: flash wear, docs/benchmarks.md); acknowledged records
+stay excluded from ``take`` until then, and a crash before it re-sends them (at most 256 plus
+the in-flight window of duplicates, recognisable by ``id``). The
 one blocking step, opening a connection (DNS, TCP connect, TLS handshake, each bounded by
 paho's 5 s connect timeout), runs in a worker thread while the connector task awaits it;
 nothing else uses the client meanwhile, and the socket is handed to the loop when it is open.
@@ -450,6 +451,10 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         self._connected = False
         self._link_up_wall = float("inf")
         self._counters["disconnects"] += 1
+        try:  # delivered: out of the outbox now (an outage may fill it and evict them)
+            self._flush_settled(force=True)
+        except Exception:
+            log.exception("MQTT uplink: cannot settle the acknowledged records")
         if self._closing:
             log.info("MQTT uplink disconnected from %s:%d", cfg.host, cfg.port)
             return
