@@ -80,7 +80,7 @@ has drained), and never published; ``take`` returns the next good records instea
 
 Flash wear: ``PRAGMA secure_delete`` is turned off (Debian builds SQLite with it on, which
 rewrote every deleted record and freed page), pages are 4 KiB, appends are batched by the
-supervisor (one transaction per window close) and settles by the uplink (every 2 s): ~3.9 bytes
+supervisor (one transaction per window close) and settles by the uplink (every 2 s): ~3.8 bytes
 written per payload byte at 16 machines, ~2.4 at 100 (``benchmarks/write_amplification.py``,
 docs/benchmarks.md).
 
