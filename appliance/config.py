@@ -13,6 +13,7 @@ config file, never the working directory (systemd starts the service in ``/``). 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -54,6 +55,10 @@ class ApplianceSection(_Section, frozen=True):
     id: Name = "appliance-01"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     health_log_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    #: how long ``appliance run`` waits at stop for the outbox to drain (SIGINT/SIGTERM)
+    drain_timeout_s: PositiveFloat = 10.0
+    #: run without devices (alerts on scores only, no telemetry): must be said explicitly
+    allow_no_devices: bool = False
 
 
 class _DeviceBase(_Section, frozen=True, tag_field="protocol"):
@@ -416,6 +421,35 @@ class TelemetrySection(_Section, frozen=True):
     stats: tuple[Literal["mean", "rms", "min", "max", "last"], ...] = ("mean", "min", "max")
 
 
+OUTBOX_PAGE_BYTES = 4096
+"""SQLite page size of a new outbox file (an existing file keeps its own)."""
+OUTBOX_EMPTY_PAGES = 6
+"""Pages an empty outbox occupies: the header page and one root page per table."""
+OUTBOX_BATCH_BYTES = 64 * 1024
+"""One append batch (~60 machines' ~1 KB telemetry windows): room the budget keeps for it."""
+OUTBOX_WAL_FRAME_BYTES = 24
+"""Header bytes of each page the WAL file holds."""
+_OUTBOX_WAL_SHARE = 8  # the WAL gets 1/8 of the budget ...
+_OUTBOX_WAL_MIN_BYTES = 64 * 1024  # ... at least this ...
+_OUTBOX_WAL_MAX_BYTES = 4 * 1024 * 1024  # ... and at most this (checkpoints: docs/benchmarks.md)
+
+
+def outbox_wal_bytes(budget_bytes: int) -> int:
+    """The part of an outbox's disk budget reserved for its WAL file: a checkpoint threshold
+    (1/8 of the budget, 64 KiB..4 MiB) plus one append batch (a commit may carry the WAL that
+    far past the threshold before the checkpoint that follows it)."""
+    share = min(
+        _OUTBOX_WAL_MAX_BYTES, max(_OUTBOX_WAL_MIN_BYTES, budget_bytes // _OUTBOX_WAL_SHARE)
+    )
+    return share + OUTBOX_BATCH_BYTES
+
+
+def outbox_min_budget_bytes(page_bytes: int = OUTBOX_PAGE_BYTES) -> int:
+    """The smallest ``outbox.disk_budget_mb`` (in bytes) that holds the empty outbox's pages,
+    its WAL and one append batch."""
+    return OUTBOX_EMPTY_PAGES * page_bytes + outbox_wal_bytes(0) + OUTBOX_BATCH_BYTES
+
+
 class OutboxSection(_Section, frozen=True):
     path: str = "/var/lib/appliance/outbox.sqlite"
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
@@ -423,6 +457,13 @@ class OutboxSection(_Section, frozen=True):
     coarsen_windows: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 10
 
     def __post_init__(self) -> None:
+        least = outbox_min_budget_bytes()
+        if not self.disk_budget_mb * 2**20 >= least:  # also refuses NaN
+            raise ValueError(
+                f"outbox.disk_budget_mb = {self.disk_budget_mb} cannot hold the empty outbox's "
+                f"pages, its WAL and one append batch: give at least {least / 2**20:.2f} (MiB; "
+                "the budget covers the WAL, see docs/configuration.md)"
+            )
         if self.coarsen_windows == 1:
             raise ValueError(
                 "outbox.coarsen_windows = 1 merges nothing: use 0 to evict old telemetry "
@@ -568,6 +609,44 @@ def _prepare_device(raw: object) -> object:
     return dev
 
 
+def _non_finite(value: Any, path: str) -> str | None:
+    """The key path of the first non-finite float (TOML allows ``inf``/``nan``) in ``value``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = _non_finite(
+            item,
+            f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key),
+        )
+        if where is not None:
+            return where
+    return None
+
+
+def _check_sanity(cfg: Config, data: dict[str, Any]) -> None:
+    """Refuse what types alone let through: no devices (unless ``appliance.allow_no_devices``),
+    an empty host, a non-finite number anywhere (timeouts, thresholds, scales)."""
+    if not cfg.devices and not cfg.appliance.allow_no_devices:
+        raise ValueError(
+            "devices: no device configured (no telemetry, no channel alerts); set "
+            "`appliance.allow_no_devices = true` to run without devices on purpose"
+        )
+    if not cfg.mqtt.host.strip():
+        raise ValueError("mqtt.host: must not be empty")
+    for i, dev in enumerate(cfg.devices):
+        if isinstance(dev, ModbusTcpConfig) and not dev.host.strip():
+            raise ValueError(f"devices[{i}] ({dev.name}).host: must not be empty")
+    where = _non_finite(data, "")
+    if where is not None:
+        raise ValueError(f"{where}: must be a finite number (not inf or nan)")
+
+
 def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Path) -> Config:
     """Validate a decoded TOML document. Raises :class:`ConfigError` naming ``source``."""
     devices = data.get("devices")
@@ -576,6 +655,7 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     try:
         cfg = msgspec.convert(data, Config)
         cfg = _cross_checks(cfg, base_dir)
+        _check_sanity(cfg, data)
     except msgspec.ValidationError as err:
         raise ConfigError(f"{source}: {describe_validation_error(err, data)}") from None
     except ValueError as err:

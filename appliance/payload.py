@@ -9,12 +9,16 @@ in ``appliance/schemas`` describe the result for subscribers.
 A payload is one UTF-8 JSON object: the header :data:`HEADER_KEYS`, in that order, then the
 envelope's body::
 
-    {"v": 1, "kind", "appliance", "stream", "seq", "id": "{appliance}/{stream}/{seq}", "ts", **body}
+    {"v": 1, "kind", "appliance", "stream", "epoch", "seq",
+     "id": "{appliance}/{stream}/{epoch}/{seq}", "ts", **body}
 
-``v`` is :data:`PAYLOAD_VERSION`; ``seq`` is the record's number in its stream (given by the
-outbox); ``id`` lets subscribers deduplicate (delivery is at least once); ``ts`` is the event
-time in seconds (epoch). A body must not use a header key. Numbers are written by msgspec
-(shortest round-trip form); numpy scalars and arrays in a body become JSON numbers and lists.
+``v`` is :data:`PAYLOAD_VERSION`; ``epoch`` names the outbox file that numbered the message (its
+creation time in ms: a new file, however it came to be new, is a new epoch, and its streams start
+again at ``seq`` 1); ``seq`` is the record's number in its stream within that epoch (given by the
+outbox); ``id`` lets subscribers deduplicate (delivery is at least once) and is unique across
+outbox files; ``ts`` is the event time in seconds (epoch). A body must not use a header key.
+Numbers are written by msgspec (shortest round-trip form); numpy scalars and arrays in a body
+become JSON numbers and lists.
 
 Called on the event loop (by the outbox and the uplink); no I/O, no shared state but a
 :class:`PayloadEncoder`'s cache of header bytes.
@@ -32,7 +36,7 @@ from appliance.contracts import Envelope
 PAYLOAD_VERSION = 1
 """``v`` of every payload: bumped when the common header fields change meaning."""
 
-HEADER_KEYS = ("v", "kind", "appliance", "stream", "seq", "id", "ts")
+HEADER_KEYS = ("v", "kind", "appliance", "stream", "epoch", "seq", "id", "ts")
 """The header members of every payload, in the order they are written."""
 
 RESERVED_KEYS = frozenset(HEADER_KEYS)
@@ -67,8 +71,8 @@ def check_body(env: Envelope) -> None:
         raise ValueError(f"envelope body of stream {env.stream!r} uses header key(s) {clash}")
 
 
-def encode_payload(appliance_id: str, env: Envelope, seq: int) -> bytes:
-    """The payload of ``env`` as record ``seq`` of its stream (UTF-8 JSON).
+def encode_payload(appliance_id: str, env: Envelope, seq: int, epoch: int = 1) -> bytes:
+    """The payload of ``env`` as record ``seq`` of its stream in outbox ``epoch`` (UTF-8 JSON).
 
     The reference definition; :class:`PayloadEncoder` produces the same bytes faster.
     """
@@ -79,8 +83,9 @@ def encode_payload(appliance_id: str, env: Envelope, seq: int) -> bytes:
             "kind": env.kind,
             "appliance": appliance_id,
             "stream": env.stream,
+            "epoch": epoch,
             "seq": seq,
-            "id": f"{appliance_id}/{env.stream}/{seq}",
+            "id": f"{appliance_id}/{env.stream}/{epoch}/{seq}",
             "ts": env.ts,
             **env.body,
         }
@@ -96,8 +101,9 @@ class PayloadEncoder:
     message. Used by the outbox's append path (~1e5 records/s).
     """
 
-    def __init__(self, appliance_id: str) -> None:
+    def __init__(self, appliance_id: str, epoch: int = 1) -> None:
         self.appliance_id = appliance_id
+        self.epoch = epoch
         self._heads: dict[tuple[str, str], tuple[bytes, bytes]] = {}
         self._last_ts: object = None
         self._ts_json = b""
@@ -107,12 +113,18 @@ class PayloadEncoder:
         string's opening quote and prefix (JSON-escaped by the encoder, not by hand)."""
         encode = _ENCODER.encode
         pre = encode(
-            {"v": PAYLOAD_VERSION, "kind": kind, "appliance": self.appliance_id, "stream": stream}
+            {
+                "v": PAYLOAD_VERSION,
+                "kind": kind,
+                "appliance": self.appliance_id,
+                "stream": stream,
+                "epoch": self.epoch,
+            }
         )
-        return pre[:-1] + b',"seq":', encode(f"{self.appliance_id}/{stream}/")[:-1]
+        return pre[:-1] + b',"seq":', encode(f"{self.appliance_id}/{stream}/{self.epoch}/")[:-1]
 
     def encode(self, env: Envelope, seq: int) -> bytes:
-        """``encode_payload(appliance_id, env, seq)``, the same bytes. Raises ``ValueError``
+        """``encode_payload(appliance_id, env, seq, epoch)``, the same bytes. Raises ``ValueError``
         when the body uses a header key."""
         stream = env.stream
         body = env.body

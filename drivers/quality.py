@@ -22,7 +22,8 @@ STALE: Final[int] = 1
 """The last good value repeated: set by the poller when a read fails, and by streaming drivers
 (text line sensors) when nothing new arrived since the previous read. Not a device fault."""
 BAD: Final[int] = 2
-"""The device answered this value with an exception response or garbage; the value is NaN."""
+"""The device answered this value with an exception response or garbage (a NaN or infinite
+float included); the value is NaN."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +40,20 @@ class ReadResult:
     ``channels`` says which of the device's channels the values are, when a read covers only
     part of the map (one poll group): ``values[i]`` belongs to channel ``channels[i]``. ``None``
     means every channel, in order.
+
+    A value that is not finite (a float register holding a NaN or infinity pattern, a text
+    device printing ``nan`` or ``inf``) is never a sample: building the result marks it BAD and
+    NaN, whatever driver built it.
     """
 
     values: npt.NDArray[np.float64]
     quality: npt.NDArray[np.uint8]
     exceptions: tuple[DeviceException, ...] = ()
     channels: npt.NDArray[np.intp] | None = None
+
+    def __post_init__(self) -> None:
+        values = self.values
+        if values.size and not np.isfinite(values).all():
+            odd = ~np.isfinite(values)
+            self.quality[odd & (self.quality != BAD)] = BAD
+            values[odd] = np.nan

@@ -89,7 +89,8 @@ class AlertEngine:
             ch = pos.get(rule.channel)
             if ch is None:
                 continue
-            sel = (frame.channel == ch) & (frame.quality == Quality.GOOD)
+            # NaN/Inf are missing values, never above (or below) a threshold
+            sel = (frame.channel == ch) & (frame.quality == Quality.GOOD) & np.isfinite(frame.value)
             if not sel.any():
                 continue
             values = frame.value[sel]

@@ -1,8 +1,8 @@
 """A demo/test MQTT subscriber: counts what arrives, checks sequence numbers, prints a live view.
 
 It stands for the plant's dashboards and historians: it subscribes to everything one appliance
-publishes, drops duplicates by ``(stream, seq)`` and records gaps, exactly as the topic contract
-(docs/mqtt.md) tells subscribers to.
+publishes, drops duplicates by ``(stream, epoch, seq)`` and records gaps, exactly as the topic
+contract (docs/mqtt.md) tells subscribers to.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StreamState:
     last_seq: int = 0
+    epoch: object = None  # a new outbox epoch starts the stream's sequence again
     received: int = 0
     duplicates: int = 0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # (expected, got)
@@ -108,6 +109,8 @@ class DemoSubscriber:
         with self.lock:
             st = self.streams.setdefault(str(stream), StreamState())
             if isinstance(seq, int):
+                if m.get("epoch") != st.epoch:
+                    st.epoch, st.last_seq = m.get("epoch"), 0
                 if seq <= st.last_seq:
                     st.duplicates += 1
                     return

@@ -40,7 +40,7 @@ class _Acc:
         self.last = np.full(n, np.nan)
 
     def add(self, frame: Frame) -> None:
-        good = frame.quality == Quality.GOOD
+        good = (frame.quality == Quality.GOOD) & np.isfinite(frame.value)  # NaN/Inf: missing
         ch = frame.channel[good]
         v = frame.value[good]
         if ch.size == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sqlite3
 from typing import Any, NamedTuple
 
@@ -29,6 +30,15 @@ _MIN_EVICT_ROWS = 16
 _MAX_EVICT_ROUNDS = 64
 _COARSEN_SCAN_ROWS = 512  # telemetry rows read per step of a coarsening scan
 MAX_COARSEN_WINDOWS = 10_000  # a merge deletes as many rows in one statement (SQLite: 32766)
+_COARSENED_WINDOWS = re.compile(rb'"coarsened":\{"windows":(\d+)')
+
+
+def windows_of(payload: bytes) -> int:
+    """Telemetry windows a stored telemetry payload covers: 1, or its ``coarsened.windows``."""
+    if b'"coarsened"' not in payload:
+        return 1
+    m = _COARSENED_WINDOWS.search(payload)
+    return int(m.group(1)) if m else 1
 
 
 class Freed(NamedTuple):
@@ -36,6 +46,8 @@ class Freed(NamedTuple):
 
     evicted: dict[int, int]  # records deleted, per priority class
     merged: int = 0  # telemetry records merged into others (coarsening)
+    evicted_windows: int = 0  # telemetry windows in the deleted records
+    coarsened_windows: int = 0  # windows merged for the first time (sent coarse from now on)
 
 
 class _Run:
@@ -84,7 +96,7 @@ class DiskBudget:
         """
         target = self.disk_budget_bytes * _EVICT_TARGET
         evicted: dict[int, int] = {}
-        merged = 0
+        merged = windows = coarse = 0
         can_coarsen = self.coarsen_windows > 0
         for _ in range(_MAX_EVICT_ROUNDS):
             used = self._used_bytes(db)
@@ -93,20 +105,35 @@ class DiskBudget:
             per_row = used / pending  # over-estimates (schema pages count too): safe side
             want = max(_MIN_EVICT_ROWS, math.ceil((used - target) / per_row))
             if can_coarsen:
-                n = self._coarsen(db, want)
+                n, w = self._coarsen(db, want)
                 if n:
                     merged += n
+                    coarse += w
                     pending -= n
                     continue  # re-measure: merging frees less than deleting as many rows
                 can_coarsen = False  # nothing left to merge: evict
             for priority in reversed(CLASSES):
                 if want <= 0:
                     break
-                cur = db.execute(
-                    "DELETE FROM records WHERE id IN (SELECT id FROM records "
-                    "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?)",
-                    (*class_range(priority), want),
-                )
+                lo, hi = class_range(priority)
+                if priority == Priority.TELEMETRY:  # count the windows they held, too
+                    rows = db.execute(
+                        "SELECT id, payload FROM records WHERE id >= ? AND id < ? "
+                        "ORDER BY id LIMIT ?",
+                        (lo, hi, want),
+                    ).fetchall()
+                    if not rows:
+                        continue
+                    windows += sum(windows_of(p) for _, p in rows)
+                    cur = db.execute(
+                        "DELETE FROM records WHERE id >= ? AND id <= ?", (lo, rows[-1][0])
+                    )
+                else:
+                    cur = db.execute(
+                        "DELETE FROM records WHERE id IN (SELECT id FROM records "
+                        "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?)",
+                        (lo, hi, want),
+                    )
                 n = max(cur.rowcount, 0)
                 if n:
                     evicted[priority] = evicted.get(priority, 0) + n
@@ -114,25 +141,26 @@ class DiskBudget:
                     want -= n
                     if priority != Priority.ALERT:
                         break  # re-measure before touching a more important class
-        return Freed(evicted, merged)
+        return Freed(evicted, merged, windows, coarse)
 
-    def _coarsen(self, db: sqlite3.Connection, want: int) -> int:
+    def _coarsen(self, db: sqlite3.Connection, want: int) -> tuple[int, int]:
         """Merge runs of consecutive telemetry records of a stream, oldest first, until ``want``
         rows are gone (see :mod:`appliance.outbox.coarsen`). Inside the caller's transaction.
 
         A merged record takes the place (id, ``created``) of the oldest one it replaces and
         covers at most ``coarsen_windows`` windows. Records handed out by ``take`` and not
         settled (possibly in flight) and anything not shaped like a telemetry window are left
-        alone and end a run. Returns the number of rows merged away.
+        alone and end a run. Returns the number of rows merged away and of windows merged for
+        the first time (sent inside a coarser message from now on).
         """
         limit = self.coarsen_windows
         lo, hi = class_range(int(Priority.TELEMETRY))
         pos = max(lo, self._coarse_from)
         runs: dict[str, _Run] = {}
-        freed = 0
+        freed = first_merged = 0
 
         def close(stream: str) -> None:
-            nonlocal freed
+            nonlocal freed, first_merged
             run = runs.pop(stream, None)
             if run is None or len(run.ids) < 2:
                 return
@@ -155,6 +183,7 @@ class DiskBudget:
                 ),
             )
             freed += len(run.ids) - 1
+            first_merged += sum(1 for _, w in run.extents if w == 1)
 
         while freed < want:
             rows = db.execute(
@@ -175,6 +204,7 @@ class DiskBudget:
                 run = runs.get(stream)
                 if run is not None and (
                     first_seq != run.msgs[-1]["seq"] + 1
+                    or msg.get("epoch") != run.msgs[-1].get("epoch")
                     or run.windows + windows > limit
                     or topic != run.topic
                 ):
@@ -199,7 +229,7 @@ class DiskBudget:
         if freed < want:
             for stream in list(runs):
                 close(stream)
-        return freed
+        return freed, first_merged
 
     def _evict_bytes(self, db: sqlite3.Connection, need: int) -> dict[int, int]:
         """Delete the oldest records, least important class first, until their payloads add up
@@ -211,13 +241,16 @@ class DiskBudget:
             lo, hi = class_range(priority)
             cutoff, n = None, 0
             cur = db.execute(
-                "SELECT id, length(payload) + length(topic) + length(stream) + 32 FROM records "
-                "WHERE id >= ? AND id < ? ORDER BY id",
+                "SELECT id, length(payload) + length(topic) + length(stream) + 32, payload "
+                "FROM records WHERE id >= ? AND id < ? ORDER BY id",
                 (lo, hi),
             )
+            telemetry = priority == Priority.TELEMETRY
             try:
-                for rid, size in cur:
+                for rid, size, payload in cur:
                     cutoff, n, need = rid, n + 1, need - size
+                    if telemetry:
+                        self._counters["evicted_windows"] += windows_of(payload)
                     if need <= 0:
                         break
             finally:
@@ -228,13 +261,22 @@ class DiskBudget:
         return evicted
 
     def _count_evictions(
-        self, evicted: dict[int, int], *, merged: int = 0, budget: bool = True
+        self,
+        evicted: dict[int, int],
+        *,
+        merged: int = 0,
+        budget: bool = True,
+        windows: int = 0,
+        coarsened_windows: int = 0,
     ) -> None:
-        """Count evictions (per class) and ``merged`` records; log budget episodes
-        (``budget``), their first eviction and lost alerts once each."""
+        """Count evictions (per class, and the telemetry ``windows`` they held), ``merged``
+        records and ``coarsened_windows``; log budget episodes (``budget``), their first
+        eviction and lost alerts once each."""
         total = sum(evicted.values())
         alerts = evicted.get(int(Priority.ALERT), 0)
         self._pending -= total + merged
+        self._counters["evicted_windows"] += windows
+        self._counters["coarsened_windows"] += coarsened_windows
         self._counters["evicted"] += total
         self._counters["evicted_alerts"] += alerts
         self._counters["coarsened"] += merged

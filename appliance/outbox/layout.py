@@ -13,9 +13,11 @@ CLASS_SHIFT = 48  # id = priority << 48 | n: rowid order is (priority, append or
 CLASSES = tuple(sorted(int(p) for p in Priority))
 
 INSERT = (  # columns in OutboxRecord's field order: a record is its own parameter tuple
-    "INSERT INTO records (id, stream, seq, topic, priority, payload, created) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO records (id, stream, seq, topic, priority, payload, created, crc) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, crc32(?6))"
 )
+"""Insert a record; ``crc32`` (registered on the connection by the storage: ``zlib.crc32``)
+checksums the payload as it is written."""
 
 
 def class_range(priority: int) -> tuple[int, int]:

@@ -21,24 +21,26 @@ level. "Returned" below means ``append`` (or ``settle``) returned without raisin
   appends. ``settle`` commits are not fsync'ed at either level: a power loss can only undo a
   deletion, which means a duplicate, never a loss.
 - ``NORMAL``: commits go to the WAL in the OS page cache without an fsync; the WAL is fsync'ed
-  only when a checkpoint copies it into the database (every 1000 WAL pages of 16 KiB, i.e. every
-  ~16 MiB of appended payload, and at ``close``). A process crash loses nothing (the page cache
-  belongs to the kernel). A power loss or kernel panic may lose the transactions committed since
-  the last checkpoint that the kernel had not yet written back on its own: at most ~16 MiB of
-  records, in time at most the kernel's write-back delay (``vm.dirty_expire_centisecs``, 30 s by
-  default on Linux). The file is never corrupted. A lost ``settle`` only means duplicates.
+  only when a checkpoint copies it into the database (when the WAL reaches its share of the
+  disk budget, at most 4 MiB, see "Disk budget", and at ``close``). A process crash loses
+  nothing (the page cache belongs to the kernel). A power loss or kernel panic may lose the
+  transactions committed since the last checkpoint that the kernel had not yet written back on
+  its own: at most ~4 MiB of records, in time at most the kernel's write-back delay
+  (``vm.dirty_expire_centisecs``, 30 s by default on Linux). The file is never corrupted. A
+  lost ``settle`` only means duplicates.
 
 Loss is otherwise explicit: records are deleted only when the broker acknowledged them
 (``accepted``), when the broker refused them (``rejected``: dropped, counted and logged, not
 retried forever), or by the disk-budget eviction below (counted as ``evicted``).
 
 Delivery is at-least-once: a record published but not settled before a crash is published again
-after the restart. Every payload carries ``id`` (``{appliance}/{stream}/{seq}``) so subscribers
-can deduplicate.
+after the restart. Every payload carries ``id`` (``{appliance}/{stream}/{epoch}/{seq}``) so
+subscribers can deduplicate.
 
-On-disk format (``PRAGMA user_version = 1``)
+On-disk format (``PRAGMA user_version = 2``)
 -------------------------------------------
-``records(id, stream, seq, priority, topic, payload, created)``, 16 KiB pages. ``id`` is
+``records(id, stream, seq, priority, topic, payload, created, crc)``, 4 KiB pages (a file made
+before keeps its 16 KiB pages). ``id`` is
 ``priority << 48 | n`` with ``n`` a counter of appends, so the rowid order *is* the drain order
 (alerts, status, telemetry; oldest first) and draining or evicting a class is a rowid range scan:
 no secondary index to maintain. Ids are never reused within a process (so an id in flight never
@@ -47,7 +49,40 @@ is the final MQTT payload (UTF-8 JSON in the format of :mod:`appliance.payload`,
 at append time); ``created`` is the append time in seconds (epoch). ``streams(stream, seq)``
 holds the last sequence number handed out per stream, so ``seq`` stays monotonic across
 restarts even when all of the stream's records were delivered. ``meta(key, value)`` holds
-``seq_floor`` (see below; absent means 0).
+``epoch`` (below) and, in files recovered by older versions, ``seq_floor`` (the streams'
+starting point; absent means 0). ``quarantine`` holds the records that failed their checksum.
+
+Version 1 files (no ``crc`` column, no ``quarantine`` table, no ``epoch``) are migrated on open:
+the column and the table are added, the file gets a new epoch, and the rows stored before carry
+``crc`` NULL: they are **verified by nothing** (computing a checksum at migration would only
+certify whatever the disk holds by then) and published as they are.
+
+Epoch
+-----
+Every file has an ``epoch``: the wall-clock time in milliseconds when it was created (or
+migrated), at least one more than the epoch of the file it replaces while running. Every
+payload carries it (``"epoch"``, and inside ``id``), and a new file's streams start at ``seq`` 1.
+So message ids are unique across outbox files, with one behaviour for every way a file can be
+new: first start, removed or replaced by hand, found corrupt at start or while running.
+Subscribers de-duplicate by ``id`` and reset a stream's expected ``seq`` when its ``epoch``
+changes (docs/mqtt.md). This holds as long as no two outbox files are created in the same
+millisecond and the wall clock does not go back past an earlier file's creation time.
+
+Integrity
+---------
+Each record stores ``crc``, the CRC32 (``zlib.crc32``) of its payload, computed by SQLite as the
+row is inserted (``crc32(payload)``, a function the connection registers), coarsened records
+included. ``take`` verifies it before handing a record out: a record that fails (damaged on the
+medium; ``quick_check`` at open checks only the file's structure) is moved to the
+``quarantine`` table in its own transaction (kept for inspection with the time it was found),
+counted (``quarantined``), logged once per episode (an ERROR; the episode ends when the outbox
+has drained), and never published; ``take`` returns the next good records instead.
+
+Flash wear: ``PRAGMA secure_delete`` is turned off (Debian builds SQLite with it on, which
+rewrote every deleted record and freed page), pages are 4 KiB, appends are batched by the
+supervisor (one transaction per window close) and settles by the uplink (every 2 s): ~3.8 bytes
+written per payload byte at 16 machines, ~2.4 at 100 (``benchmarks/write_amplification.py``,
+docs/benchmarks.md).
 
 Batched appends (1000 per call, ``synchronous=FULL``) run at ~1.2-2.2e5 records/s for
 alert-sized records (~0.37 KB) and ~0.6-1.05e5 records/s for demo telemetry (~1 KB, 40 values:
@@ -68,13 +103,9 @@ empty outbox takes its place and ``recovered_corrupt`` counts it. The records in
 not sent (they stay there for inspection). If the file cannot be moved aside, ``open()`` raises
 :class:`OutboxError` instead (the CLI exits 1) rather than touch it.
 
-The last sequence numbers went with the old file, so they are not knowable. Instead of
-restarting at 1, which subscribers would take for duplicates and drop silently, every stream of
-the new outbox continues from ``seq_floor = int(clock() * 1000)`` (milliseconds since the epoch,
-~1.8e12, exact in a JSON double): subscribers see a *gap* (``seq > last + 1``), which is the
-truth (the records in the old file may never arrive). This stays above what subscribers saw as
-long as the wall clock did not go backwards and no stream averaged more than 1000 messages/s
-since the previous recovery. Other errors at open (a locked file, an I/O error, a full disk)
+The new file is a new epoch (see "Epoch"): its streams start at ``seq`` 1 with ids that differ
+from the old file's, so subscribers neither drop them as duplicates nor mix them up. Other
+errors at open (a locked file, an I/O error, a full disk)
 propagate unchanged: they are not evidence of a bad file.
 
 Damage while running
@@ -84,9 +115,9 @@ SQLITE_NOTADB) during ``append``, ``take`` or ``settle``, the outbox does what `
 with such a file: closes it, moves it aside (with its -wal and -shm) to a ``.corrupt-<UTC
 timestamp>`` name, logs an ERROR naming both paths and how many unsent records stayed in it,
 counts ``recovered_corrupt``, continues in a new file and retries the call there once (an
-``append`` stores its batch in the new file). The in-memory sequence numbers carry over, so
-every stream continues where it was and subscribers see a gap exactly where the old file's
-unsent records were; record ids continue too. I/O errors, a locked file and a full disk are not
+``append`` stores its batch in the new file). The new file is a new epoch, as at start, and its
+streams start at ``seq`` 1; record ids (the rowids) continue, so a late ack of an old record
+never settles a new one. I/O errors, a locked file and a full disk are not
 damage (they raise, or follow "Disk full" below).
 
 Disk full
@@ -102,10 +133,16 @@ the rest.
 
 Disk budget
 -----------
-After each append the used size of the database, ``(page_count - freelist_count) * page_size``
-bytes, is compared with ``disk_budget_mb``. (Free pages are reused by later inserts, so the file
-itself stays near the budget; the WAL file adds ~16 MiB on top, up to 32 MiB after a large
-transaction: it is reused after each checkpoint, not truncated and re-grown.)
+``disk_budget_mb`` covers the database and its WAL file. The WAL's share
+(:func:`appliance.config.outbox_wal_bytes`: 1/8 of the budget, 64 KiB to 4 MiB, plus one append
+batch of 64 KiB) sets ``wal_autocheckpoint`` (the threshold in pages, without the batch) and
+``journal_size_limit`` (what the WAL is truncated back to after a checkpoint); a commit can
+carry the WAL past the threshold by one transaction before the checkpoint that follows it,
+which the batch allowance absorbs for appends of up to ~60 machines' windows. After each
+append the used size of the database, ``(page_count - freelist_count) * page_size`` bytes, is
+compared with the rest of the budget (free pages are reused by later inserts, so the file
+itself stays near it). A budget that cannot hold the empty outbox, the WAL's share and one
+batch is refused (``ValueError``; at config load, a ``ConfigError`` naming the key).
 Over budget, space is made in the same transaction, down to 95 % of the budget:
 
 1. **Coarsening** (unless ``coarsen_windows`` is 0): runs of consecutive telemetry records of a
@@ -139,11 +176,19 @@ import os
 import sqlite3
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from appliance.config import OutboxSection
+from appliance.config import (
+    OUTBOX_BATCH_BYTES,
+    OUTBOX_PAGE_BYTES,
+    OUTBOX_WAL_FRAME_BYTES,
+    OutboxSection,
+    outbox_min_budget_bytes,
+    outbox_wal_bytes,
+)
 from appliance.contracts import Envelope, OutboxRecord
 from appliance.errors import ApplianceError
 from appliance.outbox.budget import MAX_COARSEN_WINDOWS, DiskBudget, Freed
@@ -153,7 +198,8 @@ from appliance.payload import PayloadEncoder
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_KNOWN_VERSIONS = (1, 2)  # version 1 files are migrated on open (see "On-disk format")
 _EPISODE_END = 0.5  # an eviction episode ends below this fraction of the budget
 
 _SCHEMA = """
@@ -172,7 +218,19 @@ CREATE TABLE IF NOT EXISTS records (
     priority INTEGER NOT NULL,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    crc INTEGER
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created REAL NOT NULL,
+    crc INTEGER,
+    found REAL NOT NULL
 );
 """
 
@@ -180,22 +238,24 @@ _UPSERT_STREAM = (
     "INSERT INTO streams (stream, seq) VALUES (?, ?) "
     "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq"
 )
-_SELECT_ROWS = "SELECT id, stream, seq, topic, priority, payload, created FROM records"
+_SELECT_ROWS = "SELECT id, stream, seq, topic, priority, payload, created, crc FROM records"
 _SELECT_DRAIN_LIMIT = f"{_SELECT_ROWS} ORDER BY id LIMIT ?"
 _SELECT_IDS = "SELECT id FROM records ORDER BY id"
+_V1_RECORDS = ["id", "stream", "seq", "priority", "topic", "payload", "created"]
 _COLUMNS = {
-    "records": ["id", "stream", "seq", "priority", "topic", "payload", "created"],
+    "records": [*_V1_RECORDS, "crc"],
     "streams": ["stream", "seq"],
     "meta": ["key", "value"],
+    "quarantine": [*_V1_RECORDS, "crc", "found"],
 }
-_OPTIONAL_TABLES = frozenset({"meta"})  # added after version 1 files existed: may be missing
-_SEQ_FLOOR_PER_S = 1000  # seq_floor after a recovery: milliseconds since the epoch
+_OPTIONAL_TABLES = frozenset({"meta", "quarantine"})  # may be missing from version 1 files
+_EPOCH_PER_S = 1000  # an epoch is the creation time of its file in milliseconds
+_QUARANTINE = (
+    "INSERT OR REPLACE INTO quarantine "
+    "SELECT id, stream, seq, priority, topic, payload, created, crc, ? FROM records WHERE id = ?"
+)
 _DISK_FULL_HEADROOM = 2  # on a full disk, evict this many times the batch's payload bytes
 _DISK_FULL_MIN_BYTES = 64 * 1024
-_WAL_SIZE_LIMIT = 32 * 1024 * 1024
-"""Bytes the WAL file is truncated to after a checkpoint. Above the ~16 MiB it reaches between
-two automatic checkpoints, so in steady state it is reused, never truncated and re-grown (which
-cost ~35 % of the append rate with a 4 MiB limit)."""
 _MAX_EXCLUDE_RUNS = 16  # take(): up to this many runs of excluded ids are skipped in SQL
 _make_record = OutboxRecord._make
 
@@ -280,8 +340,11 @@ class SqliteOutbox(DiskBudget):
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
-        if not disk_budget_mb > 0:
-            raise ValueError(f"disk_budget_mb must be > 0, not {disk_budget_mb!r}")
+        if not disk_budget_mb * 2**20 >= outbox_min_budget_bytes():
+            raise ValueError(
+                f"disk_budget_mb = {disk_budget_mb!r} cannot hold the empty outbox, its WAL and "
+                f"one append batch (at least {outbox_min_budget_bytes() / 2**20:.2f} MiB)"
+            )
         if coarsen_windows == 1 or not 0 <= coarsen_windows <= MAX_COARSEN_WINDOWS:
             raise ValueError(
                 f"coarsen_windows must be 0 (off) or 2..{MAX_COARSEN_WINDOWS}, "
@@ -292,7 +355,9 @@ class SqliteOutbox(DiskBudget):
         self.path = path
         self.appliance_id = appliance_id
         self.synchronous = synchronous
-        self.disk_budget_bytes = int(disk_budget_mb * 1024 * 1024)
+        budget = int(disk_budget_mb * 1024 * 1024)
+        self.wal_bytes = outbox_wal_bytes(budget)
+        self.disk_budget_bytes = budget - self.wal_bytes  # the database's share
         self.coarsen_windows = coarsen_windows
         self._clock = clock
         self._payloads = PayloadEncoder(appliance_id)
@@ -308,6 +373,8 @@ class SqliteOutbox(DiskBudget):
         self._alerts_lost = False
         self._disk_full = False
         self._seq_floor = 0
+        self._epoch = 0
+        self._quarantining = False
         self._counters = {
             "appended": 0,
             "published": 0,
@@ -315,6 +382,9 @@ class SqliteOutbox(DiskBudget):
             "evicted": 0,
             "evicted_alerts": 0,
             "coarsened": 0,
+            "evicted_windows": 0,
+            "coarsened_windows": 0,
+            "quarantined": 0,
             "recovered_corrupt": 0,
             "disk_full": 0,
             "disk_full_failed": 0,
@@ -357,22 +427,20 @@ class SqliteOutbox(DiskBudget):
         except _Unusable as why:
             aside = self._move_aside()
             self._counters["recovered_corrupt"] += 1
-            floor = int(self._clock() * _SEQ_FLOOR_PER_S)
-            log.error(
-                "outbox %s is unusable (%s): moved it aside to %s, untouched, and started a new, "
-                "empty outbox; its unsent records will not be published. Sequence numbers "
-                "continue from %d, so subscribers see a gap",
-                self.path,
-                why,
-                aside,
-                floor,
-            )
             try:
-                db = self._connect(seq_floor=floor)
+                db = self._connect()
             except _Unusable as again:
                 raise OutboxError(
                     f"outbox {self.path}: a new outbox is unusable too ({again})"
                 ) from None
+            log.error(
+                "outbox %s is unusable (%s): moved it aside to %s, untouched, and started a new, "
+                "empty outbox (epoch %d); its unsent records will not be published",
+                self.path,
+                why,
+                aside,
+                self._epoch,
+            )
         self._db = db
         log.info(
             "outbox %s open (synchronous=%s, budget %.1f MiB): %d pending record(s)",
@@ -382,14 +450,9 @@ class SqliteOutbox(DiskBudget):
             self._pending,
         )
 
-    def _connect(
-        self, seq_floor: int = 0, seqs: dict[str, int] | None = None
-    ) -> sqlite3.Connection:
-        """Open and check the file, create the schema, load ids and seqs; ``_Unusable`` if bad.
-
-        ``seq_floor`` > 0 is written to a new file's ``meta`` table and ``seqs`` to its
-        ``streams`` table (after a recovery).
-        """
+    def _connect(self, min_epoch: int = 0) -> sqlite3.Connection:
+        """Open and check the file, create or migrate the schema, load the epoch, ids and seqs;
+        ``_Unusable`` if bad. A new file's epoch is at least ``min_epoch``."""
         path = Path(self.path)
         if path.exists() or path.is_symlink():
             if not path.is_file():
@@ -402,7 +465,7 @@ class SqliteOutbox(DiskBudget):
             self._check_read_only()
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
-            self._init(db, seq_floor, seqs or {})
+            self._init(db, min_epoch)
         except BaseException:
             db.close()
             raise
@@ -444,11 +507,13 @@ class SqliteOutbox(DiskBudget):
             return  # a new file
         if version == 0:
             raise _Unusable(f"not an outbox: user_version 0 and table(s) {sorted(tables)}")
-        if version != SCHEMA_VERSION:
-            raise _Unusable(f"user_version {version}, expected {SCHEMA_VERSION}")
+        if version not in _KNOWN_VERSIONS:
+            raise _Unusable(f"user_version {version}, expected one of {list(_KNOWN_VERSIONS)}")
         for name, columns in _COLUMNS.items():
-            if name not in tables and name in _OPTIONAL_TABLES:
+            if name not in tables and (name in _OPTIONAL_TABLES and version == 1):
                 continue
+            if name == "records" and version == 1 and tables.get(name) == _V1_RECORDS:
+                continue  # migrated on open (an interrupted migration may have added crc)
             if tables.get(name) != columns:
                 raise _Unusable(
                     f"table {name!r} has columns {tables.get(name)}, expected {columns}"
@@ -457,25 +522,38 @@ class SqliteOutbox(DiskBudget):
         if problems != ["ok"]:
             raise _Unusable("integrity check failed: " + "; ".join(map(str, problems)))
 
-    def _init(self, db: sqlite3.Connection, seq_floor: int, seqs: dict[str, int]) -> None:
-        db.execute("PRAGMA page_size=16384")  # before WAL: only a new, empty file takes it
+    def _init(self, db: sqlite3.Connection, min_epoch: int) -> None:
+        db.execute(f"PRAGMA page_size={OUTBOX_PAGE_BYTES}")  # before WAL: a new file only
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
-        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        # Debian/Ubuntu build SQLite with SECURE_DELETE on: every deleted record would be
+        # zeroed and every freed page written again (flash wear; the records deleted are
+        # messages already delivered, nothing secret).
+        db.execute("PRAGMA secure_delete=OFF")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        frame = page + OUTBOX_WAL_FRAME_BYTES
+        threshold = max(1, (self.wal_bytes - OUTBOX_BATCH_BYTES) // frame)
+        db.execute(f"PRAGMA wal_autocheckpoint={threshold}")
+        db.execute(f"PRAGMA journal_size_limit={self.wal_bytes}")
         db.execute("PRAGMA cache_size=-16384")
+        db.create_function("crc32", 1, zlib.crc32, deterministic=True)
         db.executescript(_SCHEMA)
+        if "crc" not in [c[1] for c in db.execute("PRAGMA table_info(records)")]:
+            db.execute("ALTER TABLE records ADD COLUMN crc INTEGER")  # version 1: NULL, unchecked
+        row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        if row is None:  # a new file (or a version 1 file): a new epoch
+            epoch = max(int(self._clock() * _EPOCH_PER_S), min_epoch, 1)
+            db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        else:
+            epoch = int(row[0])
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        if seq_floor:
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq_floor', ?)", (seq_floor,)
-            )
-        if seqs:
-            db.executemany(_UPSERT_STREAM, seqs.items())
+        self._epoch = epoch
+        self._payloads = PayloadEncoder(self.appliance_id, epoch)
         row = db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
-        self._seq_floor = int(row[0]) if row else 0
+        self._seq_floor = int(row[0]) if row else 0  # left by version 1 after a recovery
         self._seqs = dict(db.execute("SELECT stream, seq FROM streams").fetchall())
         last_n = 0
         for priority in CLASSES:
@@ -596,7 +674,12 @@ class SqliteOutbox(DiskBudget):
         self._pending += len(rows)
         self._counters["appended"] += len(rows)
         if freed.evicted or freed.merged:
-            self._count_evictions(freed.evicted, merged=freed.merged)
+            self._count_evictions(
+                freed.evicted,
+                merged=freed.merged,
+                windows=freed.evicted_windows,
+                coarsened_windows=freed.coarsened_windows,
+            )
         return rows
 
     def _write(
@@ -678,12 +761,52 @@ class SqliteOutbox(DiskBudget):
         return written
 
     def take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
-        records = self._guarded("take", self._take, limit, exclude)
+        records = self._guarded("take", self._take_verified, limit, exclude)
         if self.coarsen_windows:
             self._taken.update(r.id for r in records)  # possibly in flight: never merged
         return records
 
-    def _take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
+    def _take_verified(self, limit: int, exclude: Collection[int]) -> list[OutboxRecord]:
+        """:meth:`_take`, with every record's payload checked against its CRC32: a record that
+        fails is quarantined (see "Integrity" in the module docstring) and never returned."""
+        crc32 = zlib.crc32
+        while True:
+            rows = self._take(limit, exclude)
+            bad = [r for r in rows if r[7] is not None and crc32(r[5]) != r[7]]
+            if not bad:
+                return [_make_record(r[:7]) for r in rows]
+            self._quarantine(bad)
+
+    def _quarantine(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Move records whose payload fails its CRC32 to the ``quarantine`` table."""
+        db = self._conn
+        now = self._clock()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_QUARANTINE, ((now, r[0]) for r in rows))
+            n = self._delete(db, [r[0] for r in rows])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._pending -= n
+        self._counters["quarantined"] += n
+        if not self._quarantining:
+            self._quarantining = True
+            log.error(
+                "outbox %s: %d record(s) failed their CRC32 check (damaged on disk), e.g. %s "
+                "seq %s: kept aside in its quarantine table, NOT published (counted: "
+                "quarantined)",
+                self.path,
+                n,
+                rows[0][1],
+                rows[0][2],
+            )
+        else:
+            log.debug("outbox %s: %d more record(s) quarantined", self.path, n)
+
+    def _take(self, limit: int, exclude: Collection[int] = ()) -> list[Any]:
         """Up to ``limit`` records to publish next, skipping the ids in ``exclude`` (in flight).
 
         Order: by priority class (alerts, then status, then telemetry), oldest first within a
@@ -696,7 +819,7 @@ class SqliteOutbox(DiskBudget):
             return []
         db = self._conn
         if not exclude:
-            return list(map(_make_record, db.execute(_SELECT_DRAIN_LIMIT, (limit,))))
+            return db.execute(_SELECT_DRAIN_LIMIT, (limit,)).fetchall()
         runs = _runs(sorted(exclude))
         if len(runs) <= _MAX_EXCLUDE_RUNS:
             # The excluded ids are a few contiguous runs (the in-flight window): SQLite skips
@@ -710,7 +833,7 @@ class SqliteOutbox(DiskBudget):
                 )
             params = [bound for run in runs for bound in run]
             params.append(limit)
-            return list(map(_make_record, db.execute(sql, params)))
+            return db.execute(sql, params).fetchall()
         skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
         ids: list[int] = []
         cur = db.execute(_SELECT_IDS)
@@ -722,11 +845,11 @@ class SqliteOutbox(DiskBudget):
                         break
         finally:
             cur.close()
-        out: list[OutboxRecord] = []
+        out: list[Any] = []
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             sql = f"{_SELECT_ROWS} WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id"
-            out.extend(map(_make_record, db.execute(sql, chunk)))
+            out.extend(db.execute(sql, chunk))
         return out
 
     def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None:
@@ -779,11 +902,18 @@ class SqliteOutbox(DiskBudget):
                 n_rejected,
                 topics,
             )
+        if self._quarantining and not self._pending:
+            self._quarantining = False  # an episode of damaged records ends when all went out
         if self._evicting and self._used_bytes(db) < self.disk_budget_bytes * _EPISODE_END:
             self._evicting = False
             log.info("outbox back under half its disk budget; eviction episode over")
 
     # -- observation -------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The open file's epoch (its creation time in ms), carried by every payload it numbers."""
+        return self._epoch
 
     @property
     def pending(self) -> int:
@@ -795,7 +925,10 @@ class SqliteOutbox(DiskBudget):
 
         ``appended``, ``published`` (settled as accepted), ``rejected``, ``evicted`` (all
         classes), ``evicted_alerts`` and ``coarsened`` (telemetry records merged into others)
-        are counts; ``pending`` is the number of unsettled
+        are counts of records; ``evicted_windows`` counts the telemetry windows the evicted
+        records held (a merged record holds several) and ``coarsened_windows`` the windows
+        merged into a coarser message for the first time; ``quarantined`` the records that
+        failed their CRC32 (kept aside, not published); ``pending`` is the number of unsettled
         records; ``oldest_age_s`` the age of the oldest of them in seconds (0 when empty).
         ``recovered_corrupt`` counts unusable files moved aside at ``open``; ``disk_full`` appends
         that hit a full disk and ``disk_full_failed`` those of them that failed after the retry.
@@ -839,7 +972,7 @@ class SqliteOutbox(DiskBudget):
         were. Record ids continue too (so an ack of an old in-flight record never settles a new
         one). :class:`OutboxError` if the file cannot be moved aside or the new one is unusable.
         """
-        next_n, lost = self._next_n, self._pending
+        next_n, lost, epoch = self._next_n, self._pending, self._epoch
         db, self._db = self._db, None
         if db is not None:
             try:
@@ -849,7 +982,7 @@ class SqliteOutbox(DiskBudget):
         aside = self._move_aside()
         self._counters["recovered_corrupt"] += 1
         try:
-            self._db = self._connect(seq_floor=self._seq_floor, seqs=self._seqs)
+            self._db = self._connect(min_epoch=epoch + 1)
         except _Unusable as again:
             raise OutboxError(
                 f"outbox {self.path}: a new outbox is unusable too ({again})"
@@ -857,12 +990,13 @@ class SqliteOutbox(DiskBudget):
         self._next_n = max(self._next_n, next_n)
         log.error(
             "outbox %s became unusable while running (%s, during %s): moved it aside to %s, "
-            "untouched, and continued in a new, empty outbox; its %d unsent record(s) will not "
-            "be published, and subscribers see that gap in the sequence numbers",
+            "untouched, and continued in a new, empty outbox (epoch %d); its %d unsent "
+            "record(s) will not be published",
             self.path,
             err,
             what,
             aside,
+            self._epoch,
             lost,
         )
 

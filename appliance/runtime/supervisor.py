@@ -48,13 +48,7 @@ class Appliance:
         self.bundle = load_model_for(cfg)
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
-        self.outbox = SqliteOutbox(
-            cfg.outbox.path,
-            appliance_id=aid,
-            synchronous=cfg.outbox.synchronous,
-            disk_budget_mb=cfg.outbox.disk_budget_mb,
-            coarsen_windows=cfg.outbox.coarsen_windows,
-        )
+        self.outbox = SqliteOutbox.from_config(cfg.outbox, appliance_id=aid)
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
         self.engine = ServingEngine(
             self.bundle,
@@ -88,6 +82,7 @@ class Appliance:
         self.frames = 0
         self.append_failures = 0
         self._append_failing = False
+        self._pending_appends: list[Envelope] = []
         self.started_at = 0.0
         self._started = False
         self._stopped = False
@@ -106,6 +101,28 @@ class Appliance:
             self.live.on_scores(scores)
 
     def _append(self, envelopes: Sequence[Envelope]) -> None:
+        """Queue envelopes for the outbox: every envelope handed over during one event-loop
+        iteration (all the windows that close at the same moment, their alerts) is stored in
+        one outbox transaction, one fsync, by :meth:`_flush_appends` scheduled with
+        ``call_soon``. Without a running loop (tests) they are stored at once."""
+        if not envelopes:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._store(envelopes)
+            return
+        if not self._pending_appends:
+            loop.call_soon(self._flush_appends)
+        self._pending_appends.extend(envelopes)
+
+    def _flush_appends(self) -> None:
+        """Store the envelopes queued by :meth:`_append` in one outbox transaction."""
+        envelopes, self._pending_appends = self._pending_appends, []
+        if envelopes:
+            self._store(envelopes)
+
+    def _store(self, envelopes: Sequence[Envelope]) -> None:
         """Hand envelopes to the outbox. When the outbox cannot store them (a full disk that
         eviction could not relieve, a failing disk, an outbox file that cannot be replaced), the
         envelopes are lost: counted in ``append_failures`` and logged once per episode, so the
@@ -149,7 +166,8 @@ class Appliance:
         log.info("appliance %s running", self.cfg.appliance.id)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
-        """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``."""
+        """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``
+        (``appliance run``: ``[appliance] drain_timeout_s``)."""
         if not self._started or self._stopped:
             return
         self._stopped = True
@@ -161,6 +179,7 @@ class Appliance:
         self.windows.flush()
         await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
         await self.batcher.close()
+        self._flush_appends()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)
         self.outbox.close()
         log.info("appliance stopped")
@@ -178,7 +197,7 @@ class Appliance:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            await self.stop()
+            await self.stop(self.cfg.appliance.drain_timeout_s)
 
     @property
     def running(self) -> bool:

@@ -5,8 +5,8 @@ what to do with each PUBACK.
 :class:`DeliveryPolicy` is the publisher side of :class:`~appliance.uplink.mqtt.MqttUplink` (a
 mixin; the uplink sets the attributes): take records while the in-flight window has room (one
 slot kept for alerts), rate-limit historical non-alert records with a token bucket, refuse
-records over the packet size limit locally, settle acks in one outbox transaction per
-iteration, pause on MQTT 5 quota exceeded (0x97). Everything runs on the event loop.
+records over the packet size limit locally, settle acks in one outbox transaction every
+:data:`SETTLE_DELAY_S`, pause on MQTT 5 quota exceeded (0x97). Everything runs on the event loop.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ QUOTA_EXCEEDED = 0x97
 """MQTT 5 PUBACK reason retried after a pause instead of rejecting the record."""
 
 _RETRY_AFTER_ERROR_S = 1.0
+SETTLE_DELAY_S = 2.0
+"""Acks are settled in one outbox transaction at most this long after the first of them
+arrived (or at once: :data:`SETTLE_MAX_ACKS` of them, a rejection, a lost connection, stop).
+Settling a few windows' acks together rewrites each outbox page once instead of once per window
+(flash wear, docs/benchmarks.md); the cost is that a crash re-sends the acknowledged messages
+still waiting (duplicates)."""
+SETTLE_MAX_ACKS = 256
+"""At most this many acks wait for their settle (also bounds the duplicates after a crash)."""
 _MIN_RATE_WAIT_S = 0.01  # the publisher never wakes more often than this for the rate limit
 BURST_S = 0.05  # token bucket capacity, seconds of backlog_rate_per_s
 _PACKET_OVERHEAD_BYTES = 64  # PUBLISH header + packet id + our properties, upper bound
@@ -64,6 +72,8 @@ class DeliveryPolicy:
     _wake: asyncio.Event | None
     _settled: asyncio.Event | None
     _closing: bool
+    _stopped: bool
+    _settle_due: float | None
     _pub_props: PackedProperties | None
     _connected: bool
     _link_up_wall: float
@@ -94,10 +104,12 @@ class DeliveryPolicy:
         while True:
             delay: float | None = None
             try:
-                self._flush_settled()
+                settle_in = self._flush_settled()
                 if self._closing:
                     return
                 delay = self._publish_more()
+                if settle_in is not None:
+                    delay = settle_in if delay is None else min(delay, settle_in)
                 if failing:
                     failing = False
                     log.info("MQTT uplink publisher recovered")
@@ -214,17 +226,31 @@ class DeliveryPolicy:
         """
         return self._connected and not self._carried
 
-    def _flush_settled(self) -> None:
-        """Settle the acks gathered since the last call, in one outbox transaction."""
+    def _flush_settled(self, force: bool = False) -> float | None:
+        """Settle the acks gathered so far in one outbox transaction, once the oldest of them
+        is :data:`SETTLE_DELAY_S` old (at once when ``force``, stopping, :data:`SETTLE_MAX_ACKS`
+        of them or a rejection). Returns the seconds until they are due, ``None`` when nothing
+        waits."""
         if not self._acked and not self._rejected:
-            return
+            self._settle_due = None
+            return None
+        if not (force or self._stopped or self._closing or self._rejected):
+            now = self._loop.time() if self._loop is not None else 0.0
+            if self._settle_due is None:
+                self._settle_due = now + SETTLE_DELAY_S
+            if now < self._settle_due and len(self._acked) < SETTLE_MAX_ACKS:
+                return self._settle_due - now
+        self._settle_due = None
         acked, rejected = self._acked, self._rejected
         self._outbox.settle(acked, rejected)
         self._acked, self._rejected = [], []
-        self._counters["published"] += len(acked)
+        # Acked records stay excluded from take() until settled: never published twice.
+        self._inflight_ids.difference_update(acked)
+        self._inflight_ids.difference_update(rejected)
         self._counters["rejected"] += len(rejected)
         if self._settled is not None:
             self._settled.set()
+        return None
 
     def _handle_ack(self, mid: int, reason: ReasonCode) -> None:
         rid = self._inflight.pop(mid, None)
@@ -234,14 +260,15 @@ class DeliveryPolicy:
             if waiter is not None and not waiter.done():
                 waiter.set_result(not reason.is_failure)
             return
-        self._inflight_ids.discard(rid)
         if reason.is_failure and reason.value == QUOTA_EXCEEDED:
+            self._inflight_ids.discard(rid)  # stays in the outbox, to be taken again
             self._pause_for_quota()
         elif reason.is_failure:
             self._reject(rid, reason_key(reason), f"record {rid}", f"0x{reason.value:02x}")
         else:
             self._quota_attempt = 0
             self._acked.append(rid)
+            self._counters["published"] += 1  # acknowledged by the broker (settled later)
         self.notify()
 
     def _pause_for_quota(self) -> None:

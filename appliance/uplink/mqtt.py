@@ -13,10 +13,14 @@ callbacks, and the connector task calls ``loop_misc`` (keepalive, PINGREQ) every
 callbacks (CONNACK, PUBACK, disconnect) therefore run on the loop thread and update the uplink's
 state directly. The publisher task takes records from the outbox, hands them to
 ``client.publish`` (which only queues the packet; the writer callback sends every packet queued
-in one loop iteration together) and settles acknowledged records in SQLite, one transaction per
-iteration. The one blocking step, opening a connection (DNS, TCP connect, TLS handshake, each
-bounded by paho's 5 s connect timeout), runs in a worker thread while the connector task awaits
-it; nothing else uses the client meanwhile, and the socket is handed to the loop when it is open.
+in one loop iteration together) and settles acknowledged records in SQLite, in one transaction
+per :data:`~appliance.uplink.delivery.SETTLE_DELAY_S` (2 s; at once for 256 acks, a
+rejection, a lost connection or at stop: flash wear, docs/benchmarks.md); acknowledged records
+stay excluded from ``take`` until then, and a crash before it re-sends them (at most 256 plus
+the in-flight window of duplicates, recognisable by ``id``). The
+one blocking step, opening a connection (DNS, TCP connect, TLS handshake, each bounded by
+paho's 5 s connect timeout), runs in a worker thread while the connector task awaits it;
+nothing else uses the client meanwhile, and the socket is handed to the loop when it is open.
 
 There is no paho network thread: it would compete with the loop for the GIL, and every SQLite
 call of the publisher (which releases the GIL) would then wait for it. Measured on 2 cores, the
@@ -198,6 +202,7 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         self._inflight_ids: set[int] = set()
         self._carried: set[int] = set()  # mids unacked across a reconnect: resent by paho
         self._acked: list[int] = []
+        self._settle_due: float | None = None
         self._rejected: list[int] = []
         self._status_waiters: dict[int, asyncio.Future[bool]] = {}
         self._counters = {
@@ -380,7 +385,7 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         await self._close_link(client)  # the socket such an attempt opened
         self._client = None
         try:
-            self._flush_settled()
+            self._flush_settled(force=True)
         except Exception:
             log.exception("MQTT uplink: cannot settle the last acknowledged records")
         log.info(
@@ -446,6 +451,10 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         self._connected = False
         self._link_up_wall = float("inf")
         self._counters["disconnects"] += 1
+        try:  # delivered: out of the outbox now (an outage may fill it and evict them)
+            self._flush_settled(force=True)
+        except Exception:
+            log.exception("MQTT uplink: cannot settle the acknowledged records")
         if self._closing:
             log.info("MQTT uplink disconnected from %s:%d", cfg.host, cfg.port)
             return

@@ -21,6 +21,13 @@ here:
 A connection that the peer closes is noticed at once (pymodbus' connect trace callback), so a
 request in flight fails immediately instead of waiting out ``timeout_s``.
 
+A malformed reply (a byte count larger than the frame, a function code pymodbus cannot decode)
+makes pymodbus' framer raise inside the protocol's ``data_received``; asyncio would log that as
+an ERROR with a 14-line traceback ("Fatal error: protocol.data_received() call failed") and drop
+the connection. Instead the received bytes are discarded, the request in flight fails at once
+with the reason (:class:`DeviceUnavailable`, "malformed reply: ..."), so the supervisor logs one
+WARNING per episode naming it, and the traceback goes to DEBUG.
+
 Requests are sent one after another on the one connection (pymodbus serialises them anyway, and
 many devices cannot pipeline). A Modbus exception response to one request marks only that
 request's values BAD; the connection stays up. Poll groups, decoding, the busy retry and writes
@@ -36,7 +43,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
+from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
 from drivers.errors import MODBUS_EXCEPTION_NAMES, DeviceException, DeviceUnavailable
@@ -125,6 +132,7 @@ class ModbusTcpDevice(ModbusDevice):
         )
         self._connect_error = None
         self._capture_connect_error(client)
+        self._guard_replies(client)
         try:
             ok = await client.connect()
         except BaseException:
@@ -265,10 +273,49 @@ class ModbusTcpDevice(ModbusDevice):
 
         ctx.call_create = create_and_remember
 
+    def _guard_replies(self, client: AsyncModbusTcpClient) -> None:
+        """Turn a malformed reply into a failed request instead of an exception escaping
+        pymodbus' ``data_received`` (see the module docstring).
+
+        Wraps pymodbus' internal ``ctx.callback_data``; if a later 3.x renames it, malformed
+        replies are handled by pymodbus and asyncio as before (an ERROR log, a lost connection).
+        """
+        ctx: Any = getattr(client, "ctx", None)
+        receive = getattr(ctx, "callback_data", None)
+        if receive is None:
+            return
+
+        def receive_or_refuse(data: bytes, addr: tuple[str, int] | None = None) -> int:
+            try:
+                used: int = receive(data, addr=addr)
+            except ModbusException as err:
+                log.debug(
+                    "%s:%s sent a malformed reply (%d bytes: %s)",
+                    self.host,
+                    self.port,
+                    len(data),
+                    bytes(data[:32]).hex(),
+                    exc_info=True,
+                )
+                why = err.__cause__ or err.__context__ or err  # pymodbus wraps the reason
+                reason = _describe(why) if isinstance(why, ModbusException) else str(why)
+                pending = getattr(ctx, "response_future", None)
+                if pending is not None and not pending.done():
+                    pending.set_exception(
+                        ModbusIOException(
+                            f"malformed reply: {reason} ({len(data)} bytes: "
+                            f"{bytes(data[:16]).hex()}{'...' if len(data) > 16 else ''})"
+                        )
+                    )
+                return len(data)  # out of step with the device: drop what arrived
+            return used
+
+        ctx.callback_data = receive_or_refuse
+
 
 def _describe(err: ModbusException) -> str:
     """pymodbus' exception text without its ``Modbus Error: [..]`` wrapping."""
     text = str(err)
     if "No response received" in text:
         return "no answer within the timeout"
-    return text
+    return text.replace("Modbus Error: [Input/Output] ", "")

@@ -277,10 +277,13 @@ def test_appliance_status_prints_the_picture_from_a_url_or_a_config_file(
     assert "cnc-1" in out and "online" in out and "spindle_temp=" in out
     assert "connected" in out and "cnc_anomaly" in out
     conf = tmp_path / "appliance.toml"
-    conf.write_text(f'[api]\nenabled = true\nlisten = "0.0.0.0"\nport = {cell.api_port}\n')
+    conf.write_text(
+        "[appliance]\nallow_no_devices = true\n"
+        f'[api]\nenabled = true\nlisten = "0.0.0.0"\nport = {cell.api_port}\n'
+    )
     assert main(["status", "-c", str(conf), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["appliance"]["id"] == "api-test"
-    conf.write_text("[api]\nenabled = false\n")
+    conf.write_text("[appliance]\nallow_no_devices = true\n[api]\nenabled = false\n")
     assert main(["status", "-c", str(conf)]) == 2
     assert "api.enabled is false" in capsys.readouterr().err
 

@@ -14,18 +14,22 @@ from appliance.config import parse_config
 from appliance.contracts import Frame, Quality, ScoreBatch, Window
 from appliance.errors import ConfigError
 
+NO_DEVICES = {"appliance": {"allow_no_devices": True}}
+
 
 def test_api_config_defaults_to_off_on_the_loopback_and_resolves_the_token_file(
     tmp_path: Path,
 ) -> None:
-    cfg = parse_config({}, base_dir=tmp_path)
+    cfg = parse_config(NO_DEVICES, base_dir=tmp_path)
     assert (cfg.api.enabled, cfg.api.listen, cfg.api.port, cfg.api.token_file) == (
         False,
         "127.0.0.1",
         8080,
         "",
     )
-    cfg = parse_config({"api": {"enabled": True, "token_file": "secrets/tok"}}, base_dir=tmp_path)
+    cfg = parse_config(
+        {**NO_DEVICES, "api": {"enabled": True, "token_file": "secrets/tok"}}, base_dir=tmp_path
+    )
     assert cfg.api.token_file == str(tmp_path / "secrets" / "tok")
 
 

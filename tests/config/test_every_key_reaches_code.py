@@ -356,6 +356,17 @@ PROBES: list[P] = [
     P("appliance.id", "box-2"),
     P("appliance.health_log_s", 0),
     P(
+        "appliance.drain_timeout_s",
+        3.0,
+        held(lambda a: a.cfg.appliance.drain_timeout_s, "appliance/runtime"),
+    ),
+    # read by the load-time check (tests/config: a config without devices is refused unless set)
+    P(
+        "appliance.allow_no_devices",
+        True,
+        held(lambda a: a.cfg.appliance.allow_no_devices, "appliance/config.py"),
+    ),
+    P(
         "appliance.log_level",
         "debug",
         held(lambda a: a.cfg.appliance.log_level, "appliance/cli.py"),

@@ -67,7 +67,7 @@ def test_run_moves_a_corrupt_outbox_aside_logs_both_paths_and_starts_a_new_one(
     assert "appliance stopped" in res.stderr
     db = sqlite3.connect(outbox)  # the new outbox is a real, checked one
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
         assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
     finally:
         db.close()

@@ -32,6 +32,7 @@ from appliance.runtime import Appliance
 from appliance.schemas import load_schema
 from appliance.simulate.cell import SimulatedCell
 from appliance.uplink import MqttUplink
+from appliance.uplink.delivery import SETTLE_MAX_ACKS
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
 pytestmark = pytest.mark.broker
@@ -218,7 +219,8 @@ def test_appliance_killed_with_sigkill_mid_publish_loses_nothing_after_restart(
     summary = assert_every_seq_arrived(sub, final)
     assert final["telemetry/cnc-1"] > backlog and final["telemetry/cnc-2"] > backlog
     # Re-sent after the restart: only what was in flight (or acked, not yet settled) at the kill.
-    assert summary["duplicates"] <= inflight
+    # in flight, or acknowledged and waiting for their settle (flash wear, docs/benchmarks.md)
+    assert summary["duplicates"] <= inflight + SETTLE_MAX_ACKS
     with SqliteOutbox(str(outbox), appliance_id=app_id) as ob:
         assert ob.pending == 0
 
@@ -316,7 +318,7 @@ def outage_over_budget(
     ob = SqliteOutbox(
         str(tmp_path / "o.sqlite"),
         appliance_id=app_id,
-        disk_budget_mb=0.25,
+        disk_budget_mb=0.375,  # the database gets 0.25 MiB, the WAL the rest
         coarsen_windows=coarsen_windows,
     )
     uplink = MqttUplink(cfg, app_id, ob)

@@ -42,6 +42,18 @@ def test_schema_rejects_a_telemetry_message_without_seq() -> None:
         jsonschema.validate(example, load_schema("telemetry"))
 
 
+@pytest.mark.parametrize("kind", ["telemetry", "alert"])
+def test_schemas_require_the_epoch_and_docs_ids_carry_it(kind: str) -> None:
+    example = next(e for e in doc_examples() if e["kind"] == kind)
+    assert (
+        example["id"]
+        == f"{example['appliance']}/{example['stream']}/{example['epoch']}/{example['seq']}"
+    )
+    del example["epoch"]
+    with pytest.raises(jsonschema.ValidationError, match="'epoch' is a required property"):
+        jsonschema.validate(example, load_schema(kind))
+
+
 def test_docs_show_a_historical_example_and_the_schemas_accept_only_a_boolean_flag() -> None:
     late = [e for e in doc_examples() if "historical" in e]
     assert late and all(e["historical"] is True for e in late)

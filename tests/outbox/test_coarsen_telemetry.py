@@ -104,7 +104,7 @@ def test_merge_computes_the_statistics_of_all_the_samples() -> None:
         msgs.append(
             {
                 "v": 1, "kind": "telemetry", "appliance": APP, "stream": "telemetry/m",
-                "seq": seq, "id": f"{APP}/telemetry/m/{seq}", "ts": float(seq),
+                "epoch": 5, "seq": seq, "id": f"{APP}/telemetry/m/5/{seq}", "ts": float(seq),
                 "machine": "m",
                 "window": {"start": seq - 1.0, "end": float(seq)},
                 "channels": {
@@ -114,7 +114,8 @@ def test_merge_computes_the_statistics_of_all_the_samples() -> None:
         )  # fmt: skip
     msgs[1]["channels"]["d"] = {"n": 4, "mean": 5.0}  # a channel only one window has
     merged = coarsen.merge(msgs)
-    assert merged["seq"] == 9 and merged["id"] == f"{APP}/telemetry/m/9" and merged["ts"] == 9.0
+    assert merged["seq"] == 9 and merged["id"] == f"{APP}/telemetry/m/5/9" and merged["ts"] == 9.0
+    assert merged["epoch"] == 5
     assert merged["window"] == {"start": 6.0, "end": 9.0}
     assert merged["coarsened"] == {"windows": 3, "first_seq": 7}
     c = merged["channels"]["c"]

@@ -127,12 +127,13 @@ def test_an_unusable_file_is_moved_aside_untouched_and_a_new_outbox_starts(
     assert snapshot(aside) == before
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and str(path) in errors[0] and str(aside) in errors[0]
-    # Not back to 1 (subscribers would drop it as a duplicate): a gap from the clock floor.
-    assert rec.seq == int(NOW * 1000) + 1
+    # A new epoch (the new file's creation time in ms): its ids differ from the old file's.
+    assert rec.seq == 1 and f"/{int(NOW * 1000)}/1" in rec.payload.decode()
     with make(path) as ob:  # the new file is an ordinary outbox now
         assert ob.stats()["recovered_corrupt"] == 0
+        assert ob.epoch == int(NOW * 1000)
         assert [r.seq for r in ob.take(5)] == [rec.seq]
-        assert ob.append([telemetry("other")])[0].seq == int(NOW * 1000) + 1
+        assert ob.append([telemetry("other")])[0].seq == 1
 
 
 def test_moving_aside_never_overwrites_an_earlier_corrupt_file(tmp_path: Path) -> None:
@@ -309,11 +310,12 @@ def damage_under(ob: SqliteOutbox) -> None:
     connection commit, which makes the outbox's connection drop its page cache and read the
     file again."""
     other = sqlite3.connect(ob.path, isolation_level=None)
+    page = other.execute("PRAGMA page_size").fetchone()[0]
     try:
         other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         with open(ob.path, "r+b") as f:
-            f.seek(16384)  # page 2 onwards (16 KiB pages)
-            f.write(b"\xa5" * (os.path.getsize(ob.path) - 16384))
+            f.seek(page)  # page 2 onwards
+            f.write(b"\xa5" * (os.path.getsize(ob.path) - page))
         other.execute("PRAGMA user_version = 1")  # a commit (page 1 only, via the WAL)
     finally:
         other.close()
@@ -325,17 +327,19 @@ def test_a_file_damaged_while_running_is_moved_aside_and_the_append_lands_in_a_n
     path = tmp_path / "outbox.sqlite"
     with make(path) as ob:
         first = ob.append([telemetry() for _ in range(40)] + [alert()])
+        old_epoch = ob.epoch
         ob.settle([r.id for r in first[:10]])  # 31 stay unsent in the file that breaks
         damage_under(ob)
         with caplog.at_level(logging.ERROR, logger="appliance.outbox"):
             (rec,) = ob.append([telemetry()])
         stats = ob.stats()
         assert (stats["recovered_corrupt"], stats["pending"]) == (1, 1)
-        # The stream continues (a gap of the 30 unsent telemetry records, 11..40), the id too.
-        assert rec.seq == 41 and rec.id > max(r.id for r in first)
+        # A new file is a new epoch, as at start; record ids continue.
+        assert ob.epoch > old_epoch
+        assert rec.seq == 1 and rec.id > max(r.id for r in first)
         assert [r.id for r in ob.take(10)] == [rec.id]
         nxt = ob.append([alert()])[0]
-        assert nxt.seq == 2  # the alert stream continues as well
+        assert nxt.seq == 1
         ob.settle([r.id for r in first[10:]])  # late acks of old records settle nothing new
         assert ob.pending == 2
     aside = tmp_path / f"outbox.sqlite.corrupt-{STAMP}"
@@ -344,7 +348,7 @@ def test_a_file_damaged_while_running_is_moved_aside_and_the_append_lands_in_a_n
     assert len(errors) == 1
     assert str(path) in errors[0] and str(aside) in errors[0] and "31 unsent" in errors[0]
     with make(path) as again:  # the new file is a sound outbox
-        assert [r.seq for r in again.take(10)] == [2, 41]
+        assert [r.seq for r in again.take(10)] == [1, 1]
 
 
 def test_take_settle_and_stats_on_a_file_damaged_while_running_recover_too(tmp_path: Path) -> None:

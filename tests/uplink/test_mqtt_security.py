@@ -322,7 +322,11 @@ def test_a_group_readable_password_file_gets_a_warning(
 
 
 def parse_mqtt(section: dict[str, Any]) -> MqttSection:
-    return parse_config({"mqtt": section}, source="t.toml", base_dir=Path("/")).mqtt
+    return parse_config(
+        {"appliance": {"allow_no_devices": True}, "mqtt": section},
+        source="t.toml",
+        base_dir=Path("/"),
+    ).mqtt
 
 
 def test_an_inline_password_in_the_toml_is_refused_without_echoing_it() -> None:
@@ -353,12 +357,13 @@ def test_mqtt_security_settings_are_checked_at_load(section: dict[str, Any], mes
 def test_relative_tls_and_password_paths_resolve_against_the_config_directory() -> None:
     cfg = parse_config(
         {
+            "appliance": {"allow_no_devices": True},
             "mqtt": {
                 "tls": True,
                 "ca_file": "certs/ca.pem",
                 "username": "u",
                 "password_file": "/etc/appliance/mqtt.pass",
-            }
+            },
         },
         source="t.toml",
         base_dir=Path("/etc/appliance"),

@@ -82,7 +82,7 @@ def test_appended_records_reach_a_subscriber_once_in_order_and_leave_the_outbox_
         run_with_uplink(uplink, scenario)
         assert sub.seqs() == list(range(1, n + 1))
         assert [m["i"] for m in sub.messages()] == list(range(n))
-        assert sub.messages()[0]["id"] == f"{APP}/telemetry/cnc-1/1"
+        assert sub.messages()[0]["id"] == f"{APP}/telemetry/cnc-1/{outbox.epoch}/1"
     assert outbox.stats()["published"] == n
     assert uplink.stats() == {
         "published": n,
