@@ -20,7 +20,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.acquire import Acquisition
-from appliance.alerts import AlertEngine
+from appliance.alerts import AlertEngine, AlertStore
 from appliance.batch import Batcher
 from appliance.config import Config
 from appliance.contracts import Envelope, Frame
@@ -60,7 +60,11 @@ class Appliance:
             EngineOptions.from_config(cfg, self.bundle),
         )
         self.alerts = AlertEngine(
-            cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m)
+            cfg.alerts.rules,
+            self._append,
+            lambda m: alert_topic(prefix, aid, m),
+            store=AlertStore(cfg.alerts.state_path, cfg.outbox.synchronous),
+            devices=[d.name for d in cfg.devices],
         )
         self.batcher = Batcher(
             self.engine,
@@ -73,7 +77,7 @@ class Appliance:
         self.telemetry = TelemetryDownsampler(
             cfg.telemetry.stats, self._append, lambda m: telemetry_topic(prefix, aid, m)
         )
-        window_sinks: list[Any] = [self.features]
+        window_sinks: list[Any] = [self.features, self.alerts.on_window]
         if cfg.telemetry.enabled:
             window_sinks.insert(0, self.telemetry)
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
@@ -85,6 +89,7 @@ class Appliance:
         self.started_at = 0.0
         self._started = False
         self._stopped = False
+        self._alert_tick: asyncio.Task[None] | None = None
 
     # -- wiring -----------------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
@@ -111,6 +116,12 @@ class Appliance:
             log.info("outbox accepts messages again (%d lost so far)", self.append_failures)
         self.uplink.notify()
 
+    async def _tick_alerts(self) -> None:
+        """Judge the stale/offline alert rules once a second."""
+        while not self._stopped:
+            await asyncio.sleep(1.0)
+            self.alerts.tick()
+
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         if self._started:
@@ -126,6 +137,8 @@ class Appliance:
             self.bundle.version,
         )
         self.outbox.open()
+        self.alerts.start(self.outbox)  # before the uplink takes from the outbox
+        self._alert_tick = asyncio.create_task(self._tick_alerts(), name="alert-tick")
         await self.uplink.start()
         await self.batcher.start()
         log.info("engine: serving on %s — %s", self.engine.backend, self.engine.summary())
@@ -141,11 +154,16 @@ class Appliance:
         log.info("appliance stopping: acquisition first, then draining")
         await self.health.stop()
         await self.acquisition.stop()
+        if self._alert_tick is not None:
+            self._alert_tick.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._alert_tick
         self.windows.flush()
         await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
         await self.batcher.close()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)
         self.outbox.close()
+        self.alerts.close()
         log.info("appliance stopped")
 
     async def run_until_signal(self, duration_s: float | None = None) -> None:
@@ -177,6 +195,7 @@ class Appliance:
             "engine": self.engine.stats(),
             "alerts": {
                 "raised": self.alerts.raised,
+                "updated": self.alerts.updated,
                 "cleared": self.alerts.cleared,
                 "active": self.alerts.active(),
             },

@@ -202,7 +202,11 @@ def uplink(key: str) -> held:
 
 
 def rule(key: str) -> held:
-    return held(lambda a: getattr(a.alerts._channel_rules[0], key), "appliance/alerts")
+    return held(lambda a: getattr(a.alerts.rules[0], key), "appliance/alerts")
+
+
+LOW = {"alerts.rules[].kind": "low", "alerts.rules[].above": DELETE, "alerts.rules[].below": 1.0}
+STUCK = {"alerts.rules[].kind": "stuck", "alerts.rules[].above": DELETE}
 
 
 TLS = {"mqtt.tls": True}
@@ -376,6 +380,35 @@ PROBES: list[P] = [
     P("alerts.rules[].clear_below", 0.5, rule("clear_below")),
     P("alerts.rules[].severity", "critical", rule("severity")),
     P("alerts.rules[].machines", ["m"], rule("machines")),
+    P(
+        "alerts.rules[].kind",
+        "low",
+        lambda a: a.alerts.rules[0].rule_kind,
+        also={"alerts.rules[].above": DELETE, "alerts.rules[].below": 1.0},
+    ),
+    P("alerts.rules[].below", 0.5, rule("below"), base=LOW),
+    P("alerts.rules[].clear_above", 2.0, rule("clear_above"), base=LOW),
+    P("alerts.rules[].for_s", 5.0, lambda a: a.alerts.rules[0].duration_s, base=STUCK),
+    P("alerts.rules[].tolerance", 0.5, rule("tolerance"), base=STUCK),
+    P(
+        "alerts.rules[].unit",
+        "degF",
+        rule("unit"),
+        base={"devices[].registers[].unit": "degC"},
+    ),
+    P("alerts.rules[].debounce_k", 2, rule("debounce_k"), base={"alerts.rules[].debounce_n": 3}),
+    P("alerts.rules[].debounce_n", 3, rule("debounce_n")),
+    P("alerts.rules[].min_active_s", 2.0, rule("min_active_s")),
+    P("alerts.rules[].cooldown_s", 2.0, rule("cooldown_s")),
+    P("alerts.rules[].escalate_above", 5.0, rule("escalate_above")),
+    P("alerts.rules[].escalate_severity", "major", rule("escalate_severity")),
+    P("alerts.rules[].update_interval_s", 0.0, rule("update_interval_s")),
+    P("alerts.rules[].evidence_samples", 10, rule("evidence_samples")),
+    P(
+        "alerts.state_path",
+        "/tmp/elsewhere.sqlite",
+        held(lambda a: a.alerts._store.path, "appliance/runtime/supervisor.py"),
+    ),
     P("telemetry.enabled", False),
     P("telemetry.stats", ["rms"]),
     P("outbox.path", "other.sqlite"),
