@@ -514,8 +514,16 @@ class AlertsSection(_Section, frozen=True):
 
 
 class TelemetrySection(_Section, frozen=True):
+    """``interval_s``: seconds per telemetry message, a multiple of ``features.window_s``
+    (checked with the features section); 0 = one message per model window."""
+
     enabled: bool = True
-    stats: tuple[Literal["mean", "rms", "min", "max", "last"], ...] = ("mean", "min", "max")
+    stats: tuple[Literal["mean", "rms", "min", "max", "last", "std"], ...] = (
+        "mean",
+        "min",
+        "max",
+    )
+    interval_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class OutboxSection(_Section, frozen=True):
@@ -618,6 +626,12 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
         reg.name for dev in devices for reg in dev.registers if getattr(reg, "numeric", True)
     }
     channels |= {w.channel for dev in devices if (w := getattr(dev, "waveform", None)) is not None}
+    interval, window = cfg.telemetry.interval_s, cfg.features.window_s
+    if interval and (interval < window or abs(interval / window - round(interval / window)) > 1e-9):
+        raise ValueError(
+            f"telemetry.interval_s: {interval} is not a whole multiple of features.window_s "
+            f"({window})"
+        )
     rules: list[ThresholdRule] = []
     for i, rule in enumerate(cfg.alerts.rules):
         where = f"alerts.rules[{i}] ({rule.name})"

@@ -75,7 +75,10 @@ class Appliance:
         )
         self.features = FeatureBuilder(self.bundle.features, self.batcher.submit)
         self.telemetry = TelemetryDownsampler(
-            cfg.telemetry.stats, self._append, lambda m: telemetry_topic(prefix, aid, m)
+            cfg.telemetry.stats,
+            self._append,
+            lambda m: telemetry_topic(prefix, aid, m),
+            interval_s=cfg.telemetry.interval_s,
         )
         window_sinks: list[Any] = [self.features, self.alerts.on_window]
         if cfg.telemetry.enabled:
@@ -159,6 +162,7 @@ class Appliance:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._alert_tick
         self.windows.flush()
+        self.telemetry.flush()
         await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
         await self.batcher.close()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)

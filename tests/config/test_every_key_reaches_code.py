@@ -411,6 +411,7 @@ PROBES: list[P] = [
     ),
     P("telemetry.enabled", False),
     P("telemetry.stats", ["rms"]),
+    P("telemetry.interval_s", 10.0),
     P("outbox.path", "other.sqlite"),
     P("outbox.synchronous", "NORMAL"),
     P("outbox.disk_budget_mb", 1.0),
