@@ -433,7 +433,7 @@ class ThresholdRule(_Section, frozen=True):
     escalate_above: float | None = None
     escalate_severity: Severity = "critical"
     update_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
-    evidence_samples: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 50
+    evidence_samples: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
 
     @property
     def rule_kind(self) -> str:

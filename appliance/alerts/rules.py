@@ -8,7 +8,8 @@ good sample / good poll on the engine's clock tick (:meth:`AlertEngine.tick`, on
 from the supervisor) and clear as soon as good data arrives. Each transition becomes one alert
 envelope on the stream ``alerts/<machine>``; raised, updated and cleared share one
 ``alert_id``, and every message carries its evidence: the recent raw values (or scores) with
-their times, the machine's last window summary and, for scores, the backend.
+their times, the machine's last window summary (of the rule's channel, or of every channel
+for score and offline rules) and, for scores, the backend.
 
 After a restart (:meth:`AlertEngine.start`), an alert active before it stays active, neither
 forgotten nor raised again; when the first judgement after the restart already finds its clear
@@ -350,6 +351,7 @@ class AlertEngine:
                         "last": _num(float(window.last[i])),
                     }
                     for i, name in enumerate(window.channels)
+                    if not rule.channel or name == rule.channel  # a channel rule: its channel
                 },
             }
         return ev

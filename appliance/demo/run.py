@@ -67,6 +67,10 @@ above = 2.0
 clear_below = 1.2
 severity = "warning"
 
+[telemetry]
+interval_s = 10.0
+stats = ["mean", "min", "max", "last", "std"]
+
 [outbox]
 path = "{outbox}"
 synchronous = "NORMAL"
@@ -212,6 +216,9 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "alerts_cleared": received["alerts_cleared"],
         "polls": stats["frames"],
         "published": stats["uplink"].get("published", 0),
+        "bandwidth": {
+            k: stats["bandwidth"][k] for k in ("published_bytes", "raw_json_bytes", "reduction")
+        },
         "subscriber": received,
         "appliance": stats,
     }
@@ -227,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
         f"demo summary: {summary['telemetry_messages']} telemetry messages, "
         f"{summary['alerts_raised']} alerts raised, {summary['alerts_cleared']} cleared, "
         f"{summary['polls']} polls, {summary['published']} messages published, "
-        f"{summary['subscriber']['gaps']} sequence gaps"
+        f"{summary['subscriber']['gaps']} sequence gaps, "
+        f"{summary['bandwidth']['published_bytes']} bytes published vs "
+        f"{summary['bandwidth']['raw_json_bytes']} as one JSON message per raw sample"
     )
     print(line, flush=True)
     if args.summary_json is not None:

@@ -24,7 +24,7 @@ from appliance.alerts import AlertEngine, AlertStore
 from appliance.batch import Batcher
 from appliance.config import Config
 from appliance.contracts import Envelope, Frame
-from appliance.downsample import TelemetryDownsampler
+from appliance.downsample import BandwidthMeter, TelemetryDownsampler
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.infer import EngineOptions, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
@@ -85,6 +85,7 @@ class Appliance:
             window_sinks.insert(0, self.telemetry)
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
+        self.bandwidth = BandwidthMeter(aid)
         self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
         self.frames = 0
         self.append_failures = 0
@@ -97,6 +98,7 @@ class Appliance:
     # -- wiring -----------------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
         self.frames += 1
+        self.bandwidth.on_frame(frame)
         self.windows.on_frame(frame)
         self.alerts.on_frame(frame)
 
@@ -106,7 +108,7 @@ class Appliance:
         envelopes are lost: counted in ``append_failures`` and logged once per episode, so the
         pipeline (acquisition, alerts) keeps running rather than crashing."""
         try:
-            self.outbox.append(envelopes)
+            records = self.outbox.append(envelopes)
         except (OutboxError, sqlite3.Error) as err:
             self.append_failures += len(envelopes)
             if not self._append_failing:
@@ -117,6 +119,7 @@ class Appliance:
         if self._append_failing:
             self._append_failing = False
             log.info("outbox accepts messages again (%d lost so far)", self.append_failures)
+        self.bandwidth.on_records(records or ())
         self.uplink.notify()
 
     async def _tick_alerts(self) -> None:
@@ -204,6 +207,7 @@ class Appliance:
                 "active": self.alerts.active(),
             },
             "telemetry_messages": self.telemetry.messages,
+            "bandwidth": self.bandwidth.stats(),
             "outbox": {**self.outbox.stats(), "append_failures": self.append_failures},
             "uplink": self.uplink.stats(),
         }
