@@ -515,7 +515,8 @@ class AlertsSection(_Section, frozen=True):
 
 class TelemetrySection(_Section, frozen=True):
     """``interval_s``: seconds per telemetry message, a multiple of ``features.window_s``
-    (checked with the features section); 0 = one message per model window."""
+    (checked with the features section); 0 = one message per model window. ``deadband``:
+    channel → band in its unit, reported by exception, at least every ``max_silence_s``."""
 
     enabled: bool = True
     stats: tuple[Literal["mean", "rms", "min", "max", "last", "std"], ...] = (
@@ -524,6 +525,8 @@ class TelemetrySection(_Section, frozen=True):
         "max",
     )
     interval_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    deadband: dict[str, Annotated[float, msgspec.Meta(ge=0)]] = msgspec.field(default_factory=dict)
+    max_silence_s: PositiveFloat = 300.0
 
 
 class OutboxSection(_Section, frozen=True):
@@ -632,6 +635,12 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
             f"telemetry.interval_s: {interval} is not a whole multiple of features.window_s "
             f"({window})"
         )
+    for name in cfg.telemetry.deadband:
+        if name not in channels:
+            raise ValueError(
+                f"telemetry.deadband.{name}: not a numeric channel of any device "
+                f"(known: {sorted(channels)})"
+            )
     rules: list[ThresholdRule] = []
     for i, rule in enumerate(cfg.alerts.rules):
         where = f"alerts.rules[{i}] ({rule.name})"

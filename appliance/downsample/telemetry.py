@@ -13,7 +13,7 @@ good sample in the window is sent with ``n: 0`` and null statistics, never silen
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -73,7 +73,9 @@ class TelemetryDownsampler:
 
     ``interval_s``: seconds per telemetry message (0: one per model window); windows of a
     machine are held until a window ends on a multiple of it, then sent merged
-    (:func:`merge_windows`). ``flush()`` sends what is held (at stop)."""
+    (:func:`merge_windows`). ``flush()`` sends what is held (at stop). ``deadband``: channel →
+    band (its unit): such a channel is reported by exception (:meth:`_within_deadband`), at
+    least every ``max_silence_s``."""
 
     def __init__(
         self,
@@ -81,11 +83,17 @@ class TelemetryDownsampler:
         emit: Callable[[Sequence[Envelope]], None],
         topic_for: Callable[[str], str],
         interval_s: float = 0.0,
+        deadband: Mapping[str, float] | None = None,
+        max_silence_s: float = 300.0,
     ) -> None:
         self.stats = tuple(stats)
         self._emit = emit
         self._topic_for = topic_for
         self.interval_s = interval_s
+        self.deadband = dict(deadband or {})
+        self.max_silence_s = max_silence_s
+        self._reported: dict[tuple[str, str], tuple[float, float]] = {}  # mean, end
+        self.unchanged_reports = 0
         self._held: dict[str, list[Window]] = {}
         self.messages = 0
 
@@ -103,6 +111,29 @@ class TelemetryDownsampler:
             self._send(held)
             self._held[window.machine] = []
 
+    def _within_deadband(self, window: Window, i: int) -> bool:
+        """Report by exception: channel ``i`` of a deadband channel is left out (named in
+        ``unchanged``) while every good sample of the interval stayed within ``deadband`` of
+        the mean last reported and ``max_silence_s`` has not passed since that report."""
+        name = window.channels[i]
+        band = self.deadband.get(name)
+        if band is None:
+            return False
+        key = (window.machine, name)
+        ref = self._reported.get(key)
+        n = int(window.count[i])
+        lo, hi, mean = float(window.min[i]), float(window.max[i]), float(window.mean[i])
+        if (
+            ref is not None
+            and n > 0
+            and window.end - ref[1] < self.max_silence_s
+            and max(abs(lo - ref[0]), abs(hi - ref[0])) <= band
+        ):
+            return True
+        if n > 0:
+            self._reported[key] = (mean, window.end)
+        return False
+
     def flush(self) -> None:
         """Send every machine's held windows (a shorter last interval)."""
         for machine, held in list(self._held.items()):
@@ -115,16 +146,23 @@ class TelemetryDownsampler:
         columns = {s: (std if s == "std" else getattr(window, s)).tolist() for s in self.stats}
         counts = window.count.tolist()
         channels: dict[str, dict[str, float | int | None]] = {}
+        unchanged: list[str] = []
         for i, name in enumerate(window.channels):
+            if self._within_deadband(window, i):
+                unchanged.append(name)
+                continue
             entry: dict[str, float | int | None] = {"n": counts[i]}
             for s in self.stats:
                 entry[s] = _num(columns[s][i])
             channels[name] = entry
-        body = {
+        body: dict[str, object] = {
             "machine": window.machine,
             "window": {"start": window.start, "end": window.end},
             "channels": channels,
         }
+        if unchanged:
+            body["unchanged"] = unchanged
+            self.unchanged_reports += len(unchanged)
         self.messages += 1
         self._emit(
             [

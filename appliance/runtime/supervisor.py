@@ -79,6 +79,8 @@ class Appliance:
             self._append,
             lambda m: telemetry_topic(prefix, aid, m),
             interval_s=cfg.telemetry.interval_s,
+            deadband=cfg.telemetry.deadband,
+            max_silence_s=cfg.telemetry.max_silence_s,
         )
         window_sinks: list[Any] = [self.features, self.alerts.on_window]
         if cfg.telemetry.enabled:
@@ -207,6 +209,7 @@ class Appliance:
                 "active": self.alerts.active(),
             },
             "telemetry_messages": self.telemetry.messages,
+            "telemetry_unchanged": self.telemetry.unchanged_reports,
             "bandwidth": self.bandwidth.stats(),
             "outbox": {**self.outbox.stats(), "append_failures": self.append_failures},
             "uplink": self.uplink.stats(),

@@ -412,6 +412,8 @@ PROBES: list[P] = [
     P("telemetry.enabled", False),
     P("telemetry.stats", ["rms"]),
     P("telemetry.interval_s", 10.0),
+    P("telemetry.deadband", {"a": 0.5}),
+    P("telemetry.max_silence_s", 60.0),
     P("outbox.path", "other.sqlite"),
     P("outbox.synchronous", "NORMAL"),
     P("outbox.disk_budget_mb", 1.0),

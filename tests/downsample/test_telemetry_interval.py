@@ -57,3 +57,23 @@ def test_flush_sends_the_held_windows_of_a_partial_interval() -> None:
     assert sent == []
     ds.flush()
     assert sent[0].body["channels"]["a"] == {"n": 2, "mean": 2.0}
+
+
+def test_deadband_channels_are_reported_by_exception_and_named_when_unchanged() -> None:
+    sent: list[Envelope] = []
+    ds = TelemetryDownsampler(
+        ("mean",), sent.extend, lambda m: m, deadband={"a": 0.5}, max_silence_s=3.0
+    )
+    for i, samples in enumerate([[20.0], [20.4], [19.6, 20.2], [20.6], [20.7], [20.7], [20.8]]):
+        ds(window(1000.0 + i, samples))
+    reported = [("a" in e.body["channels"], e.body.get("unchanged")) for e in sent]
+    assert reported == [
+        (True, None),  # first report: mean 20.0
+        (False, ["a"]),  # within 20.0 ± 0.5
+        (False, ["a"]),
+        (True, None),  # 20.6 left the band: new reference 20.6
+        (False, ["a"]),
+        (False, ["a"]),
+        (True, None),  # max_silence_s (3 s) since the last report: sent anyway
+    ]
+    assert ds.unchanged_reports == 4
