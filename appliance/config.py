@@ -529,6 +529,24 @@ class TelemetrySection(_Section, frozen=True):
     max_silence_s: PositiveFloat = 300.0
 
 
+class QualitySection(_Section, frozen=True):
+    """Data-quality events (``appliance/alerts/quality.py``): seconds without a good sample
+    (``stale_s``, 0: off), seconds flat within ``stuck_tolerance`` (``stuck_s``, 0: off),
+    per-channel ``ranges`` ``[low, high]``, ``max_clock_skew_s`` (0: off)."""
+
+    enabled: bool = True
+    stale_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    stuck_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    stuck_tolerance: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    ranges: dict[str, tuple[float, float]] = msgspec.field(default_factory=dict)
+    max_clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in self.ranges.items():
+            if not low < high:
+                raise ValueError(f"quality.ranges.{name}: low ({low}) must be < high ({high})")
+
+
 class OutboxSection(_Section, frozen=True):
     path: str = "/var/lib/appliance/outbox.sqlite"
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
@@ -599,6 +617,7 @@ class Config(_Section, frozen=True):
     engine: EngineSection = msgspec.field(default_factory=EngineSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
+    quality: QualitySection = msgspec.field(default_factory=QualitySection)
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     mqtt: MqttSection = msgspec.field(default_factory=MqttSection)
 
@@ -635,6 +654,12 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
             f"telemetry.interval_s: {interval} is not a whole multiple of features.window_s "
             f"({window})"
         )
+    for name in cfg.quality.ranges:
+        if name not in channels:
+            raise ValueError(
+                f"quality.ranges.{name}: not a numeric channel of any device "
+                f"(known: {sorted(channels)})"
+            )
     for name in cfg.telemetry.deadband:
         if name not in channels:
             raise ValueError(

@@ -21,6 +21,7 @@ from typing import Any
 from appliance import __version__
 from appliance.acquire import Acquisition
 from appliance.alerts import AlertEngine, AlertStore
+from appliance.alerts.quality import DataQualityMonitor
 from appliance.batch import Batcher
 from appliance.config import Config
 from appliance.contracts import Envelope, Frame
@@ -31,7 +32,7 @@ from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import config_warnings, load_model_for
 from appliance.runtime.health import HealthLog
 from appliance.uplink import MqttUplink
-from appliance.uplink.topics import alert_topic, telemetry_topic
+from appliance.uplink.topics import alert_topic, quality_topic, telemetry_topic
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,17 @@ class Appliance:
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
         self.bandwidth = BandwidthMeter(aid)
+        q = cfg.quality
+        self.quality_enabled = q.enabled
+        self.quality = DataQualityMonitor(
+            self._append,
+            lambda m: quality_topic(prefix, aid, m),
+            stale_s=q.stale_s,
+            stuck_s=q.stuck_s,
+            stuck_tolerance=q.stuck_tolerance,
+            ranges=q.ranges,
+            max_clock_skew_s=q.max_clock_skew_s,
+        )
         self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
         self.frames = 0
         self.append_failures = 0
@@ -101,6 +113,8 @@ class Appliance:
     def _on_frame(self, frame: Frame) -> None:
         self.frames += 1
         self.bandwidth.on_frame(frame)
+        if self.quality_enabled:
+            self.quality.on_frame(frame)
         self.windows.on_frame(frame)
         self.alerts.on_frame(frame)
 
@@ -125,10 +139,12 @@ class Appliance:
         self.uplink.notify()
 
     async def _tick_alerts(self) -> None:
-        """Judge the stale/offline alert rules once a second."""
+        """Judge the stale/offline alert rules and data staleness once a second."""
         while not self._stopped:
             await asyncio.sleep(1.0)
             self.alerts.tick()
+            if self.quality_enabled:
+                self.quality.tick()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -211,6 +227,7 @@ class Appliance:
             "telemetry_messages": self.telemetry.messages,
             "telemetry_unchanged": self.telemetry.unchanged_reports,
             "bandwidth": self.bandwidth.stats(),
+            "quality_events": self.quality.stats(),
             "outbox": {**self.outbox.stats(), "append_failures": self.append_failures},
             "uplink": self.uplink.stats(),
         }
