@@ -590,8 +590,21 @@ class MqttSection(_Section, frozen=True):
     backlog_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     historical_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     max_packet_bytes: Annotated[int, msgspec.Meta(ge=0, le=268_435_455)] = 0
+    #: "json" (docs/mqtt.md) or "sparkplug_b" (Sparkplug B edge node, protobuf payloads)
+    format: Literal["json", "sparkplug_b"] = "json"
+    #: Sparkplug group id ("": topic_prefix, which must then be one topic level)
+    sparkplug_group_id: Annotated[str, msgspec.Meta(pattern=r"^([^#+/]+)?$")] = ""
 
     def __post_init__(self) -> None:
+        if (
+            self.format == "sparkplug_b"
+            and not self.sparkplug_group_id
+            and any(c in self.topic_prefix for c in "/+#")
+        ):
+            raise ValueError(
+                f"mqtt.sparkplug_group_id: needed with format = 'sparkplug_b' because "
+                f"topic_prefix {self.topic_prefix!r} is not a single topic level"
+            )
         if 0 < self.max_packet_bytes < 1024:
             raise ValueError(
                 f"mqtt.max_packet_bytes = {self.max_packet_bytes} is below 1024 bytes: no "

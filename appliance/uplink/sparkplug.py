@@ -18,8 +18,8 @@ specification's protobuf ``Payload`` (:mod:`appliance.uplink.sparkplug_b_pb2`, g
 * **DDATA** (:meth:`SparkplugNode.data`) is by exception: only metrics whose value changed
   since last sent, by alias only (no name). A device seen for the first time, or a metric new
   to a device, gets a (new) DBIRTH instead.
-* **DDEATH** (:meth:`SparkplugNode.device_death`) when a device goes offline; its next data
-  is preceded by a new DBIRTH.
+* **DDEATH** (:meth:`SparkplugNode.device_death`) when a device goes offline (its ``offline``
+  alert is raised); its next data, once the alert clears, is preceded by a new DBIRTH.
 * **Rebirth**: an NCMD whose ``Node Control/Rebirth`` metric is true
   (:meth:`SparkplugNode.wants_rebirth`) is answered with :meth:`SparkplugNode.birth` again.
 
@@ -33,8 +33,9 @@ each ``(topic, payload)`` in order, on one MQTT connection.
 from __future__ import annotations
 
 import enum
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from appliance.uplink import sparkplug_b_pb2 as pb
@@ -135,9 +136,9 @@ class SparkplugNode:
         _set_value(p.metrics.add(name="bdSeq"), DataType.Int64, self.bd_seq)
         return topic(self.group_id, "NDEATH", self.node_id), p.SerializeToString()
 
-    def birth(self, ts_ms: int) -> list[tuple[str, bytes]]:
-        """NBIRTH (``seq`` 0) and a DBIRTH per known device: the start of a session, and the
-        answer to a rebirth request."""
+    def birth(self, ts_ms: int, skip: Collection[str] = ()) -> list[tuple[str, bytes]]:
+        """NBIRTH (``seq`` 0) and a DBIRTH per known device but those in ``skip`` (offline):
+        the start of a session, and the answer to a rebirth request."""
         self._seq = 0
         p = self._payload(ts_ms, 0)
         _set_value(p.metrics.add(name="bdSeq"), DataType.Int64, self.bd_seq)
@@ -145,7 +146,8 @@ class SparkplugNode:
         out = [(topic(self.group_id, "NBIRTH", self.node_id), p.SerializeToString())]
         self._born.clear()
         for device in list(self._values):
-            out.append(self._device_birth(device, ts_ms))
+            if device not in skip:
+                out.append(self._device_birth(device, ts_ms))
         self.births += 1
         return out
 
@@ -166,9 +168,12 @@ class SparkplugNode:
         self._born.add(device)
         return topic(self.group_id, "DBIRTH", self.node_id, device), p.SerializeToString()
 
-    def data(self, device: str, values: Mapping[str, Value], ts_ms: int) -> list[tuple[str, bytes]]:
-        """DDATA with the metrics of ``values`` that changed (nothing when none did); a DBIRTH
-        instead for a new device, a device after its DDEATH, or a new metric."""
+    def data(
+        self, device: str, values: Mapping[str, Value], ts_ms: int, historical: bool = False
+    ) -> list[tuple[str, bytes]]:
+        """DDATA with the metrics of ``values`` that changed (nothing when none did), marked
+        ``is_historical`` for late data; a DBIRTH instead for a new device, a device after its
+        DDEATH, or a new metric."""
         known = self._values.setdefault(device, {})
         new_metric = any(name not in known for name in values)
         changed = {
@@ -183,6 +188,8 @@ class SparkplugNode:
         for name, value in changed.items():
             m = p.metrics.add(alias=self._aliases[(device, name)], timestamp=ts_ms)
             _set_value(m, self._types[(device, name)], value)
+            if historical:
+                m.is_historical = True
         return [(topic(self.group_id, "DDATA", self.node_id, device), p.SerializeToString())]
 
     def device_death(self, device: str, ts_ms: int) -> tuple[str, bytes]:
@@ -207,3 +214,66 @@ def _same(a: Value, b: Value) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b
+
+
+class SparkplugFormat:
+    """``mqtt.format = "sparkplug_b"``: what the uplink sends instead of the JSON messages.
+
+    The uplink asks it for the last will (:meth:`will`, a new session each time: ``bdSeq`` + 1),
+    the messages that follow a CONNACK (:meth:`on_connect`: NBIRTH, the DBIRTHs), each outbox
+    record's messages (:meth:`translate`: the record's JSON payload turned into device metrics
+    by exception; none when nothing changed). A device's ``offline`` alert (an alert rule of
+    kind ``offline``) adds its DDEATH; until that alert clears, the device's records send
+    nothing (its telemetry holds empty windows), and the clear comes with a new DBIRTH.
+    the answer to a command (:meth:`on_command`: a rebirth), and the NDEATH it publishes itself
+    before a clean disconnect (:meth:`goodbye`; a broker sends the will only when the link
+    dies). Called on the event loop, except :meth:`will`, which paho calls from the connection
+    worker thread before each attempt (it only touches ``bdSeq``).
+    """
+
+    def __init__(self, group_id: str, node_id: str, clock: Callable[[], float]) -> None:
+        self.node = SparkplugNode(group_id, node_id, bd_seq=255)  # the first session is 0
+        self._clock = clock
+        self.command_topic = topic(group_id, "NCMD", node_id)
+        self.rebirths = 0
+        self._offline: set[str] = set()  # devices after their DDEATH (offline alert raised)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def will(self) -> tuple[str, bytes]:
+        self.node.new_session()
+        return self.node.death(self._now_ms())
+
+    def goodbye(self) -> tuple[str, bytes]:
+        return self.node.death(self._now_ms())
+
+    def on_connect(self) -> list[tuple[str, bytes]]:
+        return self.node.birth(self._now_ms(), skip=self._offline)
+
+    def on_command(self, topic_name: str, payload: bytes) -> list[tuple[str, bytes]]:
+        if not self.node.wants_rebirth(topic_name, payload):
+            return []
+        self.rebirths += 1
+        return self.node.birth(self._now_ms(), skip=self._offline)
+
+    def translate(self, payload: bytes, historical: bool = False) -> list[tuple[str, bytes]]:
+        """The Sparkplug messages of one stored JSON payload (telemetry, alert, quality).
+        Raises ``ValueError`` when it is not one (the record is then refused)."""
+        try:
+            msg = json.loads(payload)
+            kind, stream, ts = msg["kind"], msg["stream"], msg["ts"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"not a JSON message of this appliance: {err}") from None
+        device = str(stream).split("/", 1)[-1]
+        ts_ms = int(float(ts) * 1000)
+        offline_alert = kind == "alert" and msg.get("rule_kind") == "offline"
+        if device in self._offline:
+            if not (offline_alert and msg.get("state") == "cleared"):
+                return []  # dead to the host until it is back (its empty windows say nothing)
+            self._offline.discard(device)
+        out = self.node.data(device, metrics_of(kind, msg), ts_ms, historical)
+        if offline_alert and msg.get("state") == "raised":
+            out.append(self.node.device_death(device, ts_ms))
+            self._offline.add(device)
+        return out

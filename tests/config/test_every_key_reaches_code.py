@@ -424,6 +424,8 @@ PROBES: list[P] = [
     P("outbox.synchronous", "NORMAL"),
     P("outbox.disk_budget_mb", 1.0),
     P("outbox.coarsen_windows", 0),
+    P("mqtt.format", "sparkplug_b", uplink("format")),
+    P("mqtt.sparkplug_group_id", "plant", uplink("sparkplug_group_id")),
     P("mqtt.host", "broker", uplink("host")),
     P("mqtt.port", 8883, uplink("port")),
     P("mqtt.client_id", "cid", uplink("client_id")),
