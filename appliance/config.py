@@ -397,6 +397,18 @@ RULE_KINDS = ("high", "low", "rate", "stuck", "stale", "offline", "score")
 DEFAULT_FOR_S = {"stuck": 60.0, "stale": 30.0, "offline": 300.0}
 
 
+class AlertAction(_Section, frozen=True):
+    """A local action of a rule (off unless configured): write ``value`` (engineering units of
+    the register: scale and offset are undone) to the machine's register ``register`` when the
+    alert is raised, and ``on_clear`` (if set) when it clears. The register must be listed in
+    ``alerts.writable`` and be a 16-bit holding register or a coil of every machine the rule
+    watches."""
+
+    register: str
+    value: float
+    on_clear: float | None = None
+
+
 class ThresholdRule(_Section, frozen=True):
     """One alert rule (``[[alerts.rules]]``); :attr:`rule_kind` says what it watches.
 
@@ -434,6 +446,7 @@ class ThresholdRule(_Section, frozen=True):
     escalate_severity: Severity = "critical"
     update_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     evidence_samples: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    action: AlertAction | None = None
 
     @property
     def rule_kind(self) -> str:
@@ -504,6 +517,8 @@ class AlertsSection(_Section, frozen=True):
 
     rules: tuple[ThresholdRule, ...] = ()
     state_path: str = ""
+    #: registers rules may write (``action``): the allowlist; empty = no writes at all
+    writable: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -690,9 +705,66 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
         for m in rule.machines:
             if m not in names:
                 raise ValueError(f"{where}.machines: {m!r} is not a configured device")
+        if rule.action is not None:
+            _check_action(rule.action, f"{where}.action", cfg.alerts.writable, rule, devices)
         rules.append(_rule_in_channel_unit(rule, where, devices))
     alerts = msgspec.structs.replace(cfg.alerts, rules=tuple(rules))
     return msgspec.structs.replace(cfg, devices=tuple(devices), alerts=alerts)
+
+
+#: Register types an action may write with one FC 6 request, and their raw ranges.
+ACTION_TYPES = {"uint16": (0, 0xFFFF), "int16": (-0x8000, 0x7FFF)}
+
+
+def action_raw(reg: Register, value: float) -> int | bool:
+    """The raw value that makes ``reg`` read ``value`` (its ``convert``, scale and offset
+    undone). Raises ``ValueError`` when none does
+    (not a whole number of raw units, outside the type's range, a bit that is not 0 or 1)."""
+    if reg.table == "coil":
+        if value not in (0.0, 1.0):
+            raise ValueError(f"a coil takes 0 or 1, not {value}")
+        return bool(value)
+    a, b = conversion(reg.convert) if reg.convert else (1.0, 0.0)
+    exact = ((value - b) / a - reg.offset) / reg.scale
+    raw = round(exact)
+    if abs(exact - raw) > 1e-9 * max(1.0, abs(exact)):  # 0.3 / 0.1 is 2.9999999999999996
+        raise ValueError(f"{value} is not a whole number of raw units (scale {reg.scale})")
+    low, high = ACTION_TYPES[reg.type]
+    if not low <= raw <= high:
+        raise ValueError(f"{value} (raw {raw}) is outside {reg.type}")
+    return raw
+
+
+def _check_action(
+    action: AlertAction,
+    where: str,
+    writable: tuple[str, ...],
+    rule: ThresholdRule,
+    devices: list[DeviceConfig],
+) -> None:
+    if action.register not in writable:
+        raise ValueError(
+            f"{where}.register: {action.register!r} is not in alerts.writable {list(writable)}"
+        )
+    watched = [d for d in devices if not rule.machines or d.name in rule.machines]
+    for dev in watched:
+        reg = next((r for r in getattr(dev, "registers", ()) if r.name == action.register), None)
+        if reg is None:
+            raise ValueError(
+                f"{where}.register: device {dev.name} has no register {action.register!r}"
+            )
+        if not (reg.table == "coil" or (reg.table == "holding" and reg.type in ACTION_TYPES)):
+            raise ValueError(
+                f"{where}.register: {dev.name}.{reg.name} is {reg.table} {reg.type}; an action "
+                "writes a coil or a 16-bit holding register (int16/uint16)"
+            )
+        for key in ("value", "on_clear"):
+            value = getattr(action, key)
+            if value is not None:
+                try:
+                    action_raw(reg, value)
+                except ValueError as err:
+                    raise ValueError(f"{where}.{key}: {dev.name}.{reg.name}: {err}") from None
 
 
 def _rule_in_channel_unit(

@@ -40,7 +40,7 @@ from appliance.alerts.kinds import (
 )
 from appliance.alerts.lifecycle import AlertState, Lifecycle
 from appliance.alerts.store import AlertStore
-from appliance.config import ThresholdRule
+from appliance.config import AlertAction, ThresholdRule
 from appliance.contracts import Envelope, Frame, Outbox, Priority, Quality, ScoreBatch, Window
 from appliance.payload import decode_payload
 
@@ -62,6 +62,9 @@ class AlertEngine:
     alert envelopes (the outbox). ``store`` keeps the state across restarts (``None``: in
     memory only); ``devices`` are the machines an ``offline`` rule watches from the start
     (others once they sent a frame); ``clock`` gives wall-clock seconds (a seam for tests).
+    ``act(machine, action, rule, alert_id, "raise" | "clear")`` performs a rule's local action
+    (after the alert's message is stored; it must not block) and reports back through
+    :meth:`record_action`; ``None``: actions are not performed.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class AlertEngine:
         store: AlertStore | None = None,
         devices: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
+        act: Callable[[str, AlertAction, str, str, str], None] | None = None,
     ) -> None:
         self.rules = tuple(rules)
         self._sample_rules = [r for r in rules if r.rule_kind in SAMPLE_KINDS]
@@ -86,6 +90,8 @@ class AlertEngine:
         self._store = store
         self._devices = tuple(devices)
         self._clock = clock
+        self._act = act
+        self._pending_acts: list[tuple[str, AlertAction, str, str, str]] = []
         self._state: dict[tuple[str, str], AlertState] = {}
         self._series: dict[tuple[str, str], SeriesState] = {}
         self._recent: dict[tuple[str, str], deque[tuple[float, float]]] = {}
@@ -317,6 +323,46 @@ class AlertEngine:
             reason = reason or "condition_cleared"
             log.info("alert cleared: %s on %s (%.6g)", rule.name, machine, value)
         self._queue(rule, st, transition, value, ts, backend, reason)
+        action = rule.action
+        if action is not None and self._act is not None:
+            if transition == "raised":
+                self._pending_acts.append((machine, action, rule.name, st.alert_id, "raise"))
+            elif transition == "cleared" and action.on_clear is not None:
+                self._pending_acts.append((machine, action, rule.name, st.alert_id, "clear"))
+
+    def record_action(
+        self, rule_name: str, machine: str, alert_id: str, result: dict[str, Any]
+    ) -> None:
+        """Record the result of a rule's local action (a register write, done by the caller of
+        ``act``) as an ``action`` message of the alert ``alert_id``."""
+        st = self._state.get((rule_name, machine))
+        rule = next((r for r in self.rules if r.name == rule_name), None)
+        if st is None or rule is None or st.alert_id != alert_id:
+            log.warning("alert action result for an unknown alert %s: %s", alert_id, result)
+            return
+        st.transition += 1
+        ts = float(result.get("at", self._clock()))
+        kind = rule.rule_kind
+        body: dict[str, Any] = {
+            "machine": machine,
+            "alert_id": alert_id,
+            "rule": rule_name,
+            "state": "action",
+            "transition": st.transition,
+            "severity": st.severity,
+            "source": "score" if kind == "score" else "channel",
+            "rule_kind": kind,
+            "channel": rule.channel or None,
+            "value": _num(st.peak),
+            "threshold": None,
+            "raised_at": st.raised_at,
+            "peak": _num(st.peak),
+            "acknowledged": st.acknowledged,
+            "evidence": {"from": st.raised_at, "to": ts},
+            "action": result,
+        }
+        self._out.append((st, self._envelope(machine, ts, body)))
+        self._flush()
 
     # -- messages -----------------------------------------------------------------------------
     def _evidence(
@@ -440,6 +486,10 @@ class AlertEngine:
         self._emit(envelopes)
         if self._store is not None:
             self._store.done(pending)
+        if self._pending_acts and self._act is not None:
+            acts, self._pending_acts = self._pending_acts, []
+            for machine, action, rule_name, alert_id, on in acts:
+                self._act(machine, action, rule_name, alert_id, on)
 
 
 def _alert_keys_in(outbox: Outbox) -> set[tuple[object, object]]:

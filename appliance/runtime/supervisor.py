@@ -23,7 +23,7 @@ from appliance.acquire import Acquisition
 from appliance.alerts import AlertEngine, AlertStore
 from appliance.alerts.quality import DataQualityMonitor
 from appliance.batch import Batcher
-from appliance.config import Config
+from appliance.config import AlertAction, Config, action_raw
 from appliance.contracts import Envelope, Frame
 from appliance.downsample import BandwidthMeter, TelemetryDownsampler
 from appliance.features import FeatureBuilder, WindowAggregator
@@ -66,6 +66,7 @@ class Appliance:
             lambda m: alert_topic(prefix, aid, m),
             store=AlertStore(cfg.alerts.state_path, cfg.outbox.synchronous),
             devices=[d.name for d in cfg.devices],
+            act=self._act,
         )
         self.batcher = Batcher(
             self.engine,
@@ -108,6 +109,9 @@ class Appliance:
         self._started = False
         self._stopped = False
         self._alert_tick: asyncio.Task[None] | None = None
+        self._actions: set[asyncio.Task[None]] = set()
+        #: registers alert actions may write (checked at load, and again before each write)
+        self.writable = tuple(cfg.alerts.writable)
 
     # -- wiring -----------------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
@@ -137,6 +141,46 @@ class Appliance:
             log.info("outbox accepts messages again (%d lost so far)", self.append_failures)
         self.bandwidth.on_records(records or ())
         self.uplink.notify()
+
+    def _act(self, machine: str, action: AlertAction, rule: str, alert_id: str, on: str) -> None:
+        """A rule's local action: write the allowlisted register in a task; the write and its
+        result go into the alert (:meth:`AlertEngine.record_action`)."""
+        task = asyncio.get_running_loop().create_task(
+            self._write_action(machine, action, rule, alert_id, on), name=f"alert action {rule}"
+        )
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    async def _write_action(
+        self, machine: str, action: AlertAction, rule: str, alert_id: str, on: str
+    ) -> None:
+        value = action.value if on == "raise" else action.on_clear
+        assert value is not None
+        result: dict[str, Any] = {
+            "on": on,
+            "machine": machine,
+            "register": action.register,
+            "value": value,
+        }
+        try:
+            if action.register not in self.writable:
+                raise PermissionError(f"{action.register!r} is not in alerts.writable")
+            poller = next(p for p in self.acquisition.pollers if p.name == machine)
+            dev = next(d for d in self.cfg.devices if d.name == machine)
+            reg = next(r for r in getattr(dev, "registers", ()) if r.name == action.register)
+            raw = action_raw(reg, value)
+            driver: Any = poller.driver
+            if isinstance(raw, bool):
+                await driver.write_coil(reg.address, raw)
+            else:
+                await driver.write_register(reg.address, raw)
+            result.update(ok=True, raw=raw, address=reg.address, table=reg.table)
+            log.info("alert %s on %s: wrote %s = %s (%s)", rule, machine, reg.name, value, on)
+        except Exception as err:  # noqa: BLE001 - any failure is recorded in the alert
+            result.update(ok=False, error=f"{type(err).__name__}: {err}")
+            log.error("alert %s on %s: writing %s failed: %s", rule, machine, action.register, err)
+        result["at"] = time.time()
+        self.alerts.record_action(rule, machine, alert_id, result)
 
     async def _tick_alerts(self) -> None:
         """Judge the stale/offline alert rules and data staleness once a second."""
@@ -177,6 +221,8 @@ class Appliance:
         self._stopped = True
         log.info("appliance stopping: acquisition first, then draining")
         await self.health.stop()
+        if self._actions:  # a write under way finishes (bounded by the device timeout)
+            await asyncio.gather(*self._actions, return_exceptions=True)
         await self.acquisition.stop()
         if self._alert_tick is not None:
             self._alert_tick.cancel()

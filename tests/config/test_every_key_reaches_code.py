@@ -404,6 +404,28 @@ PROBES: list[P] = [
     P("alerts.rules[].escalate_severity", "major", rule("escalate_severity")),
     P("alerts.rules[].update_interval_s", 0.0, rule("update_interval_s")),
     P("alerts.rules[].evidence_samples", 10, rule("evidence_samples")),
+    P("alerts.writable", ["b"]),
+    P(
+        "alerts.rules[].action.register",
+        "d",
+        held(lambda a: a.alerts.rules[0].action, "appliance/runtime"),
+        base={
+            "alerts.writable": ["b", "d"],
+            "alerts.rules[].action": {"register": "b", "value": 1},
+        },
+    ),
+    P(
+        "alerts.rules[].action.value",
+        2.0,
+        held(lambda a: a.alerts.rules[0].action, "appliance/runtime"),
+        base={"alerts.writable": ["b"], "alerts.rules[].action": {"register": "b", "value": 1}},
+    ),
+    P(
+        "alerts.rules[].action.on_clear",
+        0.0,
+        held(lambda a: a.alerts.rules[0].action, "appliance/runtime"),
+        base={"alerts.writable": ["b"], "alerts.rules[].action": {"register": "b", "value": 1}},
+    ),
     P(
         "alerts.state_path",
         "/tmp/elsewhere.sqlite",
