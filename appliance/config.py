@@ -447,6 +447,8 @@ class ThresholdRule(_Section, frozen=True):
     update_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     evidence_samples: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
     action: AlertAction | None = None
+    #: designed suppression: no raise on a machine while one of these rules is active there
+    suppressed_by: tuple[str, ...] = ()
 
     @property
     def rule_kind(self) -> str:
@@ -526,6 +528,14 @@ class AlertsSection(_Section, frozen=True):
             if rule.name in seen:
                 raise ValueError(f"alerts.rules[{i}] ({rule.name}).name: duplicate rule name")
             seen.add(rule.name)
+        names = {r.name for r in self.rules}
+        for i, rule in enumerate(self.rules):
+            for other in rule.suppressed_by:
+                if other not in names or other == rule.name:
+                    raise ValueError(
+                        f"alerts.rules[{i}] ({rule.name}).suppressed_by: {other!r} is not "
+                        f"another rule (rules: {sorted(names)})"
+                    )
 
 
 class TelemetrySection(_Section, frozen=True):

@@ -104,6 +104,8 @@ class AlertEngine:
         self.updated = 0
         self.cleared = 0
         self.resent_after_restart = 0
+        self.suppressed = 0  # raises held back by suppressed_by (episodes)
+        self._suppressing: dict[tuple[str, str], frozenset[str]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, outbox: Outbox | None = None) -> None:
@@ -302,6 +304,18 @@ class AlertEngine:
         if st is None:
             st = self._state[key] = life.new_state(machine)
         was_restored = st.active and st.restored
+        if not st.active and rule.suppressed_by:
+            by = frozenset(
+                o.alert_id
+                for other in rule.suppressed_by
+                if (o := self._state.get((other, machine))) is not None and o.active
+            )
+            if by:
+                if raise_c and self._suppressing.get(key) != by:  # once per suppressing alert
+                    self._suppressing[key] = by
+                    self.suppressed += 1
+                    log.info("alert %s on %s suppressed by %s", rule.name, machine, sorted(by))
+                return
         transition = life.observe(st, ts, raise_c, clear_c, value)
         reason = None
         if was_restored:

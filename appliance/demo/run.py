@@ -46,12 +46,15 @@ max_delay_ms = 20
 [engine]
 model = "cnc_anomaly"
 
+# One fault, one alert: the model's anomaly alert and a threshold alert on the same machine
+# do not both raise (designed suppression); the first one carries the other's evidence.
 [[alerts.rules]]
 name = "spindle_overtemp"
 channel = "spindle_temp"
 above = 75.0
 clear_below = 65.0
 severity = "major"
+suppressed_by = ["anomaly"]
 
 [[alerts.rules]]
 name = "vibration_high"
@@ -59,6 +62,7 @@ channel = "vibration_rms"
 above = 9.0
 clear_below = 5.0
 severity = "warning"
+suppressed_by = ["anomaly"]
 
 [[alerts.rules]]
 name = "anomaly"
@@ -66,6 +70,7 @@ source = "score"
 above = 2.0
 clear_below = 1.2
 severity = "warning"
+suppressed_by = ["spindle_overtemp", "vibration_high"]
 
 [telemetry]
 interval_s = 10.0

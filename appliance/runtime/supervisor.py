@@ -267,6 +267,7 @@ class Appliance:
             "alerts": {
                 "raised": self.alerts.raised,
                 "updated": self.alerts.updated,
+                "suppressed": self.alerts.suppressed,
                 "cleared": self.alerts.cleared,
                 "active": self.alerts.active(),
             },

@@ -242,3 +242,19 @@ def test_bad_rule_config_fails_at_load_naming_the_key_path(
     with pytest.raises(ConfigError, match=None) as err:
         load("[[alerts.rules]]\n" + rule, tmp_path)
     assert message in str(err.value), str(err.value)
+
+
+def test_a_rule_suppressed_by_an_active_one_does_not_raise_and_is_counted() -> None:
+    hot = ThresholdRule(name="hot", channel="spindle_temp", above=80, clear_below=70)
+    hotter = ThresholdRule(
+        name="hotter", channel="spindle_temp", above=85, clear_below=70, suppressed_by=("hot",)
+    )
+    eng, out = make(hot, hotter)
+    feed(eng, [90, 95, 60])
+    assert [(e.body["rule"], e.body["state"]) for e in out] == [
+        ("hot", "raised"),
+        ("hot", "cleared"),
+    ]
+    assert eng.suppressed == 1
+    feed(eng, [84, 90], t0=10.0)  # "hot" raises first again; "hotter" stays suppressed
+    assert eng.suppressed == 2 and [e.body["rule"] for e in out].count("hotter") == 0

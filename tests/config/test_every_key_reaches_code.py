@@ -406,6 +406,17 @@ PROBES: list[P] = [
     P("alerts.rules[].evidence_samples", 10, rule("evidence_samples")),
     P("alerts.writable", ["b"]),
     P(
+        "alerts.rules[].suppressed_by",
+        ["r2"],
+        rule("suppressed_by"),
+        base={
+            "alerts.rules": [
+                {"name": "r", "channel": "a", "above": 1.0},
+                {"name": "r2", "kind": "offline"},
+            ]
+        },
+    ),
+    P(
         "alerts.rules[].action.register",
         "d",
         held(lambda a: a.alerts.rules[0].action, "appliance/runtime"),
