@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from appliance.contracts import Envelope, Frame, Priority, Quality
+
+_GOOD = int(Quality.GOOD)
 
 EVENT_KINDS = ("stale", "stuck", "out_of_range", "clock_skew")
 
@@ -63,7 +66,9 @@ class DataQualityMonitor:
         self.max_clock_skew_s = max_clock_skew_s
         self._clock = clock
         self._active: set[tuple[str, str, str]] = set()  # (event, machine, channel)
-        self._last_good: dict[tuple[str, str], float] = {}
+        #: machine → (its channels, newest good sample time per channel; NaN: none yet)
+        self._last_good: dict[str, tuple[tuple[str, ...], npt.NDArray[np.float64]]] = {}
+        self._stale_active: dict[str, int] = {}  # machine → stale episodes in progress
         self._runs: dict[tuple[str, str], _Run] = {}
         self._out: list[Envelope] = []
         self.counts = dict.fromkeys(EVENT_KINDS, 0)
@@ -73,29 +78,43 @@ class DataQualityMonitor:
 
     def on_frame(self, frame: Frame) -> None:
         machine = frame.device
-        good = (frame.quality == Quality.GOOD) & np.isfinite(frame.value)
         if self.max_clock_skew_s > 0 and len(frame.ts):
             newest = float(frame.ts.max())
             skew = newest - self._clock()
             self._set("clock_skew", machine, "", abs(skew) > self.max_clock_skew_s, newest, skew)
-        if not good.any():
-            return
-        present = np.unique(frame.channel[good]).tolist()
-        for ch in present:
-            name = frame.channels[ch]
-            sel = good & (frame.channel == ch)
-            values, times = frame.value[sel], frame.ts[sel]
-            t_last = float(times[-1])
-            self._last_good[(machine, name)] = t_last
-            if self.stale_s > 0:
-                self._set("stale", machine, name, False, t_last, 0.0)
-            rng = self.ranges.get(name)
-            if rng is not None:
-                outside = (values < rng[0]) | (values > rng[1])
-                worst = float(values[outside][0]) if outside.any() else float(values[-1])
-                self._set("out_of_range", machine, name, bool(outside.any()), t_last, worst)
-            if self.stuck_s > 0:
-                self._stuck(machine, name, times, values)
+        good = (frame.quality == _GOOD) & np.isfinite(frame.value)
+        if not good.all():
+            if not good.any():
+                self._flush()
+                return
+            channel, ts, value = frame.channel[good], frame.ts[good], frame.value[good]
+        else:
+            channel, ts, value = frame.channel, frame.ts, frame.value
+        last = self._last_good.get(machine)
+        if last is None or last[0] is not frame.channels:
+            arr = np.full(len(frame.channels), np.nan)
+            if last is not None and len(last[1]) == len(arr):
+                arr[:] = last[1]
+            last = self._last_good[machine] = (frame.channels, arr)
+        last[1][channel] = ts  # samples are in time order: the newest of each channel wins
+        if self._stale_active.get(machine):
+            for ch in np.unique(channel).tolist():
+                self._set("stale", machine, frame.channels[ch], False, float(last[1][ch]), 0.0)
+        if self.ranges or self.stuck_s > 0:
+            for ch in np.unique(channel).tolist():
+                name = frame.channels[ch]
+                rng = self.ranges.get(name)
+                if rng is None and self.stuck_s <= 0:
+                    continue
+                sel = channel == ch
+                values, times = value[sel], ts[sel]
+                if rng is not None:
+                    outside = (values < rng[0]) | (values > rng[1])
+                    hit = bool(outside.any())
+                    worst = float(values[outside][0]) if hit else float(values[-1])
+                    self._set("out_of_range", machine, name, hit, float(times[-1]), worst)
+                if self.stuck_s > 0:
+                    self._stuck(machine, name, times, values)
         self._flush()
 
     def tick(self, now: float | None = None) -> None:
@@ -103,9 +122,11 @@ class DataQualityMonitor:
         if self.stale_s <= 0:
             return
         now = self._clock() if now is None else now
-        for (machine, name), last in self._last_good.items():
-            if now - last > self.stale_s:
-                self._set("stale", machine, name, True, now, now - last)
+        for machine, (channels, last) in self._last_good.items():
+            with np.errstate(invalid="ignore"):
+                stale = np.flatnonzero(now - last > self.stale_s)
+            for ch in stale.tolist():
+                self._set("stale", machine, channels[ch], True, now, now - float(last[ch]))
         self._flush()
 
     def _stuck(
@@ -137,6 +158,8 @@ class DataQualityMonitor:
             self.counts[event] += 1
         else:
             self._active.discard(key)
+        if event == "stale":
+            self._stale_active[machine] = self._stale_active.get(machine, 0) + (1 if on else -1)
         body: dict[str, Any] = {
             "machine": machine,
             "channel": channel or None,

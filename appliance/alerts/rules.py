@@ -46,6 +46,7 @@ from appliance.payload import decode_payload
 
 log = logging.getLogger(__name__)
 
+_GOOD = int(Quality.GOOD)
 SAMPLE_KINDS = ("high", "low", "rate", "stuck")
 AGE_KINDS = ("stale", "offline")
 
@@ -171,13 +172,14 @@ class AlertEngine:
 
     def on_frame(self, frame: Frame) -> None:
         machine = frame.device
-        good = frame.quality == Quality.GOOD
+        good = frame.quality == _GOOD
         good &= np.isfinite(frame.value)
         if self._offline_rules and good.any():
-            self._last_good[(machine, "")] = float(frame.ts[good].max())
+            last = float(frame.ts[good].max())
+            self._last_good[(machine, "")] = last
             for rule in self._offline_rules:
-                if self._watches(rule, machine):
-                    self._judge_age(rule, machine, "", float(frame.ts[good].max()))
+                if self._watches(rule, machine) and self._pending(rule, machine):
+                    self._judge_age(rule, machine, "", last)
         if not self._channel_rules:
             self._flush()
             return
@@ -197,7 +199,8 @@ class AlertEngine:
             if rule.rule_kind == "stale":
                 last = float(times.max())
                 self._last_good[(machine, rule.channel)] = last
-                self._judge_age(rule, machine, rule.channel, last)
+                if self._pending(rule, machine):  # good data can only clear
+                    self._judge_age(rule, machine, rule.channel, last)
                 continue
             values = frame.value[sel]
             key = (rule.name, machine)
@@ -259,6 +262,11 @@ class AlertEngine:
     @staticmethod
     def _watches(rule: ThresholdRule, machine: str) -> bool:
         return not rule.machines or machine in rule.machines
+
+    def _pending(self, rule: ThresholdRule, machine: str) -> bool:
+        """Whether (rule, machine) is active or has raise votes in its debounce history."""
+        st = self._state.get((rule.name, machine))
+        return st is not None and (st.active or any(st.raise_hist))
 
     def _quiet(self, rule: ThresholdRule, machine: str, values: np.ndarray[Any, Any]) -> bool:
         st = self._state.get((rule.name, machine))
