@@ -150,6 +150,11 @@ class AlertEngine:
         if self._store is not None:
             self._store.close()
 
+    @property
+    def store_recovered_corrupt(self) -> int:
+        """State files found unreadable at start and moved aside (see :mod:`.store`)."""
+        return self._store.recovered_corrupt if self._store is not None else 0
+
     def active(self) -> list[dict[str, object]]:
         """Currently raised alerts (for the local API and tests)."""
         return [

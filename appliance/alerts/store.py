@@ -25,11 +25,15 @@ Called on the event loop only (the engine's thread); no shared state.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 from appliance.contracts import Envelope, Priority
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
@@ -68,16 +72,40 @@ class AlertStore:
         self.path = Path(path)
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
+        self.recovered_corrupt = 0
 
     def open(self) -> None:
+        """Open (or create) the file. One that SQLite cannot read is moved aside to
+        ``<path>.corrupt-<unix time>`` (kept for inspection, counted in ``recovered_corrupt``)
+        and a new one started: the alerts it held are forgotten, not the appliance's start."""
         if self._db is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as err:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error("alert state %s is unreadable (%s): moved to %s", self.path, err, aside)
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    src.replace(Path(f"{aside}{suffix}"))
+            self.recovered_corrupt += 1
+            self._db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self.synchronous}")
-        db.executescript(_SCHEMA)
-        self._db = db
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.executescript(_SCHEMA)
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            db.execute("SELECT count(*) FROM state").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         if self._db is not None:

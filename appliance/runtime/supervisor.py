@@ -268,6 +268,8 @@ class Appliance:
                 "raised": self.alerts.raised,
                 "updated": self.alerts.updated,
                 "suppressed": self.alerts.suppressed,
+                "resent_after_restart": self.alerts.resent_after_restart,
+                "state_recovered_corrupt": self.alerts.store_recovered_corrupt,
                 "cleared": self.alerts.cleared,
                 "active": self.alerts.active(),
             },

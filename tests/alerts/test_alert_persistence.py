@@ -161,3 +161,14 @@ def test_an_active_alert_of_a_removed_rule_is_cleared_at_start(tmp_path: Path) -
     ]
     eng.close()
     outbox.close()
+
+
+def test_an_unreadable_state_file_is_moved_aside_and_the_engine_starts(tmp_path: Path) -> None:
+    (tmp_path / "s.sqlite").write_bytes(b"this is not a database" * 100)
+    store = AlertStore(tmp_path / "s.sqlite")
+    eng = AlertEngine([RULE], lambda envs: None, lambda m: m, store=store)
+    eng.start()
+    eng.on_frame(frame(1.0, 90.0))
+    assert store.recovered_corrupt == 1 and eng.raised == 1
+    assert len(list(tmp_path.glob("s.sqlite.corrupt-*"))) == 1
+    eng.close()
