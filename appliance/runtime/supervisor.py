@@ -1,10 +1,13 @@
 """Wire every stage from one :class:`~appliance.config.Config` and run it in one asyncio process.
 
-Start order (sinks before sources): outbox → uplink → engine/batcher → features/alerts →
-acquisition. Stop order (sources before sinks): acquisition stops polling; open windows are
-flushed; queued rows are scored; the uplink drains the outbox within a deadline and publishes its
-retained ``offline`` status; the outbox closes. Whatever the drain deadline leaves unsent stays in
-the outbox on disk and goes out after the next start.
+Start order (sinks before sources): outbox → alert state (restored, and whatever a crash left
+unsent appended, before the uplink takes from the outbox; then a 1 s tick for the age rules and
+data-quality staleness) → uplink → engine/batcher → features/alerts → acquisition. Stop order
+(sources before sinks): a local alert action under way finishes; acquisition stops polling; open
+windows are flushed (and the held telemetry interval sent); queued rows are scored; the uplink
+drains the outbox within a deadline and publishes its retained ``offline`` status; the outbox
+closes. Whatever the drain deadline leaves unsent stays in the outbox on disk and goes out after
+the next start.
 """
 
 from __future__ import annotations
