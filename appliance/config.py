@@ -33,6 +33,7 @@ from drivers.modbus.registers import (
     with_defaults,
 )
 from drivers.modbus.waveform import HEADER_REGISTERS, MAX_CAPACITY
+from drivers.units import UnknownConversion, conversion
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -392,33 +393,188 @@ class EngineSection(_Section, frozen=True):
     workspace_mb: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 1024
 
 
+Severity = Literal["info", "warning", "major", "critical"]
+
+#: Rule kinds (docs/configuration.md ``[[alerts.rules]]``): what each one watches.
+RULE_KINDS = ("high", "low", "rate", "stuck", "stale", "offline", "score")
+#: ``for_s`` when a rule does not set it: seconds flat (stuck), without a good sample of the
+#: channel (stale), without a good poll of the device (offline: 5 minutes, as in the seed).
+DEFAULT_FOR_S = {"stuck": 60.0, "stale": 30.0, "offline": 300.0}
+
+
+class AlertAction(_Section, frozen=True):
+    """A local action of a rule (off unless configured): write ``value`` (engineering units of
+    the register: scale and offset are undone) to the machine's register ``register`` when the
+    alert is raised, and ``on_clear`` (if set) when it clears. The register must be listed in
+    ``alerts.writable`` and be a 16-bit holding register or a coil of every machine the rule
+    watches."""
+
+    register: str
+    value: float
+    on_clear: float | None = None
+
+
 class ThresholdRule(_Section, frozen=True):
-    """Raise when the value goes above ``above``; clear when it falls below ``clear_below``."""
+    """One alert rule (``[[alerts.rules]]``); :attr:`rule_kind` says what it watches.
+
+    ``high`` (the default; ``score`` when ``source = "score"``): raise above ``above``, clear
+    below ``clear_below`` (default ``above``). ``low``: raise below ``below``, clear above
+    ``clear_above``. ``rate``: the absolute rate of change (unit per second) between
+    consecutive good samples above ``above``. ``stuck``: the channel stays within
+    ``tolerance`` for ``for_s``. ``stale``: no good sample of the channel for ``for_s``.
+    ``offline``: no good poll of the device for ``for_s`` (default 300 s). Lifecycle:
+    ``debounce_k`` of the last ``debounce_n`` evaluations must agree to raise or clear;
+    ``min_active_s``; ``cooldown_s`` after a clear; ``escalate_above`` lifts the severity to
+    ``escalate_severity`` (an ``updated`` message), as does a new peak at most once per
+    ``update_interval_s`` (0: never). ``unit``: the unit the levels are written in, converted
+    at load to the channel's unit.
+    """
 
     name: Name
-    above: float
+    kind: Literal["high", "low", "rate", "stuck", "stale", "offline", "score"] | None = None
+    above: float | None = None
     source: Literal["channel", "score"] = "channel"
     channel: str = ""
     clear_below: float | None = None
-    severity: Literal["info", "warning", "major", "critical"] = "warning"
+    below: float | None = None
+    clear_above: float | None = None
+    for_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    tolerance: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    unit: str = ""
+    severity: Severity = "warning"
     machines: tuple[str, ...] = ()
+    debounce_k: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    debounce_n: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    min_active_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    escalate_above: float | None = None
+    escalate_severity: Severity = "critical"
+    update_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    evidence_samples: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    action: AlertAction | None = None
+    #: designed suppression: no raise on a machine while one of these rules is active there
+    suppressed_by: tuple[str, ...] = ()
+
+    @property
+    def rule_kind(self) -> str:
+        """The kind in effect: ``kind``, else ``score`` for ``source = "score"``, else
+        ``high``."""
+        if self.kind is not None:
+            return self.kind
+        return "score" if self.source == "score" else "high"
+
+    @property
+    def duration_s(self) -> float:
+        """``for_s`` or the kind's default (:data:`DEFAULT_FOR_S`)."""
+        return self.for_s if self.for_s is not None else DEFAULT_FOR_S.get(self.rule_kind, 0.0)
 
     def __post_init__(self) -> None:
-        if self.source == "channel" and not self.channel:
-            raise ValueError("`channel` is required when source = 'channel'")
-        if self.source == "score" and self.channel:
+        kind = self.rule_kind
+        if self.kind == "score" and self.source != "score":
+            raise ValueError("kind = 'score' needs source = 'score' (or leave `source` out)")
+        if self.source == "score" and kind != "score":
+            raise ValueError(f"source = 'score' goes with kind = 'score', not {kind!r}")
+        if kind == "score" and self.channel:
             raise ValueError("`channel` must be empty when source = 'score'")
-        if self.clear_below is not None and self.clear_below > self.above:
-            raise ValueError(f"clear_below ({self.clear_below}) must be <= above ({self.above})")
+        if kind in ("high", "low", "rate", "stuck", "stale") and not self.channel:
+            raise ValueError(f"`channel` is required for a {kind!r} rule")
+        if kind == "offline" and self.channel:
+            raise ValueError("an 'offline' rule watches devices: `channel` must be empty")
+        if self.debounce_k > self.debounce_n:
+            raise ValueError(
+                f"debounce_k ({self.debounce_k}) must be <= debounce_n ({self.debounce_n})"
+            )
+        if kind in ("high", "rate", "score"):
+            if self.above is None:
+                raise ValueError(f"`above` is required for a {kind!r} rule")
+            if self.below is not None or self.clear_above is not None:
+                raise ValueError(f"`below`/`clear_above` belong to 'low' rules, not {kind!r}")
+            if self.clear_below is not None and self.clear_below > self.above:
+                raise ValueError(
+                    f"clear_below ({self.clear_below}) must be <= above ({self.above})"
+                )
+            if self.escalate_above is not None and self.escalate_above < self.above:
+                raise ValueError(
+                    f"escalate_above ({self.escalate_above}) must be >= above ({self.above})"
+                )
+        elif kind == "low":
+            if self.below is None:
+                raise ValueError("`below` is required for a 'low' rule")
+            if self.above is not None or self.clear_below is not None:
+                raise ValueError("`above`/`clear_below` belong to 'high' rules, not 'low'")
+            if self.clear_above is not None and self.clear_above < self.below:
+                raise ValueError(
+                    f"clear_above ({self.clear_above}) must be >= below ({self.below})"
+                )
+            if self.escalate_above is not None:
+                raise ValueError("escalate_above does not apply to a 'low' rule")
+        else:
+            for key in ("above", "clear_below", "below", "clear_above", "escalate_above"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"`{key}` does not apply to a {kind!r} rule (use for_s)")
+        if self.for_s is not None and kind not in DEFAULT_FOR_S:
+            raise ValueError(f"`for_s` applies to stuck/stale/offline rules, not {kind!r}")
+        if self.unit and kind not in ("high", "low", "rate"):
+            raise ValueError(f"`unit` applies to high/low/rate rules, not {kind!r}")
 
 
 class AlertsSection(_Section, frozen=True):
+    """``state_path``: the alert state store (SQLite); "" = ``<outbox stem>.alerts.sqlite``
+    beside the outbox file. Relative to the config file."""
+
     rules: tuple[ThresholdRule, ...] = ()
+    state_path: str = ""
+    #: registers rules may write (``action``): the allowlist; empty = no writes at all
+    writable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise ValueError(f"alerts.rules[{i}] ({rule.name}).name: duplicate rule name")
+            seen.add(rule.name)
+        names = {r.name for r in self.rules}
+        for i, rule in enumerate(self.rules):
+            for other in rule.suppressed_by:
+                if other not in names or other == rule.name:
+                    raise ValueError(
+                        f"alerts.rules[{i}] ({rule.name}).suppressed_by: {other!r} is not "
+                        f"another rule (rules: {sorted(names)})"
+                    )
 
 
 class TelemetrySection(_Section, frozen=True):
+    """``interval_s``: seconds per telemetry message, a multiple of ``features.window_s``
+    (checked with the features section); 0 = one message per model window. ``deadband``:
+    channel → band in its unit, reported by exception, at least every ``max_silence_s``."""
+
     enabled: bool = True
-    stats: tuple[Literal["mean", "rms", "min", "max", "last"], ...] = ("mean", "min", "max")
+    stats: tuple[Literal["mean", "rms", "min", "max", "last", "std"], ...] = (
+        "mean",
+        "min",
+        "max",
+    )
+    interval_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    deadband: dict[str, Annotated[float, msgspec.Meta(ge=0)]] = msgspec.field(default_factory=dict)
+    max_silence_s: PositiveFloat = 300.0
+
+
+class QualitySection(_Section, frozen=True):
+    """Data-quality events (``appliance/alerts/quality.py``): seconds without a good sample
+    (``stale_s``, 0: off), seconds flat within ``stuck_tolerance`` (``stuck_s``, 0: off),
+    per-channel ``ranges`` ``[low, high]``, ``max_clock_skew_s`` (0: off)."""
+
+    enabled: bool = True
+    stale_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    stuck_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    stuck_tolerance: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    ranges: dict[str, tuple[float, float]] = msgspec.field(default_factory=dict)
+    max_clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in self.ranges.items():
+            if not low < high:
+                raise ValueError(f"quality.ranges.{name}: low ({low}) must be < high ({high})")
 
 
 OUTBOX_PAGE_BYTES = 4096
@@ -500,8 +656,21 @@ class MqttSection(_Section, frozen=True):
     backlog_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     historical_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     max_packet_bytes: Annotated[int, msgspec.Meta(ge=0, le=268_435_455)] = 0
+    #: "json" (docs/mqtt.md) or "sparkplug_b" (Sparkplug B edge node, protobuf payloads)
+    format: Literal["json", "sparkplug_b"] = "json"
+    #: Sparkplug group id ("": topic_prefix, which must then be one topic level)
+    sparkplug_group_id: Annotated[str, msgspec.Meta(pattern=r"^([^#+/]+)?$")] = ""
 
     def __post_init__(self) -> None:
+        if (
+            self.format == "sparkplug_b"
+            and not self.sparkplug_group_id
+            and any(c in self.topic_prefix for c in "/+#")
+        ):
+            raise ValueError(
+                f"mqtt.sparkplug_group_id: needed with format = 'sparkplug_b' because "
+                f"topic_prefix {self.topic_prefix!r} is not a single topic level"
+            )
         if 0 < self.max_packet_bytes < 1024:
             raise ValueError(
                 f"mqtt.max_packet_bytes = {self.max_packet_bytes} is below 1024 bytes: no "
@@ -546,6 +715,7 @@ class Config(_Section, frozen=True):
     engine: EngineSection = msgspec.field(default_factory=EngineSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
+    quality: QualitySection = msgspec.field(default_factory=QualitySection)
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     mqtt: MqttSection = msgspec.field(default_factory=MqttSection)
     api: ApiSection = msgspec.field(default_factory=ApiSection)
@@ -577,9 +747,28 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
         reg.name for dev in devices for reg in dev.registers if getattr(reg, "numeric", True)
     }
     channels |= {w.channel for dev in devices if (w := getattr(dev, "waveform", None)) is not None}
+    interval, window = cfg.telemetry.interval_s, cfg.features.window_s
+    if interval and (interval < window or abs(interval / window - round(interval / window)) > 1e-9):
+        raise ValueError(
+            f"telemetry.interval_s: {interval} is not a whole multiple of features.window_s "
+            f"({window})"
+        )
+    for name in cfg.quality.ranges:
+        if name not in channels:
+            raise ValueError(
+                f"quality.ranges.{name}: not a numeric channel of any device "
+                f"(known: {sorted(channels)})"
+            )
+    for name in cfg.telemetry.deadband:
+        if name not in channels:
+            raise ValueError(
+                f"telemetry.deadband.{name}: not a numeric channel of any device "
+                f"(known: {sorted(channels)})"
+            )
+    rules: list[ThresholdRule] = []
     for i, rule in enumerate(cfg.alerts.rules):
         where = f"alerts.rules[{i}] ({rule.name})"
-        if rule.source == "channel" and rule.channel not in channels:
+        if rule.channel and rule.channel not in channels:
             raise ValueError(
                 f"{where}.channel: {rule.channel!r} is not a numeric channel of any device "
                 f"(known: {sorted(channels)})"
@@ -587,7 +776,122 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
         for m in rule.machines:
             if m not in names:
                 raise ValueError(f"{where}.machines: {m!r} is not a configured device")
-    return msgspec.structs.replace(cfg, devices=tuple(devices))
+        if rule.action is not None:
+            _check_action(rule.action, f"{where}.action", cfg.alerts.writable, rule, devices)
+        rules.append(_rule_in_channel_unit(rule, where, devices))
+    alerts = msgspec.structs.replace(cfg.alerts, rules=tuple(rules))
+    return msgspec.structs.replace(cfg, devices=tuple(devices), alerts=alerts)
+
+
+#: Register types an action may write with one FC 6 request, and their raw ranges.
+ACTION_TYPES = {"uint16": (0, 0xFFFF), "int16": (-0x8000, 0x7FFF)}
+
+
+def action_raw(reg: Register, value: float) -> int | bool:
+    """The raw value that makes ``reg`` read ``value`` (its ``convert``, scale and offset
+    undone). Raises ``ValueError`` when none does
+    (not a whole number of raw units, outside the type's range, a bit that is not 0 or 1)."""
+    if reg.table == "coil":
+        if value not in (0.0, 1.0):
+            raise ValueError(f"a coil takes 0 or 1, not {value}")
+        return bool(value)
+    a, b = conversion(reg.convert) if reg.convert else (1.0, 0.0)
+    exact = ((value - b) / a - reg.offset) / reg.scale
+    raw = round(exact)
+    if abs(exact - raw) > 1e-9 * max(1.0, abs(exact)):  # 0.3 / 0.1 is 2.9999999999999996
+        raise ValueError(f"{value} is not a whole number of raw units (scale {reg.scale})")
+    low, high = ACTION_TYPES[reg.type]
+    if not low <= raw <= high:
+        raise ValueError(f"{value} (raw {raw}) is outside {reg.type}")
+    return raw
+
+
+def _check_action(
+    action: AlertAction,
+    where: str,
+    writable: tuple[str, ...],
+    rule: ThresholdRule,
+    devices: list[DeviceConfig],
+) -> None:
+    if action.register not in writable:
+        raise ValueError(
+            f"{where}.register: {action.register!r} is not in alerts.writable {list(writable)}"
+        )
+    watched = [d for d in devices if not rule.machines or d.name in rule.machines]
+    for dev in watched:
+        reg = next((r for r in getattr(dev, "registers", ()) if r.name == action.register), None)
+        if reg is None:
+            raise ValueError(
+                f"{where}.register: device {dev.name} has no register {action.register!r}"
+            )
+        if not (reg.table == "coil" or (reg.table == "holding" and reg.type in ACTION_TYPES)):
+            raise ValueError(
+                f"{where}.register: {dev.name}.{reg.name} is {reg.table} {reg.type}; an action "
+                "writes a coil or a 16-bit holding register (int16/uint16)"
+            )
+        for key in ("value", "on_clear"):
+            value = getattr(action, key)
+            if value is not None:
+                try:
+                    action_raw(reg, value)
+                except ValueError as err:
+                    raise ValueError(f"{where}.{key}: {dev.name}.{reg.name}: {err}") from None
+
+
+def _rule_in_channel_unit(
+    rule: ThresholdRule, where: str, devices: list[DeviceConfig]
+) -> ThresholdRule:
+    """``rule`` with its levels converted from ``rule.unit`` to the unit of its channel (the
+    registers' ``unit``, after their own ``convert``). A rule without ``unit`` is taken as
+    written in the channel's unit. Raises ``ValueError`` naming ``where`` when the channel's
+    unit differs between devices the rule watches or no conversion is known."""
+    if not rule.unit:
+        return rule
+    units = {
+        reg.unit
+        for dev in devices
+        if not rule.machines or dev.name in rule.machines
+        for reg in getattr(dev, "registers", ())
+        if reg.name == rule.channel and reg.unit
+    }
+    if not units:
+        raise ValueError(f"{where}.unit: channel {rule.channel!r} has no unit to convert to")
+    if len(units) > 1:
+        raise ValueError(
+            f"{where}.unit: channel {rule.channel!r} has different units on the devices the "
+            f"rule watches ({sorted(units)}): split the rule by `machines`"
+        )
+    (target,) = units
+    if target == rule.unit:
+        return rule
+    try:
+        a, b = conversion(f"{rule.unit}->{target}")
+    except UnknownConversion:
+        raise ValueError(
+            f"{where}.unit: no conversion from {rule.unit!r} to the channel's unit {target!r}"
+        ) from None
+    if rule.rule_kind == "rate":  # a rate converts without the offset
+
+        def conv(x: float | None) -> float | None:
+            return None if x is None else a * x
+
+    else:
+
+        def conv(x: float | None) -> float | None:
+            return None if x is None else a * x + b
+
+    if a < 0:
+        raise ValueError(f"{where}.unit: {rule.unit!r}->{target!r} reverses the order")
+    return msgspec.structs.replace(
+        rule,
+        unit=target,
+        above=conv(rule.above),
+        clear_below=conv(rule.clear_below),
+        below=conv(rule.below),
+        clear_above=conv(rule.clear_above),
+        escalate_above=conv(rule.escalate_above),
+        tolerance=abs(a) * rule.tolerance,
+    )
 
 
 def _prepare_device(raw: object) -> object:
@@ -661,6 +965,13 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
     outbox = msgspec.structs.replace(cfg.outbox, path=_resolve(base_dir, cfg.outbox.path))
+    state_path = cfg.alerts.state_path
+    if state_path:
+        state_path = _resolve(base_dir, state_path)
+    else:  # beside the outbox: outbox.sqlite -> outbox.alerts.sqlite
+        out = Path(outbox.path)
+        state_path = str(out.with_name(out.stem + ".alerts.sqlite"))
+    alerts = msgspec.structs.replace(cfg.alerts, state_path=state_path)
     model = cfg.engine.model
     if is_path(model):
         model = _resolve(base_dir, model)
@@ -673,7 +984,7 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
         if getattr(cfg.mqtt, key)
     }
     mqtt = msgspec.structs.replace(cfg.mqtt, **mqtt_files)
-    cfg = msgspec.structs.replace(cfg, outbox=outbox, engine=engine, mqtt=mqtt)
+    cfg = msgspec.structs.replace(cfg, outbox=outbox, engine=engine, mqtt=mqtt, alerts=alerts)
     if cfg.api.token_file:
         token_file = _resolve(base_dir, cfg.api.token_file)
         cfg = msgspec.structs.replace(

@@ -1,5 +1,6 @@
-"""Alert rules on raw values and on model scores, with a raise/clear lifecycle."""
+"""Alert rules on raw values, data age and model scores, with a persisted lifecycle."""
 
 from appliance.alerts.rules import AlertEngine
+from appliance.alerts.store import AlertStore
 
-__all__ = ["AlertEngine"]
+__all__ = ["AlertEngine", "AlertStore"]

@@ -48,12 +48,15 @@ max_delay_ms = 20
 [engine]
 model = "cnc_anomaly"
 
+# One fault, one alert: the model's anomaly alert and a threshold alert on the same machine
+# do not both raise (designed suppression); the first one carries the other's evidence.
 [[alerts.rules]]
 name = "spindle_overtemp"
 channel = "spindle_temp"
 above = 75.0
 clear_below = 65.0
 severity = "major"
+suppressed_by = ["anomaly"]
 
 [[alerts.rules]]
 name = "vibration_high"
@@ -61,6 +64,7 @@ channel = "vibration_rms"
 above = 9.0
 clear_below = 5.0
 severity = "warning"
+suppressed_by = ["anomaly"]
 
 [[alerts.rules]]
 name = "anomaly"
@@ -68,6 +72,11 @@ source = "score"
 above = 2.0
 clear_below = 1.2
 severity = "warning"
+suppressed_by = ["spindle_overtemp", "vibration_high"]
+
+[telemetry]
+interval_s = 10.0
+stats = ["mean", "min", "max", "last", "std"]
 
 [outbox]
 path = "{outbox}"
@@ -219,6 +228,9 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "alerts_cleared": received["alerts_cleared"],
         "polls": stats["frames"],
         "published": stats["uplink"].get("published", 0),
+        "bandwidth": {
+            k: stats["bandwidth"][k] for k in ("published_bytes", "raw_json_bytes", "reduction")
+        },
         "subscriber": received,
         "appliance": stats,
     }
@@ -234,7 +246,9 @@ def run(args: argparse.Namespace) -> int:
         f"demo summary: {summary['telemetry_messages']} telemetry messages, "
         f"{summary['alerts_raised']} alerts raised, {summary['alerts_cleared']} cleared, "
         f"{summary['polls']} polls, {summary['published']} messages published, "
-        f"{summary['subscriber']['gaps']} sequence gaps"
+        f"{summary['subscriber']['gaps']} sequence gaps, "
+        f"{summary['bandwidth']['published_bytes']} bytes published vs "
+        f"{summary['bandwidth']['raw_json_bytes']} as one JSON message per raw sample"
     )
     print(line, flush=True)
     if args.summary_json is not None:

@@ -130,7 +130,7 @@ class DemoSubscriber:
             elif kind == "alert":
                 if m.get("state") == "raised":
                     self.alerts_raised += 1
-                else:
+                elif m.get("state") == "cleared":  # "updated" is neither
                     self.alerts_cleared += 1
         if self.printer is not None:
             if kind == "alert":
@@ -178,12 +178,22 @@ def _fmt(channels: dict[str, Any], name: str, spec: str) -> str:
 
 def format_alert(m: dict[str, Any]) -> str:
     what = m.get("channel") or "anomaly score"
+
+    def num(key: str) -> str:
+        x = m.get(key)
+        return f"{x:.2f}" if isinstance(x, (int, float)) else "-"
+
     if m.get("state") == "raised":
         return (
             f"ALERT RAISED   {m['machine']} {m['rule']} ({m['severity']}): {what} = "
-            f"{m['value']:.2f} > {m['threshold']:.2f}"
+            f"{num('value')} > {num('threshold')}"
+        )
+    if m.get("state") == "updated":
+        return (
+            f"ALERT UPDATED  {m['machine']} {m['rule']} ({m['severity']}): {what} = "
+            f"{num('value')} (peak {num('peak')})"
         )
     return (
-        f"ALERT CLEARED  {m['machine']} {m['rule']}: {what} = {m['value']:.2f} "
-        f"after {m.get('duration_s', 0):.0f} s (peak {m.get('peak', float('nan')):.2f})"
+        f"ALERT CLEARED  {m['machine']} {m['rule']}: {what} = {num('value')} "
+        f"after {m.get('duration_s', 0):.0f} s (peak {num('peak')})"
     )

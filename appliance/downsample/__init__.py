@@ -1,5 +1,6 @@
-"""Downsampled telemetry: one message per machine window."""
+"""Downsampled telemetry (one aggregate per machine per interval) and bandwidth accounting."""
 
+from appliance.downsample.bandwidth import BandwidthMeter
 from appliance.downsample.telemetry import TelemetryDownsampler
 
-__all__ = ["TelemetryDownsampler"]
+__all__ = ["BandwidthMeter", "TelemetryDownsampler"]

@@ -1,11 +1,14 @@
 """Wire every stage from one :class:`~appliance.config.Config` and run it in one asyncio process.
 
-Start order (sinks before sources): outbox → uplink → engine/batcher → features/alerts →
-acquisition. Stop order (sources before sinks): acquisition stops polling; open windows are
-flushed; queued rows are scored; the uplink drains the outbox within a deadline and publishes its
-retained ``offline`` status; the outbox closes. Whatever the drain deadline leaves unsent stays in
-the outbox on disk and goes out after the next start. The local API (``[api]``, appliance/api/)
-starts after the uplink, before the engine, and stops first.
+Start order (sinks before sources): outbox → alert state (restored, and whatever a crash left
+unsent appended, before the uplink takes from the outbox; then a 1 s tick for the age rules and
+data-quality staleness) → uplink → engine/batcher → features/alerts → acquisition. Stop order
+(sources before sinks): a local alert action under way finishes; acquisition stops polling; open
+windows are flushed (and the held telemetry interval sent); queued rows are scored; the uplink
+drains the outbox within a deadline and publishes its retained ``offline`` status; the outbox
+closes. Whatever the drain deadline leaves unsent stays in the outbox on disk and goes out after
+the next start. The local API (``[api]``, appliance/api/) starts after the uplink, before the
+engine, and stops first.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ from typing import Any
 
 from appliance import __version__
 from appliance.acquire import Acquisition
-from appliance.alerts import AlertEngine
+from appliance.alerts import AlertEngine, AlertStore
+from appliance.alerts.quality import DataQualityMonitor
 from appliance.api import ApiServer, LiveView
 from appliance.batch import Batcher
-from appliance.config import Config
+from appliance.config import AlertAction, Config, action_raw
 from appliance.contracts import Envelope, Frame, ScoreBatch
-from appliance.downsample import TelemetryDownsampler
+from appliance.downsample import BandwidthMeter, TelemetryDownsampler
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.infer import EngineOptions, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import config_warnings, load_model_for
 from appliance.runtime.health import HealthLog
 from appliance.uplink import MqttUplink
-from appliance.uplink.topics import alert_topic, telemetry_topic
+from appliance.uplink.topics import alert_topic, quality_topic, telemetry_topic
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,12 @@ class Appliance:
             EngineOptions.from_config(cfg, self.bundle),
         )
         self.alerts = AlertEngine(
-            cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m)
+            cfg.alerts.rules,
+            self._append,
+            lambda m: alert_topic(prefix, aid, m),
+            store=AlertStore(cfg.alerts.state_path, cfg.outbox.synchronous),
+            devices=[d.name for d in cfg.devices],
+            act=self._act,
         )
         self.batcher = Batcher(
             self.engine,
@@ -67,9 +76,14 @@ class Appliance:
         )
         self.features = FeatureBuilder(self.bundle.features, self.batcher.submit)
         self.telemetry = TelemetryDownsampler(
-            cfg.telemetry.stats, self._append, lambda m: telemetry_topic(prefix, aid, m)
+            cfg.telemetry.stats,
+            self._append,
+            lambda m: telemetry_topic(prefix, aid, m),
+            interval_s=cfg.telemetry.interval_s,
+            deadband=cfg.telemetry.deadband,
+            max_silence_s=cfg.telemetry.max_silence_s,
         )
-        window_sinks: list[Any] = [self.features]
+        window_sinks: list[Any] = [self.features, self.alerts.on_window]
         if cfg.telemetry.enabled:
             window_sinks.insert(0, self.telemetry)
         self.live = LiveView(cfg.api.history_s, cfg.features.window_s)
@@ -78,6 +92,18 @@ class Appliance:
         self.api = ApiServer(cfg.api, self) if cfg.api.enabled else None
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
+        self.bandwidth = BandwidthMeter(aid)
+        q = cfg.quality
+        self.quality_enabled = q.enabled
+        self.quality = DataQualityMonitor(
+            self._append,
+            lambda m: quality_topic(prefix, aid, m),
+            stale_s=q.stale_s,
+            stuck_s=q.stuck_s,
+            stuck_tolerance=q.stuck_tolerance,
+            ranges=q.ranges,
+            max_clock_skew_s=q.max_clock_skew_s,
+        )
         self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
         self.frames = 0
         self.append_failures = 0
@@ -86,10 +112,17 @@ class Appliance:
         self.started_at = 0.0
         self._started = False
         self._stopped = False
+        self._alert_tick: asyncio.Task[None] | None = None
+        self._actions: set[asyncio.Task[None]] = set()
+        #: registers alert actions may write (checked at load, and again before each write)
+        self.writable = tuple(cfg.alerts.writable)
 
     # -- wiring -----------------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
         self.frames += 1
+        self.bandwidth.on_frame(frame)
+        if self.quality_enabled:
+            self.quality.on_frame(frame)
         self.windows.on_frame(frame)
         self.alerts.on_frame(frame)
         if self.api is not None:
@@ -128,7 +161,7 @@ class Appliance:
         envelopes are lost: counted in ``append_failures`` and logged once per episode, so the
         pipeline (acquisition, alerts) keeps running rather than crashing."""
         try:
-            self.outbox.append(envelopes)
+            records = self.outbox.append(envelopes)
         except (OutboxError, sqlite3.Error) as err:
             self.append_failures += len(envelopes)
             if not self._append_failing:
@@ -139,7 +172,56 @@ class Appliance:
         if self._append_failing:
             self._append_failing = False
             log.info("outbox accepts messages again (%d lost so far)", self.append_failures)
+        self.bandwidth.on_records(records or ())
         self.uplink.notify()
+
+    def _act(self, machine: str, action: AlertAction, rule: str, alert_id: str, on: str) -> None:
+        """A rule's local action: write the allowlisted register in a task; the write and its
+        result go into the alert (:meth:`AlertEngine.record_action`)."""
+        task = asyncio.get_running_loop().create_task(
+            self._write_action(machine, action, rule, alert_id, on), name=f"alert action {rule}"
+        )
+        self._actions.add(task)
+        task.add_done_callback(self._actions.discard)
+
+    async def _write_action(
+        self, machine: str, action: AlertAction, rule: str, alert_id: str, on: str
+    ) -> None:
+        value = action.value if on == "raise" else action.on_clear
+        assert value is not None
+        result: dict[str, Any] = {
+            "on": on,
+            "machine": machine,
+            "register": action.register,
+            "value": value,
+        }
+        try:
+            if action.register not in self.writable:
+                raise PermissionError(f"{action.register!r} is not in alerts.writable")
+            poller = next(p for p in self.acquisition.pollers if p.name == machine)
+            dev = next(d for d in self.cfg.devices if d.name == machine)
+            reg = next(r for r in getattr(dev, "registers", ()) if r.name == action.register)
+            raw = action_raw(reg, value)
+            driver: Any = poller.driver
+            if isinstance(raw, bool):
+                await driver.write_coil(reg.address, raw)
+            else:
+                await driver.write_register(reg.address, raw)
+            result.update(ok=True, raw=raw, address=reg.address, table=reg.table)
+            log.info("alert %s on %s: wrote %s = %s (%s)", rule, machine, reg.name, value, on)
+        except Exception as err:  # noqa: BLE001 - any failure is recorded in the alert
+            result.update(ok=False, error=f"{type(err).__name__}: {err}")
+            log.error("alert %s on %s: writing %s failed: %s", rule, machine, action.register, err)
+        result["at"] = time.time()
+        self.alerts.record_action(rule, machine, alert_id, result)
+
+    async def _tick_alerts(self) -> None:
+        """Judge the stale/offline alert rules and data staleness once a second."""
+        while not self._stopped:
+            await asyncio.sleep(1.0)
+            self.alerts.tick()
+            if self.quality_enabled:
+                self.quality.tick()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -156,6 +238,8 @@ class Appliance:
             self.bundle.version,
         )
         self.outbox.open()
+        self.alerts.start(self.outbox)  # before the uplink takes from the outbox
+        self._alert_tick = asyncio.create_task(self._tick_alerts(), name="alert-tick")
         await self.uplink.start()
         if self.api is not None:  # answers /health (and /ready: 503) while the engine loads
             await self.api.start()
@@ -175,13 +259,21 @@ class Appliance:
         if self.api is not None:
             await self.api.stop()
         await self.health.stop()
+        if self._actions:  # a write under way finishes (bounded by the device timeout)
+            await asyncio.gather(*self._actions, return_exceptions=True)
         await self.acquisition.stop()
+        if self._alert_tick is not None:
+            self._alert_tick.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._alert_tick
         self.windows.flush()
+        self.telemetry.flush()
         await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
         await self.batcher.close()
         self._flush_appends()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)
         self.outbox.close()
+        self.alerts.close()
         log.info("appliance stopped")
 
     async def run_until_signal(self, duration_s: float | None = None) -> None:
@@ -223,10 +315,17 @@ class Appliance:
             "engine": self.engine.stats(),
             "alerts": {
                 "raised": self.alerts.raised,
+                "updated": self.alerts.updated,
+                "suppressed": self.alerts.suppressed,
+                "resent_after_restart": self.alerts.resent_after_restart,
+                "state_recovered_corrupt": self.alerts.store_recovered_corrupt,
                 "cleared": self.alerts.cleared,
                 "active": self.alerts.active(),
             },
             "telemetry_messages": self.telemetry.messages,
+            "telemetry_unchanged": self.telemetry.unchanged_reports,
+            "bandwidth": self.bandwidth.stats(),
+            "quality_events": self.quality.stats(),
             "outbox": {**self.outbox.stats(), "append_failures": self.append_failures},
             "uplink": self.uplink.stats(),
         }

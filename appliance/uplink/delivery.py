@@ -24,6 +24,7 @@ from appliance.config import MqttSection
 from appliance.contracts import Outbox, Priority
 from appliance.payload import mark_historical
 from appliance.uplink.paho_loop import PackedProperties
+from appliance.uplink.sparkplug import SparkplugFormat
 
 log = logging.getLogger("appliance.uplink.mqtt")  # the uplink logs under one name
 
@@ -91,6 +92,7 @@ class DeliveryPolicy:
     _tokens_at: float
     _hold_until: float
     _quota_attempt: int
+    _sparkplug: SparkplugFormat | None
 
     def notify(self) -> None:
         """Wake the publisher: the outbox has new records. Call on the event loop."""
@@ -170,6 +172,12 @@ class DeliveryPolicy:
                     delay = max(_MIN_RATE_WAIT_S, (1.0 - self._tokens) / rate)
                     break
                 self._tokens -= 1.0
+            if self._sparkplug is not None:
+                if not self._publish_sparkplug(client, rec.id, rec.topic, rec.payload, historical):
+                    break
+                if historical:
+                    self._counters["historical"] += 1
+                continue
             payload = mark_historical(rec.payload) if historical else rec.payload
             if self._max_packet and (
                 len(payload) + len(rec.topic.encode()) + _PACKET_OVERHEAD_BYTES > self._max_packet
@@ -199,6 +207,34 @@ class DeliveryPolicy:
             if historical:
                 self._counters["historical"] += 1
         return delay
+
+    def _publish_sparkplug(
+        self, client: mqtt.Client, rid: int, topic: str, payload: bytes, historical: bool
+    ) -> bool:
+        """Publish record ``rid`` as its Sparkplug B messages (see
+        :class:`~appliance.uplink.sparkplug.SparkplugFormat`). The record is in flight under the
+        mid of its last message (QoS 1 messages of one connection are delivered in order); one
+        with nothing new to say (every metric unchanged) is settled at once. ``False``: paho
+        did not queue it, try again later."""
+        assert self._sparkplug is not None
+        try:
+            messages = self._sparkplug.translate(payload, historical)
+        except ValueError as err:
+            self._reject(rid, "not_translatable", topic, str(err))
+            return True
+        if not messages:
+            self._acked.append(rid)
+            return True
+        info: mqtt.MQTTMessageInfo | None = None
+        for sp_topic, sp_payload in messages:
+            info = client.publish(sp_topic, sp_payload, qos=1, retain=False)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                log.debug("paho did not queue record %d: %s", rid, mqtt.error_string(info.rc))
+                return False
+        assert info is not None
+        self._inflight[info.mid] = rid
+        self._inflight_ids.add(rid)
+        return True
 
     def _reject(self, rid: int, key: str, topic: str, detail: str) -> None:
         """Settle record ``rid`` as rejected (at the next flush) and count it under ``key``."""

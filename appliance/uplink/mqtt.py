@@ -126,6 +126,7 @@ from appliance.contracts import Outbox
 from appliance.errors import ConfigError
 from appliance.uplink.delivery import BURST_S, DeliveryPolicy, packet_limit
 from appliance.uplink.paho_loop import PackedProperties, PahoOnLoop, paho_logger
+from appliance.uplink.sparkplug import SparkplugFormat
 from appliance.uplink.tls import (
     AUTH_REASONS,
     Secret,
@@ -234,6 +235,12 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         # Written by the connection worker thread (on_pre_connect) or paho's logger:
         self._paho_error = ""  # paho's last error log line since the last connection attempt
         self._password: Secret | None = None
+        #: mqtt.format = "sparkplug_b": Sparkplug B messages instead of JSON and the status
+        self._sparkplug = (
+            SparkplugFormat(cfg.sparkplug_group_id or cfg.topic_prefix, appliance_id, clock)
+            if cfg.format == "sparkplug_b"
+            else None
+        )
 
     # -- public API --------------------------------------------------------------------------
 
@@ -297,7 +304,9 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
         client.enable_logger(paho_logger(self._set_paho_error))
-        client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
+        if self._sparkplug is not None:
+            client.on_message = self._on_message
+        self._set_will(client)
         client.max_inflight_messages_set(cfg.max_inflight)
         if cfg.username:
             self._password = password
@@ -308,6 +317,7 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         if v5:
             connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             connect_props.SessionExpiryInterval = cfg.session_expiry_s
+        if v5 and self._sparkplug is None:  # Sparkplug payloads are protobuf, not UTF-8 JSON
             self._pub_props = PackedProperties(
                 PacketTypes.PUBLISH, PayloadFormatIndicator=1, ContentType="application/json"
             )
@@ -397,7 +407,11 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
     # -- event loop side ---------------------------------------------------------------------
 
     async def _publish_offline(self, client: mqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
-        info = client.publish(self.status_topic, self._status("offline"), qos=1, retain=True)
+        if self._sparkplug is not None:  # NDEATH: the broker sends no will on a clean DISCONNECT
+            death_topic, death = self._sparkplug.goodbye()
+            info = client.publish(death_topic, death, qos=1)
+        else:
+            info = client.publish(self.status_topic, self._status("offline"), qos=1, retain=True)
         waiter: asyncio.Future[bool] = loop.create_future()
         self._status_waiters[info.mid] = waiter
         try:
@@ -578,9 +592,18 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
     # -- paho's callbacks (on the loop; on_pre_connect and on_socket_* may also run in the
     # -- connection worker thread) -----------------------------------------------------------
 
+    def _set_will(self, client: mqtt.Client) -> None:
+        """The last will: the retained ``offline`` status, or Sparkplug's NDEATH of a new
+        session."""
+        if self._sparkplug is not None:
+            death_topic, death = self._sparkplug.will()
+            client.will_set(death_topic, death, qos=1, retain=False)
+        else:
+            client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
+
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
         self._paho_error = ""
-        client.will_set(self.status_topic, self._status("offline"), qos=1, retain=True)
+        self._set_will(client)
         cfg = self._cfg
         if cfg.password_file:  # picked up without a restart once corrected on disk
             try:
@@ -604,7 +627,12 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
             self._handle_refused(reason)
             return  # paho closes the socket; the connector retries with backoff
         max_packet = int(getattr(properties, "MaximumPacketSize", 0) or 0)
-        client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        if self._sparkplug is not None:  # NBIRTH and the DBIRTHs come first in a session
+            client.subscribe(self._sparkplug.command_topic, qos=1)
+            for birth_topic, birth in self._sparkplug.on_connect():
+                client.publish(birth_topic, birth, qos=1)
+        else:
+            client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         self._handle_connected(flags.session_present, self._clock(), max_packet)
 
     def _on_disconnect(
@@ -626,6 +654,16 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         properties: Any,
     ) -> None:
         self._handle_ack(mid, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Sparkplug commands (NCMD): a rebirth request is answered with NBIRTH and DBIRTHs."""
+        if self._sparkplug is None:
+            return
+        births = self._sparkplug.on_command(msg.topic, bytes(msg.payload))
+        if births:
+            log.info("Sparkplug rebirth requested: NBIRTH and %d DBIRTH sent", len(births) - 1)
+        for birth_topic, birth in births:
+            client.publish(birth_topic, birth, qos=1)
 
     def _set_paho_error(self, line: str) -> None:
         self._paho_error = line

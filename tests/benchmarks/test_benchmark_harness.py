@@ -68,3 +68,15 @@ def test_the_acquisition_benchmark_polls_both_ways_without_errors(tmp_path: Path
     for mode, loops in r["modes"].items():
         for loop in ("acquisition", "bare"):
             assert loops[loop]["requests"] > 0 and loops[loop]["errors"] == 0, (mode, loop)
+
+
+@pytest.mark.timeout(120)
+def test_the_bandwidth_benchmark_reports_every_configuration(tmp_path: Path) -> None:
+    out = tmp_path / "bandwidth.json"
+    run_script("bandwidth.py", "--machines", "2", "--seconds", "30", "--json", str(out))
+    r = json.loads(out.read_text())
+    by = {c["config"]: c for c in r["configs"]}
+    assert set(by) == {"window", "10s", "60s", "10s+deadband"}
+    assert by["10s"]["raw_json_bytes"] > 0 and by["10s"]["reduction"] > by["window"]["reduction"]
+    assert by["10s"]["published_bytes"] == by["10s"]["telemetry_bytes"] + by["10s"]["alert_bytes"]
+    assert all(v > 0 for v in r["cpu"].values())

@@ -209,7 +209,11 @@ API_ON = {"api.enabled": True}
 
 
 def rule(key: str) -> held:
-    return held(lambda a: getattr(a.alerts._channel_rules[0], key), "appliance/alerts")
+    return held(lambda a: getattr(a.alerts.rules[0], key), "appliance/alerts")
+
+
+LOW = {"alerts.rules[].kind": "low", "alerts.rules[].above": DELETE, "alerts.rules[].below": 1.0}
+STUCK = {"alerts.rules[].kind": "stuck", "alerts.rules[].above": DELETE}
 
 
 TLS = {"mqtt.tls": True}
@@ -401,12 +405,85 @@ PROBES: list[P] = [
     P("alerts.rules[].clear_below", 0.5, rule("clear_below")),
     P("alerts.rules[].severity", "critical", rule("severity")),
     P("alerts.rules[].machines", ["m"], rule("machines")),
+    P(
+        "alerts.rules[].kind",
+        "low",
+        lambda a: a.alerts.rules[0].rule_kind,
+        also={"alerts.rules[].above": DELETE, "alerts.rules[].below": 1.0},
+    ),
+    P("alerts.rules[].below", 0.5, rule("below"), base=LOW),
+    P("alerts.rules[].clear_above", 2.0, rule("clear_above"), base=LOW),
+    P("alerts.rules[].for_s", 5.0, lambda a: a.alerts.rules[0].duration_s, base=STUCK),
+    P("alerts.rules[].tolerance", 0.5, rule("tolerance"), base=STUCK),
+    P(
+        "alerts.rules[].unit",
+        "degF",
+        rule("unit"),
+        base={"devices[].registers[].unit": "degC"},
+    ),
+    P("alerts.rules[].debounce_k", 2, rule("debounce_k"), base={"alerts.rules[].debounce_n": 3}),
+    P("alerts.rules[].debounce_n", 3, rule("debounce_n")),
+    P("alerts.rules[].min_active_s", 2.0, rule("min_active_s")),
+    P("alerts.rules[].cooldown_s", 2.0, rule("cooldown_s")),
+    P("alerts.rules[].escalate_above", 5.0, rule("escalate_above")),
+    P("alerts.rules[].escalate_severity", "major", rule("escalate_severity")),
+    P("alerts.rules[].update_interval_s", 0.0, rule("update_interval_s")),
+    P("alerts.rules[].evidence_samples", 10, rule("evidence_samples")),
+    P("alerts.writable", ["b"]),
+    P(
+        "alerts.rules[].suppressed_by",
+        ["r2"],
+        rule("suppressed_by"),
+        base={
+            "alerts.rules": [
+                {"name": "r", "channel": "a", "above": 1.0},
+                {"name": "r2", "kind": "offline"},
+            ]
+        },
+    ),
+    P(
+        "alerts.rules[].action.register",
+        "d",
+        held(lambda a: a.alerts.rules[0].action, "appliance/runtime"),
+        base={
+            "alerts.writable": ["b", "d"],
+            "alerts.rules[].action": {"register": "b", "value": 1},
+        },
+    ),
+    P(
+        "alerts.rules[].action.value",
+        2.0,
+        held(lambda a: a.alerts.rules[0].action, "appliance/runtime"),
+        base={"alerts.writable": ["b"], "alerts.rules[].action": {"register": "b", "value": 1}},
+    ),
+    P(
+        "alerts.rules[].action.on_clear",
+        0.0,
+        held(lambda a: a.alerts.rules[0].action, "appliance/runtime"),
+        base={"alerts.writable": ["b"], "alerts.rules[].action": {"register": "b", "value": 1}},
+    ),
+    P(
+        "alerts.state_path",
+        "/tmp/elsewhere.sqlite",
+        held(lambda a: a.alerts._store.path, "appliance/runtime/supervisor.py"),
+    ),
     P("telemetry.enabled", False),
     P("telemetry.stats", ["rms"]),
+    P("telemetry.interval_s", 10.0),
+    P("telemetry.deadband", {"a": 0.5}),
+    P("telemetry.max_silence_s", 60.0),
+    P("quality.enabled", False),
+    P("quality.stale_s", 5.0),
+    P("quality.stuck_s", 5.0),
+    P("quality.stuck_tolerance", 0.5),
+    P("quality.ranges", {"a": [0.0, 1.0]}),
+    P("quality.max_clock_skew_s", 1.0),
     P("outbox.path", "other.sqlite"),
     P("outbox.synchronous", "NORMAL"),
     P("outbox.disk_budget_mb", 1.0),
     P("outbox.coarsen_windows", 0),
+    P("mqtt.format", "sparkplug_b", uplink("format")),
+    P("mqtt.sparkplug_group_id", "plant", uplink("sparkplug_group_id")),
     P("mqtt.host", "broker", uplink("host")),
     P("mqtt.port", 8883, uplink("port")),
     P("mqtt.client_id", "cid", uplink("client_id")),

@@ -95,8 +95,12 @@ def test_qos1_messages_pass_through_in_order_and_stop_releases_the_port() -> Non
     acked, received = asyncio.run(scenario())
     assert acked
     assert received == list(range(N_MESSAGES))
-    with socket.socket() as s:  # no SO_REUSEADDR: fails while the listener is open
+    # SO_REUSEADDR lets closed connections in TIME_WAIT be, but a listener still open on the
+    # port makes bind() fail (Linux).
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def _away_and_back(port: int, n: int) -> list[int]:

@@ -115,7 +115,12 @@ def test_demo_on_the_embedded_broker_delivers_every_message_and_the_alert_lifecy
     assert res.returncode == 0, res.stderr
     s = json.loads(summary.read_text())
     assert s["broker"] == "embedded"
-    assert s["telemetry_messages"] >= 30 and s["alerts_raised"] >= 1 and s["alerts_cleared"] >= 1
+    # 10 s telemetry aggregates: 2 machines x 2-3 intervals (the last one flushed at stop)
+    assert s["telemetry_messages"] >= 4
+    assert s["alerts_raised"] >= 1 and s["alerts_cleared"] >= 1
+    bw = s["bandwidth"]
+    assert bw["published_bytes"] > 0 and bw["reduction"] > 0.95  # 25 s: alerts weigh more
+    assert bw["reduction"] == 1 - bw["published_bytes"] / bw["raw_json_bytes"]
     assert s["polls"] > 300 and s["published"] >= s["telemetry_messages"]
     assert s["subscriber"]["gaps"] == 0 and s["subscriber"]["bad_messages"] == 0
     assert s["subscriber"]["status"] == "offline"  # the appliance's retained status, at its stop

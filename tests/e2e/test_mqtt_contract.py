@@ -27,7 +27,7 @@ def doc_examples() -> list[dict[str, Any]]:
 
 
 def test_docs_show_an_example_of_every_kind() -> None:
-    assert {e["kind"] for e in doc_examples()} == {"telemetry", "alert", "status"}
+    assert {e["kind"] for e in doc_examples()} == {"telemetry", "alert", "quality", "status"}
 
 
 @pytest.mark.parametrize("example", doc_examples(), ids=lambda e: str(e["kind"]))
