@@ -30,6 +30,7 @@ from appliance.infer import EngineOptions, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import config_warnings, load_model_for
 from appliance.runtime.health import HealthLog
+from appliance.runtime.sdnotify import Notifier
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
@@ -79,6 +80,7 @@ class Appliance:
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
         self.acquisition = Acquisition(cfg.devices, self._on_frame)
         self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
+        self.notifier = Notifier()  # systemd Type=notify: READY=1, watchdog, STOPPING=1
         self.frames = 0
         self.append_failures = 0
         self._append_failing = False
@@ -132,6 +134,7 @@ class Appliance:
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
+        self.notifier.ready(f"running on {self.engine.backend}")
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``."""
@@ -139,6 +142,7 @@ class Appliance:
             return
         self._stopped = True
         log.info("appliance stopping: acquisition first, then draining")
+        self.notifier.stopping()
         await self.health.stop()
         await self.acquisition.stop()
         self.windows.flush()
@@ -146,6 +150,7 @@ class Appliance:
         await self.batcher.close()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)
         self.outbox.close()
+        await self.notifier.close()
         log.info("appliance stopped")
 
     async def run_until_signal(self, duration_s: float | None = None) -> None:
