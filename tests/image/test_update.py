@@ -4,7 +4,7 @@ rolled back by itself; the state directory survives. A temporary folder stands i
 The bundles here are made by the test in image/build's layout, with a release whose
 ``venv/bin/appliance`` is a small shell script running this checkout's appliance (the real
 selftest, the real ``run``) — a stand-in for a full venv, which only runs inside the target's
-root (tests/image/test_image_chroot.py builds and runs the real one)."""
+root (image/test/test_image_chroot.py builds and runs the real one)."""
 
 from __future__ import annotations
 
