@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.server
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from appliance.update import (
     Layout,
     UpdateError,
     install_release,
+    ready_url_check,
     selftest_check,
     switch_current,
     update,
@@ -344,3 +346,46 @@ def test_undelivered_outbox_messages_survive_an_update_and_its_rollback_and_are_
         sub.loop_stop()
         sub.disconnect()
     assert stats["outbox"]["pending"] == 0, stats["outbox"]  # type: ignore[index]
+
+
+def test_a_partial_folder_left_by_a_power_cut_is_replaced_by_the_next_update(
+    tmp_path: Path, device: Layout, key: Ed25519PrivateKey
+) -> None:
+    stale = device.releases / ".1.1.partial"
+    (stale / "venv/bin").mkdir(parents=True)
+    (stale / "venv/bin/appliance").write_text("half written")
+    update(make_bundle(tmp_path, "1.1", key), device, restart=None, checks=[])
+    assert not stale.exists()
+    assert (device.releases / "1.1/venv/bin/appliance").read_text() == GOOD
+
+
+class ReadyHandler(http.server.BaseHTTPRequestHandler):
+    answers: list[int] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        code = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        self.send_response(code)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.mark.parametrize("answers, ok", [([503, 503, 200], True), ([503], False)])
+def test_ready_url_waits_for_200_and_fails_with_the_last_answer(
+    device: Layout, answers: list[int], ok: bool
+) -> None:
+    ReadyHandler.answers = list(answers)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ReadyHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check = ready_url_check(f"http://127.0.0.1:{server.server_port}/ready", timeout_s=4)
+        if ok:
+            check(device)
+        else:
+            with pytest.raises(UpdateError, match="not ready within 4 s .HTTP 503"):
+                check(device)
+    finally:
+        server.shutdown()
+        server.server_close()
