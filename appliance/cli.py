@@ -1,5 +1,5 @@
 """Command line: ``appliance run | check-config | selftest | engine build|list | profile from-csv |
-simulate | demo``.
+simulate | demo | update``.
 
 Exit codes: 0 success; 1 runtime failure (I/O); 2 invalid configuration (a model that cannot
 be loaded included) or usage.
@@ -255,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
         "engine", "build or list inference engines", "Build engines ahead of time, list the cache."
     )
     engine_cli.add_arguments(sp)
+
+    from appliance import update
+
+    sp = add(
+        "update",
+        "install a signed release bundle, roll back by itself on failure",
+        "Verify the bundle (sha256 and Ed25519 signature against /etc/appliance/update-keys) "
+        "before touching anything, install the release beside the running one, switch the "
+        "current symlink, restart the service, wait for it and the selftest, and switch back "
+        "by itself when either fails. /var/lib/appliance (outbox, engines) is never touched. "
+        "Exit 0 updated; 1 refused or rolled back.",
+    )
+    update.add_arguments(sp)
     return p
 
 

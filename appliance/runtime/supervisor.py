@@ -36,6 +36,7 @@ from appliance.infer import EngineOptions, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import config_warnings, load_model_for
 from appliance.runtime.health import HealthLog
+from appliance.runtime.sdnotify import Notifier
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, quality_topic, telemetry_topic
 
@@ -105,6 +106,7 @@ class Appliance:
             max_clock_skew_s=q.max_clock_skew_s,
         )
         self.health = HealthLog(cfg.appliance.health_log_s, self.stats)
+        self.notifier = Notifier()  # systemd Type=notify: READY=1, watchdog, STOPPING=1
         self.frames = 0
         self.append_failures = 0
         self._append_failing = False
@@ -248,6 +250,7 @@ class Appliance:
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
+        self.notifier.ready(f"running on {self.engine.backend}")
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``
@@ -256,6 +259,7 @@ class Appliance:
             return
         self._stopped = True
         log.info("appliance stopping: acquisition first, then draining")
+        self.notifier.stopping()
         if self.api is not None:
             await self.api.stop()
         await self.health.stop()
@@ -274,6 +278,7 @@ class Appliance:
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)
         self.outbox.close()
         self.alerts.close()
+        await self.notifier.close()
         log.info("appliance stopped")
 
     async def run_until_signal(self, duration_s: float | None = None) -> None:
