@@ -65,7 +65,7 @@ class Scale:
     ingest_s: float = 20.0
     alert_machines: int = 4
     alert_s: float = 24.0
-    alert_fault_every_s: float = 8.0
+    alert_fault_every_s: float = 6.0
     alert_fault_s: float = 3.0
     outage_machines: int = 4
     outage_before_s: float = 5.0

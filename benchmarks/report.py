@@ -135,8 +135,10 @@ def markdown(r: dict[str, Any], plots: list[str]) -> str:
             f"| duplicates | {a['duplicates']} | {b['duplicates']} | |",
             f"| unique messages received | {_f(a['unique'])} | {_f(b['unique'])} | |",
             f"| peak backlog (outbox pending) | {_f(a['peak_backlog'])} | no buffer | |",
-            f"| drain time after the broker is back (s) | "
-            f"{_f(a['drain_s_last_historical'])} | — | |",
+            f"| drain time after the broker is back, to the last `historical` message at the "
+            f"subscriber (s) | {_f(a['drain_s_last_historical'])} | — | |",
+            f"| drain time after the broker is back, to the first health line with the outbox "
+            f"drained (s, 1 s resolution) | {_f(a['drain_s_from_health_line'])} | — | |",
         ]
     if "crash" in sc:
         a, b = sc["crash"]["appliance"], sc["crash"]["baseline"]
