@@ -128,20 +128,7 @@ window_s = 1.0
 [engine]
 model = "cnc_anomaly"
 
-[[alerts.rules]]
-name = "spindle_overtemp"
-channel = "spindle_temp"
-above = 75.0
-clear_below = 65.0
-severity = "major"
-
-[[alerts.rules]]
-name = "vibration_high"
-channel = "vibration_rms"
-above = 9.0
-clear_below = 5.0
-severity = "warning"
-
+{channel_rules}
 [[alerts.rules]]
 name = "anomaly"
 source = "score"
@@ -160,6 +147,34 @@ max_inflight = {max_inflight}
 reconnect_min_s = 0.2
 reconnect_max_s = 1.0
 """
+
+#: Threshold rules per profile (the demo's for cnc-sim; one that never fires for bench-50, so
+#: that the rule engine still sees every value).
+CHANNEL_RULES = {
+    "cnc-sim": """\
+[[alerts.rules]]
+name = "spindle_overtemp"
+channel = "spindle_temp"
+above = 75.0
+clear_below = 65.0
+severity = "major"
+
+[[alerts.rules]]
+name = "vibration_high"
+channel = "vibration_rms"
+above = 9.0
+clear_below = 5.0
+severity = "warning"
+""",
+    "bench-50": """\
+[[alerts.rules]]
+name = "r00_high"
+channel = "r00"
+above = 65000.0
+clear_below = 60000.0
+severity = "warning"
+""",
+}
 
 DEVICE_TEMPLATE = """\
 [[devices]]
@@ -284,6 +299,7 @@ class Rig:
             mqtt_port=self.mqtt_port,
             prefix=PREFIX,
             max_inflight=max_inflight,
+            channel_rules=CHANNEL_RULES[self.profile],
         )
         path = self.workdir / f"appliance{self.tag}.toml"
         path.write_text(text)
@@ -315,6 +331,12 @@ class Measured:
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.sampler.watch(self.proc.pid)
+
+    def check(self) -> None:
+        """Raise with the log's tail when the process has already exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = "\n".join(self.log.tail[-15:]) if self.log else ""
+            raise RuntimeError(f"{self.argv[:3]} exited {self.proc.returncode}:\n{tail}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -386,6 +408,7 @@ def _ingest_one(
         assert m.proc is not None and m.log is not None
         warmup = min(3.0, scale.ingest_s / 3)
         progress.wait(warmup, f"ingest/{kind}: warm-up")
+        m.check()
         t_a, cpu_a = time.monotonic(), proc_cpu_s(m.proc.pid) or 0.0
         progress.wait(
             scale.ingest_s,
@@ -739,6 +762,24 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def with_overrides(scale: Scale, sets: Sequence[str]) -> Scale:
+    """``scale`` with ``FIELD=VALUE`` overrides, each VALUE parsed as the field's type."""
+    changes: dict[str, Any] = {}
+    for item in sets:
+        name, sep, text = item.partition("=")
+        if not sep or not hasattr(scale, name):
+            raise ValueError(f"{item!r} is not FIELD=VALUE with a field of {sorted(asdict(scale))}")
+        current = getattr(scale, name)
+        if isinstance(current, tuple):
+            kind = type(current[0])
+            changes[name] = tuple(kind(v) for v in text.split(","))
+        else:
+            changes[name] = type(current)(text)
+        if name == "ingest_profile" and text not in CHANNEL_RULES:
+            raise ValueError(f"ingest_profile must be one of {sorted(CHANNEL_RULES)}")
+    return replace(scale, **changes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="appliance bench",
@@ -753,6 +794,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
     p.add_argument("--scale", choices=sorted(SCALES), default="default")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one size of the scale, e.g. --set ingest_machines=30 "
+        "--set ingest_profile=bench-50 (fields: see results.json 'params')",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -775,7 +824,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    scale = SCALES[args.scale]
+    try:
+        scale = with_overrides(SCALES[args.scale], args.set)
+    except ValueError as err:
+        print(f"appliance bench: --set: {err}", file=sys.stderr)
+        return 2
     progress = Progress(args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

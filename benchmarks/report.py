@@ -13,10 +13,14 @@ def _f(v: Any, unit: str = "") -> str:
     if v is None:
         return "—"
     if isinstance(v, float):
-        text = f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        text = f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
     else:
         text = f"{v:,}" if isinstance(v, int) else str(v)
     return f"{text}{unit}"
+
+
+def _mib(v: int | None) -> str:
+    return "—" if v is None else _f(v / 2**20)
 
 
 def _ratio(v: Any) -> str:
@@ -65,6 +69,8 @@ def markdown(r: dict[str, Any], plots: list[str]) -> str:
             f"{_ratio(q['cpu_us_per_value'])} |",
             f"| peak RSS (MiB) | {_f(a['peak_rss_mib'])} | {_f(b['peak_rss_mib'])} | "
             f"{_ratio(q['peak_rss_mib'])} |",
+            f"| disk written, whole run (/proc io, MiB) | {_mib(a['disk_write_bytes'])} | "
+            f"{_mib(b['disk_write_bytes'])} | |",
             f"| messages received | {_f(a['messages_received'])} | "
             f"{_f(b['messages_received'])} | |",
             "",

@@ -100,6 +100,7 @@ def test_ingest_bandwidth_and_outage_run_end_to_end_and_the_appliance_loses_noth
     out_app, out_naive = sc["outage"]["appliance"], sc["outage"]["baseline"]
     assert out_app["lost"] == 0 and out_app["unique"] > 0
     assert out_app["peak_backlog"] > 0 and out_app["backlog_series"]
+    assert out_app["pending_at_stop"] == 0  # from `appliance run --stats-json`
     assert out_naive["lost"] > 0  # QoS 0, no disk buffer: the outage's samples are gone
     assert r["machine"]["cpus"] and r["seed"] == 42
     check_plots(tmp_path, log, ["ingest_values_cpu.png", "ingest_rss.png", "outage_backlog.png"])
