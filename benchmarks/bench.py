@@ -250,6 +250,7 @@ class Rig:
         self.cell: subprocess.Popen[bytes] | None = None
         self.ports: list[int] = []
         self.sub: Subscriber | None = None
+        self.measured: list[Measured] = []
 
     def __enter__(self) -> Rig:
         self.broker.start()
@@ -280,6 +281,9 @@ class Rig:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for m in self.measured:  # normally stopped already; not when a scenario failed
+            stop_proc(m.proc, timeout_s=5.0)
+            m.sampler.stop()
         if self.sub is not None:
             self.sub.stop()
         stop_proc(self.cell)
@@ -363,7 +367,9 @@ def appliance_proc(rig: Rig, rate_hz: float, max_inflight: int) -> Measured:
     cfg = rig.write_config(rate_hz, max_inflight)
     stats = rig.workdir / f"stats{rig.tag}.json"
     argv = ["-m", "appliance", "run", "-c", str(cfg), "--stats-json", str(stats)]
-    return Measured(argv + ["--log-level", "info"], stats)
+    m = Measured(argv + ["--log-level", "info"], stats)
+    rig.measured.append(m)
+    return m
 
 
 def baseline_proc(rig: Rig, rate_hz: float) -> Measured:
@@ -371,7 +377,9 @@ def baseline_proc(rig: Rig, rate_hz: float) -> Measured:
     argv = ["-m", "benchmarks.baseline", "--ports", ",".join(map(str, rig.ports))]
     argv += ["--mqtt-port", str(rig.mqtt_port), "--rate-hz", f"{rate_hz:g}"]
     argv += ["--profile", rig.profile, "--stats-json", str(stats)]
-    return Measured(argv, stats)
+    m = Measured(argv, stats)
+    rig.measured.append(m)
+    return m
 
 
 def values_per_poll(profile: str) -> int:

@@ -19,6 +19,7 @@ from appliance import cli
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench import SCALES, with_overrides  # noqa: E402
 from benchmarks.procs import Received, loss_and_duplicates  # noqa: E402
 
 
@@ -60,6 +61,19 @@ def test_loss_counts_gaps_from_seq_1_and_duplicates_per_stream_and_epoch() -> No
     # A coarsened message covers first_seq..seq.
     got = [msg("t/a", 1), msg("t/a", 11, coarsened={"windows": 10, "first_seq": 2})]
     assert loss_and_duplicates(got)["lost"] == 0
+
+
+def test_set_overrides_one_size_of_a_scale_with_the_fields_type_and_refuses_unknown_ones() -> None:
+    scale = with_overrides(
+        SCALES["tiny"],
+        ["ingest_machines=30", "ingest_profile=bench-50", "outage_down_s=7", "crash_gap_s=1,2"],
+    )
+    assert (scale.ingest_machines, scale.ingest_profile) == (30, "bench-50")
+    assert scale.outage_down_s == 7.0 and scale.crash_gap_s == (1.0, 2.0)
+    assert scale.alert_machines == SCALES["tiny"].alert_machines
+    for bad in ("machines=3", "ingest_machines", "ingest_profile=cnc-x", "ingest_s=fast"):
+        with pytest.raises(ValueError):
+            with_overrides(SCALES["tiny"], [bad])
 
 
 def test_appliance_bench_says_clearly_when_the_harness_is_not_there(
