@@ -448,7 +448,8 @@ def _ingest_one(
         p50 = max((float(d["jitter_ms_p50"]) for d in jit), default=None)
         p99 = max((float(d["jitter_ms_p99"]) for d in jit), default=None)
     series = [[t - m.started, float(n * n_values)] for t, n in lines]
-    window = [r for r in got if t_a - m.started + m.started_wall <= r.t]
+    wall_a = m.started_wall + (t_a - m.started)  # the measured window in wall-clock time
+    window = [r for r in got if wall_a <= r.t <= wall_a + elapsed]
     nbytes = sum(r.nbytes for r in window)
     # The same samples as one JSON message per value (per register read), for scale.
     per_value_bytes = sum(
@@ -463,7 +464,7 @@ def _ingest_one(
         for ch, v in r.msg.items()
         if ch not in ("machine", "ts", "seq", "score")
     )
-    wall = window[-1].t - (m.started_wall + t_a - m.started) if window else 0.0
+    wall = elapsed
     return {
         "machines": machines,
         "values_per_poll": n_values,

@@ -191,6 +191,7 @@ def plots(r: dict[str, Any], out: Path, say: Callable[[str], None]) -> list[str]
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import numpy as np
     except ImportError:
         say("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
         return []
@@ -206,10 +207,14 @@ def plots(r: dict[str, Any], out: Path, say: Callable[[str], None]) -> list[str]
     if "alert" in sc:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, rule in zip(axes, ("threshold", "model"), strict=True):
-            for who in ("appliance", "baseline"):
-                values = sc["alert"][who][rule]["ts_to_subscriber_ms"]
+            both = {
+                w: sc["alert"][w][rule]["ts_to_subscriber_ms"] for w in ("appliance", "baseline")
+            }
+            every = [v for values in both.values() for v in values]
+            bins = list(np.histogram_bin_edges(every, bins=30)) if every else 30
+            for who, values in both.items():
                 if values:
-                    ax.hist(values, bins=20, alpha=0.6, label=f"{who} (n={len(values)})")
+                    ax.hist(values, bins=bins, alpha=0.6, label=f"{who} (n={len(values)})")
             ax.set_title(f"alert latency, {rule} rule")
             ax.set_xlabel("event ts → subscriber (ms)")
             ax.set_ylabel("alerts")
