@@ -1,5 +1,5 @@
 """Command line: ``appliance run | check-config | selftest | engine build|list | profile from-csv |
-simulate | demo | update``.
+simulate | demo | update | bench``.
 
 Exit codes: 0 success; 1 runtime failure (I/O); 2 invalid configuration (a model that cannot
 be loaded included) or usage.
@@ -96,7 +96,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     setup_logging(args.log_level or cfg.appliance.log_level)
     app = Appliance(cfg)
-    asyncio.run(app.run_until_signal(args.duration))
+    try:
+        asyncio.run(app.run_until_signal(args.duration))
+    finally:
+        if args.stats_json:
+            import json
+
+            with open(args.stats_json, "w", encoding="utf-8") as f:
+                json.dump(app.stats(), f, indent=2, default=str)
     return EXIT_OK
 
 
@@ -123,6 +130,36 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level or "info")
     return sim_cli.run(args)
+
+
+def _bench_package() -> str | None:
+    """The source checkout's ``benchmarks/`` folder (not installed with the package), or None."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return str(root) if (root / "benchmarks" / "__main__.py").is_file() else None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    root = _bench_package()
+    if root is None:
+        print(
+            "appliance bench: the benchmark harness lives in the source checkout's benchmarks/ "
+            "folder, which is not installed with the package; run it from a checkout "
+            "(pip install -e '.[bench]', then `appliance bench` or `python -m benchmarks`)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import importlib
+
+    bench = importlib.import_module("benchmarks.bench")  # not followed by mypy: not a package
+    argv: list[str] = list(args.bench_args)
+    if argv[:1] == ["--"]:  # main() puts it there so that options reach the harness
+        argv = argv[1:]
+    rc: int = bench.main(argv)
+    return rc
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -163,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="stop after this many seconds (default: run until signalled)",
+    )
+    sp.add_argument(
+        "--stats-json",
+        metavar="PATH",
+        help="write the appliance's counters (the stats of every stage) to PATH when it stops",
     )
     sp.set_defaults(func=_cmd_run)
 
@@ -249,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     status_cli.add_arguments(sp)
     sp.set_defaults(func=status_cli.run)
 
+    sp = sub.add_parser(
+        "bench",
+        help="end-to-end benchmark against a naive baseline (source checkout only)",
+        description="Run the benchmark harness of the source checkout (benchmarks/, also "
+        "`python -m benchmarks`): real simulator, appliance, Mosquitto and subscriber processes "
+        "against a naive polling loop. All arguments go to the harness: "
+        "`appliance bench --help` lists them.",
+        add_help=False,
+    )
+    sp.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    sp.set_defaults(func=_cmd_bench)
+
     from appliance.infer import cli as engine_cli
 
     sp = add(
@@ -272,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every option belongs to the harness, --help included
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.func(args)
