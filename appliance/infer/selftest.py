@@ -168,7 +168,7 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as a plain-text table (full-precision figures are in the JSON)."""
     mb = report["max_batch"]
     head = (
-        f"{'model':<14} {'backend':<17} {'status':<7} {'parity err':>11} {'atol':>7} "
+        f"{'model':<14} {'backend':<20} {'status':<7} {'parity err':>11} {'atol':>7} "
         f"{'build s':>8} {'load s':>8} {'b1 p50 µs':>10} {'b1 p99 µs':>10} "
         f"{f'b{mb} p50 µs':>11} {f'b{mb} p99 µs':>11} {f'b{mb} rows/s':>12}"
     )
@@ -178,7 +178,7 @@ def format_report(report: dict[str, Any]) -> str:
         b1 = lat[0] if lat else {}
         bm = lat[-1] if lat else {}
         line = (
-            f"{r['model']:<14} {r['backend']:<17} {r['status'].upper():<7} "
+            f"{r['model']:<14} {r['backend']:<20} {r['status'].upper():<7} "
             f"{_num(r['parity_max_abs_err']):>11} {_num(r['golden_atol']):>7} "
             f"{_num(r['build_s']):>8} {_num(r['load_s']):>8} "
             f"{_num(b1.get('p50_us')):>10} {_num(b1.get('p99_us')):>10} "
