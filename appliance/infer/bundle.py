@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.contracts import FEATURE_STATS as STATS
-from appliance.contracts import FeatureSpec
+from appliance.contracts import FeatureSpec, is_sample_feature_stat
 from appliance.errors import ModelError
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -82,7 +81,7 @@ def load_bundle(model: str) -> ModelBundle:
         onnx_path = d / m["onnx"]
         features = tuple(FeatureSpec(f["channel"], f["stat"]) for f in m["features"])
         for f in features:
-            if f.stat not in STATS:
+            if not is_sample_feature_stat(f.stat):
                 raise ModelError(f"{manifest_path}: feature {f.channel}: unknown stat {f.stat!r}")
         expected_sha = str(m["onnx_sha256"])
         golden_path = d / m["golden"]

@@ -1,0 +1,140 @@
+"""Feature rows from the raw samples of tumbling windows (for models with sample features).
+
+A model whose manifest names a statistic that the aggregate :class:`~appliance.contracts.Window`
+does not hold (``std``, ``kurtosis``, ``band:…``, see
+:data:`~appliance.contracts.SAMPLE_FEATURE_STATS`) needs the window's samples.
+:class:`SampleFeatureBuilder` is a frame sink that keeps the GOOD samples of each machine's open
+window (aligned to wall-clock multiples of ``window_s`` like
+:class:`~appliance.features.windows.WindowAggregator`, so rows of different machines batch
+together) and, when the window closes, computes the manifest's vector with
+:func:`~appliance.features.extract.window_features`, the function the training used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from appliance.contracts import FeatureRow, FeatureSpec, Frame, Quality
+from appliance.features.extract import check_specs, window_features
+
+log = logging.getLogger(__name__)
+
+
+class _Open:
+    __slots__ = ("channels", "start", "end", "parts")
+
+    def __init__(self, channels: tuple[str, ...], start: float, end: float) -> None:
+        self.channels = channels
+        self.start = start
+        self.end = end
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+
+class SampleFeatureBuilder:
+    """Frame sink → :class:`FeatureRow` per machine window, from the window's raw samples.
+
+    Called on the event loop (``on_frame``). A window whose vector is not finite (a channel
+    without a good sample, a device lacking a channel the model needs) is not scored: counted in
+    ``incomplete_windows`` and logged once per machine.
+    """
+
+    def __init__(
+        self,
+        window_s: float,
+        features: Sequence[FeatureSpec],
+        emit: Callable[[FeatureRow], None],
+    ) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be > 0")
+        check_specs(features)
+        self.window_s = window_s
+        self.features = tuple(features)
+        self._emit = emit
+        self._open: dict[str, _Open] = {}
+        self._warned: set[str] = set()
+        self.rows = 0
+        self.incomplete_windows = 0
+        self.windows_closed = 0
+
+    def on_frame(self, frame: Frame) -> None:
+        if frame.ts.size == 0:
+            return
+        k = np.floor(frame.ts / self.window_s)
+        if k[0] == k[-1] and (k.size <= 2 or k.min() == k.max()):
+            self._add(frame, float(k[0]), slice(None))
+            return
+        for kk in np.unique(k):
+            self._add(frame, float(kk), k == kk)
+
+    def _add(self, frame: Frame, k: float, sel: slice | npt.NDArray[np.bool_]) -> None:
+        start, end = k * self.window_s, (k + 1) * self.window_s
+        acc = self._open.get(frame.device)
+        if acc is not None and (start >= acc.end or acc.channels is not frame.channels):
+            self._close(frame.device)
+            acc = None
+        if acc is None:
+            acc = self._open[frame.device] = _Open(frame.channels, start, end)
+        good = frame.quality[sel] == Quality.GOOD
+        acc.parts.append((frame.ts[sel][good], frame.channel[sel][good], frame.value[sel][good]))
+
+    def _close(self, machine: str) -> None:
+        acc = self._open.pop(machine)
+        self.windows_closed += 1
+        if acc.parts:
+            ts = np.concatenate([p[0] for p in acc.parts])
+            ch = np.concatenate([p[1] for p in acc.parts])
+            val = np.concatenate([p[2] for p in acc.parts])
+        else:
+            ts, ch, val = np.empty(0), np.empty(0, np.int32), np.empty(0)
+        vec = window_features(self.features, acc.channels, ts, ch, val)
+        if not np.all(np.isfinite(vec)):
+            self.incomplete_windows += 1
+            if machine not in self._warned:
+                self._warned.add(machine)
+                missing = sorted({f.channel for f in self.features} - set(acc.channels))
+                why = (
+                    f"device lacks channels the model needs: {', '.join(missing)}"
+                    if missing
+                    else "a channel had no good sample in the window"
+                )
+                log.warning("machine %s: window not scored: %s", machine, why)
+            return
+        self.rows += 1
+        self._emit(FeatureRow(machine, acc.end, vec))
+
+    def flush(self) -> None:
+        """Close every open window now (at shutdown, so the last partial window is not lost)."""
+        for machine in list(self._open):
+            self._close(machine)
+
+
+def features_from_frames(
+    frames: Iterable[Frame],
+    features: Sequence[FeatureSpec],
+    window_s: float,
+    *,
+    drop_edges: bool = True,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32], int]:
+    """Window end times and feature matrix of a frame stream (one machine), as served.
+
+    Returns ``(window_end [W], X [W, F], incomplete)``; with ``drop_edges`` the first and the
+    last window (usually partial) are left out.
+    """
+    rows: list[FeatureRow] = []
+    fb = SampleFeatureBuilder(window_s, features, rows.append)
+    for frame in frames:
+        fb.on_frame(frame)
+    fb.flush()
+    if drop_edges:
+        rows = rows[1:-1]
+    ends = np.array([r.window_end for r in rows], dtype=np.float64)
+    x = (
+        np.vstack([r.vector for r in rows])
+        if rows
+        else np.empty((0, len(features)), dtype=np.float32)
+    )
+    return ends, x, fb.incomplete_windows
