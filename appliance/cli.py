@@ -33,11 +33,11 @@ def setup_logging(level: str) -> None:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from appliance.config import load_config
-    from appliance.runtime.checks import config_warnings, load_model_for
+    from appliance.runtime.checks import config_warnings, served_models
 
     cfg = load_config(args.file)
     try:
-        load_model_for(cfg)
+        served_models(cfg)
     except ConfigError as err:
         raise ConfigError(f"{args.file}: {err}") from None
     for warning in config_warnings(cfg):
@@ -235,6 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_run.add_arguments(sp)
     sp.set_defaults(func=_cmd_demo)
+
+    from appliance.modelkit import cli as model_cli
+
+    sp = add(
+        "record",
+        "record the polled values as CSV, one file per machine",
+        "Poll the configured devices for --duration seconds and write every GOOD value to "
+        "<out>/<machine>.csv (a time column, one column per channel): the input of "
+        "`appliance model fit` and `model eval`.",
+    )
+    model_cli.add_record_arguments(sp)
+
+    sp = add(
+        "model",
+        "fit a model on recordings, evaluate a model",
+        "Make a model bundle from recordings of normal operation (fit) and measure a bundle on "
+        "normal and faulty recordings (eval). See docs/models.md.",
+    )
+    model_cli.add_model_arguments(sp)
 
     from appliance.infer import cli as engine_cli
 

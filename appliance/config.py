@@ -397,14 +397,30 @@ class ThresholdRule(_Section, frozen=True):
     clear_below: float | None = None
     severity: Literal["info", "warning", "major", "critical"] = "warning"
     machines: tuple[str, ...] = ()
+    #: source = "score": the ``[[models]]`` name whose score the rule watches ("" = the first
+    #: model, or ``engine.model`` when there is no ``[[models]]``)
+    model: str = ""
 
     def __post_init__(self) -> None:
+        if self.source == "channel" and self.model:
+            raise ValueError("`model` must be empty when source = 'channel'")
         if self.source == "channel" and not self.channel:
             raise ValueError("`channel` is required when source = 'channel'")
         if self.source == "score" and self.channel:
             raise ValueError("`channel` must be empty when source = 'score'")
         if self.clear_below is not None and self.clear_below > self.above:
             raise ValueError(f"clear_below ({self.clear_below}) must be <= above ({self.above})")
+
+
+class ModelBinding(_Section, frozen=True):
+    """One served model (``[[models]]``): bundle ``model`` (a shipped name or a path, relative
+    to the config file) scoring the windows of ``machines`` (default: every device). Each model
+    has its own batcher and engine; its scores go out with the machines' telemetry under
+    ``name`` and score rules name it in ``model``."""
+
+    name: Name
+    model: str
+    machines: tuple[str, ...] = ()
 
 
 class AlertsSection(_Section, frozen=True):
@@ -484,6 +500,8 @@ class Config(_Section, frozen=True):
     features: FeaturesSection = msgspec.field(default_factory=FeaturesSection)
     batch: BatchSection = msgspec.field(default_factory=BatchSection)
     engine: EngineSection = msgspec.field(default_factory=EngineSection)
+    #: several models at once; empty: one model, ``engine.model``, serving every machine
+    models: tuple[ModelBinding, ...] = ()
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
@@ -524,6 +542,20 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
                 f"(known: {sorted(channels)})"
             )
         for m in rule.machines:
+            if m not in names:
+                raise ValueError(f"{where}.machines: {m!r} is not a configured device")
+        model_names = [b.name for b in cfg.models]
+        if rule.model and rule.model not in model_names:
+            raise ValueError(
+                f"{where}.model: {rule.model!r} is not a [[models]] name (known: {model_names})"
+            )
+    seen: set[str] = set()
+    for i, binding in enumerate(cfg.models):
+        where = f"models[{i}] ({binding.name})"
+        if binding.name in seen:
+            raise ValueError(f"{where}.name: duplicate model name {binding.name!r}")
+        seen.add(binding.name)
+        for m in binding.machines:
             if m not in names:
                 raise ValueError(f"{where}.machines: {m!r} is not a configured device")
     return msgspec.structs.replace(cfg, devices=tuple(devices))
@@ -567,13 +599,17 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     engine = msgspec.structs.replace(
         cfg.engine, model=model, cache_dir=_resolve(base_dir, cfg.engine.cache_dir)
     )
+    models = tuple(
+        msgspec.structs.replace(b, model=_resolve(base_dir, b.model)) if is_path(b.model) else b
+        for b in cfg.models
+    )
     mqtt_files = {
         key: _resolve(base_dir, getattr(cfg.mqtt, key))
         for key in ("ca_file", "cert_file", "key_file", "password_file")
         if getattr(cfg.mqtt, key)
     }
     mqtt = msgspec.structs.replace(cfg.mqtt, **mqtt_files)
-    return msgspec.structs.replace(cfg, outbox=outbox, engine=engine, mqtt=mqtt)
+    return msgspec.structs.replace(cfg, outbox=outbox, engine=engine, models=models, mqtt=mqtt)
 
 
 def load_config(path: str | Path) -> Config:

@@ -159,6 +159,8 @@ SAMPLE_FEATURE_STATS = (
     "slope",
     "dom_freq",
     "centroid",
+    "order1_frac",
+    "nonharmonic_frac",
 )
 """Statistics computed from a window's raw samples (``appliance.features.extract``); also
 ``band:LO-HI`` (mean-square in the band LO..HI Hz, dB). A manifest naming any statistic outside

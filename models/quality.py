@@ -8,7 +8,9 @@ Each episode is one machine of an unseen seed, run for 300 s with the fault inje
 150 s (several speeds and programs across episodes), and the same machine run again without the
 fault (the simulator is deterministic, so the twin differs only by the fault's effects). The
 fault run's windows inside the fault are positives, the twin's windows over the same span are
-negatives, so the figures measure the fault, not the machine's warm-up. The threshold
+negatives, so the figures measure the fault, not the machine's warm-up. With a bundle that has a
+``condition`` (e.g. spindle turning), the AUCs (threshold and model alike) are over the windows
+inside it; unscored windows count as score 0 for false alarms. The threshold
 baseline takes, for every continuous channel's window mean and max and the
 waveform's RMS, the better direction's AUC and reports the best channel. Prints a Markdown table.
 """
@@ -74,8 +76,19 @@ def main() -> None:
     args = ap.parse_args()
 
     bundle = load_bundle(args.bundle) if args.bundle else None
-    feats = BASELINE + (bundle.features if bundle else ())
+    cond = bundle.condition if bundle else ()
+    feats = BASELINE + (bundle.features if bundle else ()) + tuple(c[0] for c in cond)
     nb = len(BASELINE)
+    nm = len(bundle.features) if bundle else 0
+
+    def scored(x: np.ndarray) -> np.ndarray:
+        """The windows the model scores (its condition); all windows without a bundle."""
+        ok = np.ones(len(x), bool)
+        for j, (_, lo, hi) in enumerate(cond):
+            v = x[:, nb + nm + j]
+            ok &= (v >= lo) & (v <= hi)
+        return ok
+
     score_fn = None
     if bundle is not None:
         import onnxruntime as ort
@@ -84,7 +97,8 @@ def main() -> None:
         threshold = float(bundle.manifest.get("threshold", 1.0))
 
         def score_fn(x: np.ndarray) -> np.ndarray:
-            out = sess.run(None, {bundle.input_name: x[:, nb:].astype(np.float32)})[0]
+            xm = x[:, nb : nb + nm].astype(np.float32)
+            out = sess.run(None, {bundle.input_name: xm})[0]
             return np.asarray(out, np.float64)
 
     # normal operation, unseen seeds: false alarms per shift
@@ -93,12 +107,15 @@ def main() -> None:
     for i in range(4):
         ends, xn, _ = features_from_frames(simulate_frames(args.seed + 998, i, per), feats, 1.0)
         if score_fn is not None:
-            normal_scores.append(score_fn(xn.astype(np.float64)))
+            xn = xn.astype(np.float64)
+            normal_scores.append(np.where(scored(xn), score_fn(xn), 0.0))
     rows = []
     for kind in FAULT_KINDS:
         neg_b, pos_b, neg_m, pos_m, delays = [], [], [], [], []
         for e in range(args.episodes):
             t, x, lab = episode(feats, args.seed + e, e % 8, kind)
+            ok = scored(x)
+            t, x, lab = t[ok], x[ok], lab[ok]
             neg_b.append(x[lab == 0, :nb])
             pos_b.append(x[lab == 1, :nb])
             if score_fn is not None:

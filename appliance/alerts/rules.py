@@ -41,9 +41,11 @@ class AlertEngine:
         rules: Sequence[ThresholdRule],
         emit: Callable[[Sequence[Envelope]], None],
         topic_for: Callable[[str], str],
+        default_model: str = "",
     ) -> None:
         self._channel_rules = [r for r in rules if r.source == "channel"]
         self._score_rules = [r for r in rules if r.source == "score"]
+        self._default_model = default_model  # the model a score rule without `model` watches
         self._emit = emit
         self._topic_for = topic_for
         self._state: dict[tuple[str, str], _State] = {}
@@ -83,8 +85,9 @@ class AlertEngine:
         if out:
             self._emit(out)
 
-    def on_scores(self, scores: ScoreBatch) -> None:
-        """Evaluate the score rules on one scored batch, rows in batch order. While a rule has
+    def on_scores(self, scores: ScoreBatch, model: str = "") -> None:
+        """Evaluate the score rules watching ``model`` (a rule's ``model``, or the default
+        model when it names none) on one scored batch, rows in batch order. While a rule has
         no raised machine, the rows before its first score above the threshold cannot change an
         alert and are skipped in numpy (the common case: the whole batch)."""
         if not self._score_rules or not len(scores):
@@ -92,6 +95,8 @@ class AlertEngine:
         out: list[Envelope] = []
         values = scores.score
         for rule in self._score_rules:
+            if (rule.model or self._default_model) != model:
+                continue
             first = 0  # raised machines may clear: look at every row
             if not self._active_count.get(rule.name, 0):
                 hot = np.flatnonzero(values > rule.above)

@@ -15,7 +15,11 @@ least-squares trend in units per second (0 with fewer than two samples).
 Spectral, for a waveform channel (the sample rate is taken from the samples' own times):
 ``band:LO-HI`` is the mean-square of the band LO ≤ f < HI Hz of the de-meaned signal in dB
 (10·log10(ms + 1e-12), units² → dB), ``dom_freq`` the frequency of the strongest bin (Hz, DC
-excluded) and ``centroid`` the power-weighted mean frequency (Hz).
+excluded) and ``centroid`` the power-weighted mean frequency (Hz). Relative to the rotation,
+with the dominant frequency f0 taken as the shaft's (the fundamental dominates a healthy
+spindle): ``order1_frac`` is the share of the power within :data:`ORDER_BW_HZ` of f0 (imbalance
+raises it) and ``nonharmonic_frac`` the share outside that distance of f0, 2·f0 and 3·f0 (folded
+at the Nyquist frequency): bearing tones and chatter raise it, whatever the speed.
 
 A channel without a sample in the window gives NaN for all its features (the caller does not
 score such a window).
@@ -32,7 +36,9 @@ from appliance.contracts import FeatureSpec, is_sample_feature_stat
 
 F64 = npt.NDArray[np.float64]
 
-_SPECTRAL = ("dom_freq", "centroid")
+_SPECTRAL = ("dom_freq", "centroid", "order1_frac", "nonharmonic_frac")
+#: Half-width of the band counted as "at" a rotation order (Hz).
+ORDER_BW_HZ = 3.0
 
 
 def check_specs(features: Sequence[FeatureSpec]) -> None:
@@ -104,8 +110,19 @@ def _spectral(ts: F64, x: F64, stats: Sequence[str]) -> dict[str, float]:
     power[0] = 0.0
     freq = np.fft.rfftfreq(n, d=dt)
     total = float(power.sum())
+    f0 = float(freq[int(np.argmax(power))]) if total > 0 else 0.0
+    fs = 1.0 / dt
+    near: list[npt.NDArray[np.bool_]] = []
+    for k in (1, 2, 3):
+        fk = abs(((k * f0 + fs / 2.0) % fs) - fs / 2.0)  # aliased into [0, fs/2]
+        near.append(np.abs(freq - fk) <= ORDER_BW_HZ)
     for s in stats:
-        if s == "dom_freq":
+        if s == "order1_frac":
+            out[s] = float(power[near[0]].sum() / total) if total > 0 else 0.0
+        elif s == "nonharmonic_frac":
+            harmonic = near[0] | near[1] | near[2]
+            out[s] = float(power[~harmonic].sum() / total) if total > 0 else 0.0
+        elif s == "dom_freq":
             out[s] = float(freq[int(np.argmax(power))]) if total > 0 else 0.0
         elif s == "centroid":
             out[s] = float((freq * power).sum() / total) if total > 0 else 0.0

@@ -21,6 +21,15 @@ import numpy.typing as npt
 from appliance.contracts import FeatureRow, FeatureSpec, Frame, Quality
 from appliance.features.extract import check_specs, window_features
 
+#: A scoring condition: (feature, min, max); a window is scored when min <= value <= max.
+Condition = tuple[FeatureSpec, float, float]
+
+
+def in_condition(values: npt.NDArray[np.float32], condition: Sequence[Condition]) -> bool:
+    """Whether every condition feature value lies in its range (NaN: not inside)."""
+    return all(lo <= float(v) <= hi for v, (_, lo, hi) in zip(values, condition, strict=True))
+
+
 log = logging.getLogger(__name__)
 
 
@@ -47,13 +56,19 @@ class SampleFeatureBuilder:
         window_s: float,
         features: Sequence[FeatureSpec],
         emit: Callable[[FeatureRow], None],
+        condition: Sequence[Condition] = (),
     ) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
         check_specs(features)
+        check_specs([c[0] for c in condition])
         self.window_s = window_s
         self.features = tuple(features)
+        self.condition = tuple(condition)
+        self._all = self.features + tuple(c[0] for c in condition)
         self._emit = emit
+        #: windows outside the model's condition (e.g. spindle stopped): not scored, by design
+        self.unscored_windows = 0
         self._open: dict[str, _Open] = {}
         self._warned: set[str] = set()
         self.rows = 0
@@ -90,7 +105,12 @@ class SampleFeatureBuilder:
             val = np.concatenate([p[2] for p in acc.parts])
         else:
             ts, ch, val = np.empty(0), np.empty(0, np.int32), np.empty(0)
-        vec = window_features(self.features, acc.channels, ts, ch, val)
+        allvec = window_features(self._all, acc.channels, ts, ch, val)
+        nf = len(self.features)
+        vec = allvec[:nf]
+        if self.condition and not in_condition(allvec[nf:], self.condition):
+            self.unscored_windows += 1
+            return
         if not np.all(np.isfinite(vec)):
             self.incomplete_windows += 1
             if machine not in self._warned:
@@ -118,14 +138,16 @@ def features_from_frames(
     window_s: float,
     *,
     drop_edges: bool = True,
+    condition: Sequence[Condition] = (),
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32], int]:
     """Window end times and feature matrix of a frame stream (one machine), as served.
 
-    Returns ``(window_end [W], X [W, F], incomplete)``; with ``drop_edges`` the first and the
-    last window (usually partial) are left out.
+    Returns ``(window_end [W], X [W, F], incomplete)`` of the windows serving would score
+    (complete, inside ``condition``); with ``drop_edges`` the first and the last window
+    (usually partial) are left out.
     """
     rows: list[FeatureRow] = []
-    fb = SampleFeatureBuilder(window_s, features, rows.append)
+    fb = SampleFeatureBuilder(window_s, features, rows.append, condition)
     for frame in frames:
         fb.on_frame(frame)
     fb.flush()

@@ -15,7 +15,7 @@ import logging
 import signal
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from appliance import __version__
@@ -23,17 +23,85 @@ from appliance.acquire import Acquisition
 from appliance.alerts import AlertEngine
 from appliance.batch import Batcher
 from appliance.config import Config
-from appliance.contracts import Envelope, Frame
+from appliance.contracts import Envelope, FeatureRow, Frame, ScoreBatch, Window
 from appliance.downsample import TelemetryDownsampler
+from appliance.downsample.scores import ScoreJoiner
 from appliance.features import FeatureBuilder, WindowAggregator
+from appliance.features.samples import SampleFeatureBuilder
 from appliance.infer import EngineOptions, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
-from appliance.runtime.checks import config_warnings, load_model_for
+from appliance.runtime.checks import ServedModel, config_warnings, served_models
 from appliance.runtime.health import HealthLog
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, telemetry_topic
 
 log = logging.getLogger(__name__)
+
+
+class _Model:
+    """One served model's stages: engine, batcher and the feature builder for its machines."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        cfg: Config,
+        on_scores: Callable[[str, ScoreBatch], None],
+        all_machines: Sequence[str],
+    ) -> None:
+        self.name = served.name
+        self.bundle = served.bundle
+        self.machines = frozenset(served.machines or all_machines)
+        self.engine = ServingEngine(
+            served.bundle, cfg.engine.backend, EngineOptions.from_config(cfg, served.bundle)
+        )
+        self.batcher = Batcher(
+            self.engine,
+            lambda batch: on_scores(self.name, batch),
+            max_batch=cfg.batch.max_batch,
+            max_delay_ms=cfg.batch.max_delay_ms,
+            queue_size=cfg.batch.queue_size,
+        )
+        self.window_features: FeatureBuilder | None = None
+        self.sample_features: SampleFeatureBuilder | None = None
+        if served.bundle.needs_samples:
+            self.sample_features = SampleFeatureBuilder(
+                served.bundle.window_s,
+                served.bundle.features,
+                self.batcher.submit,
+                served.bundle.condition,
+            )
+        else:
+            self.window_features = FeatureBuilder(served.bundle.features, self.batcher.submit)
+
+    def on_window(self, window: Window) -> None:
+        if self.window_features is not None and window.machine in self.machines:
+            self.window_features(window)
+
+    def on_frame(self, frame: Frame) -> None:
+        if self.sample_features is not None and frame.device in self.machines:
+            self.sample_features.on_frame(frame)
+
+    @property
+    def features(self) -> FeatureBuilder | SampleFeatureBuilder:
+        built = self.window_features or self.sample_features
+        assert built is not None
+        return built
+
+    def submit(self, row: FeatureRow) -> None:
+        self.batcher.submit(row)
+
+    def stats(self) -> dict[str, Any]:
+        f = self.features
+        return {
+            "model": self.bundle.name,
+            "version": self.bundle.version,
+            "machines": sorted(self.machines),
+            "feature_rows": f.rows,
+            "incomplete_windows": f.incomplete_windows,
+            "unscored_windows": getattr(f, "unscored_windows", 0),
+            "batcher": self.batcher.stats(),
+            "engine": self.engine.stats(),
+        }
 
 
 class Appliance:
@@ -43,7 +111,8 @@ class Appliance:
         self.cfg = cfg
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
-        self.bundle = load_model_for(cfg)
+        served = served_models(cfg)
+        self.bundle = served[0].bundle
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
         self.outbox = SqliteOutbox(
@@ -54,26 +123,26 @@ class Appliance:
             coarsen_windows=cfg.outbox.coarsen_windows,
         )
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
-        self.engine = ServingEngine(
-            self.bundle,
-            cfg.engine.backend,
-            EngineOptions.from_config(cfg, self.bundle),
-        )
         self.alerts = AlertEngine(
-            cfg.alerts.rules, self._append, lambda m: alert_topic(prefix, aid, m)
+            cfg.alerts.rules,
+            self._append,
+            lambda m: alert_topic(prefix, aid, m),
+            default_model=served[0].name,
         )
-        self.batcher = Batcher(
-            self.engine,
-            self.alerts.on_scores,
-            max_batch=cfg.batch.max_batch,
-            max_delay_ms=cfg.batch.max_delay_ms,
-            queue_size=cfg.batch.queue_size,
+        machines = [d.name for d in cfg.devices]
+        self.models = [_Model(m, cfg, self._on_scores, machines) for m in served]
+        # the first model under the names the single-model appliance had
+        self.engine = self.models[0].engine
+        self.batcher = self.models[0].batcher
+        self.features = self.models[0].features
+        self.scores = ScoreJoiner(
+            {d: [m.name for m in self.models if d in m.machines] for d in machines},
+            self._append,
         )
-        self.features = FeatureBuilder(self.bundle.features, self.batcher.submit)
         self.telemetry = TelemetryDownsampler(
-            cfg.telemetry.stats, self._append, lambda m: telemetry_topic(prefix, aid, m)
+            cfg.telemetry.stats, self.scores.hold, lambda m: telemetry_topic(prefix, aid, m)
         )
-        window_sinks: list[Any] = [self.features]
+        window_sinks: list[Any] = [m.on_window for m in self.models if m.window_features]
         if cfg.telemetry.enabled:
             window_sinks.insert(0, self.telemetry)
         self.windows = WindowAggregator(cfg.features.window_s, window_sinks)
@@ -90,7 +159,13 @@ class Appliance:
     def _on_frame(self, frame: Frame) -> None:
         self.frames += 1
         self.windows.on_frame(frame)
+        for m in self.models:
+            m.on_frame(frame)
         self.alerts.on_frame(frame)
+
+    def _on_scores(self, model: str, batch: ScoreBatch) -> None:
+        self.alerts.on_scores(batch, model)
+        self.scores.on_scores(model, batch)
 
     def _append(self, envelopes: Sequence[Envelope]) -> None:
         """Hand envelopes to the outbox. When the outbox cannot store them (a full disk that
@@ -127,8 +202,15 @@ class Appliance:
         )
         self.outbox.open()
         await self.uplink.start()
-        await self.batcher.start()
-        log.info("engine: serving on %s — %s", self.engine.backend, self.engine.summary())
+        for m in self.models:
+            await m.batcher.start()
+            log.info(
+                "model %s (%s): serving on %s — %s",
+                m.name,
+                m.bundle.name,
+                m.engine.backend,
+                m.engine.summary(),
+            )
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
@@ -142,8 +224,14 @@ class Appliance:
         await self.health.stop()
         await self.acquisition.stop()
         self.windows.flush()
-        await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
-        await self.batcher.close()
+        for m in self.models:
+            if m.sample_features is not None:
+                m.sample_features.flush()
+        for m in self.models:
+            await m.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
+        for m in self.models:
+            await m.batcher.close()
+        self.scores.flush()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)
         self.outbox.close()
         log.info("appliance stopped")
@@ -175,6 +263,7 @@ class Appliance:
             "incomplete_windows": self.features.incomplete_windows,
             "batcher": self.batcher.stats(),
             "engine": self.engine.stats(),
+            "models": {m.name: m.stats() for m in self.models},
             "alerts": {
                 "raised": self.alerts.raised,
                 "cleared": self.alerts.cleared,
