@@ -110,7 +110,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
     cfg = load_config(args.config) if args.config else Config()
-    report = run_selftest([cfg.engine.model], cfg, iterations=args.iterations)
+    models = [b.model for b in cfg.models] or [cfg.engine.model]
+    report = run_selftest(models, cfg, iterations=args.iterations)
     print(format_report(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -202,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "selftest",
         "check every inference backend on this host",
         "For every inference backend (TensorRT, onnxruntime CUDA, onnxruntime CPU; absent ones "
-        "are listed with the reason) and the configured model: build or load, parity error "
+        "are listed with the reason) and every configured model (`[[models]]`, or "
+        "`engine.model`): build or load, parity error "
         "against the golden vectors, latency p50/p99 at batch 1 and at batch.max_batch, rows/s. "
         "Exit 0 when at least one backend passes, 1 when none does.",
     )
