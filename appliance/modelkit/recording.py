@@ -6,7 +6,8 @@ the first column) and one column per channel. A historian's or data logger's exp
 without a time column give the sample rate (``rate_hz``) and every column is data. A column is
 numeric when its first non-empty cell is a number; other columns are ignored unless named as
 the context (e.g. a program number or machining phase). An empty cell, ``nan`` or ``NaN``: no
-value for that channel on that row.
+value for that channel on that row. Rows are taken in time order (a waveform block is recorded
+after the poll that read it but stamped with its samples' earlier times).
 
 Bad data is refused with :class:`DataError`, naming the file, line and column: an empty file, a
 cell that is not a number in a numeric column, a run of missing values (see
@@ -134,10 +135,11 @@ def read_recording(
             values[i, k] = v
         if ctx_col >= 0:
             ctx.append(r[ctx_col].strip() if ctx_col < len(r) else "")
-    if np.any(np.diff(ts) < 0):
-        i = int(np.flatnonzero(np.diff(ts) < 0)[0])
-        raise DataError(f"{p}:{i + 3}: time goes backwards ({ts[i + 1]!r} after {ts[i]!r})")
     names = tuple(header[j] for j in numeric)
+    if np.any(np.diff(ts) < 0):  # e.g. waveform blocks stamped before the poll that read them
+        order = np.argsort(ts, kind="stable")
+        ts, values = ts[order], values[order]
+        ctx = [ctx[i] for i in order] if ctx else ctx
     _check_gaps(p, names, ts, values)
     return Recording(p, names, ts, values, tuple(ctx))
 
