@@ -7,8 +7,8 @@ model fit` → `appliance model eval`, with the appliance's own code at every st
    (``appliance.modelkit.record.record``, what ``appliance record`` runs) over Modbus TCP.
 2. ``fit_model`` (``appliance model fit``, Gaussian, the 8 continuous channels) fits on it.
 3. A second healthy cell (seed 12) and a cell whose machine *i* carries fault kind *i* from its
-   start (seed 12, the same machines, so every fault is compared with the same machine healthy)
-   are recorded for ``--faulty-s`` wall seconds each.
+   start for the whole recording (seed 12, the same machines, so every fault is compared with
+   the same machine healthy) are recorded for ``--faulty-s`` wall seconds each.
 4. ``evaluate`` (``appliance model eval``) scores them: per fault kind, the AUC of that machine's
    faulty recording against the healthy recordings; false alarms per shift on the healthy ones.
 
@@ -88,7 +88,10 @@ def main() -> None:
     bundle = args.out / "bundle"
     fit_model(train, bundle, channels=CHANNELS, name="onboarded")
     healthy = asyncio.run(_record_cell(healthy_dir, 12, n, args.faulty_s, args.time_scale, []))
-    faults = [FaultSchedule(i, k, 0.0, 1e6) for i, k in enumerate(kinds)]
+    # each fault lasts the whole recording: ramps (temp_ramp, tool_wear, coolant_loss) reach
+    # their full size at its end
+    sim_s = args.faulty_s * args.time_scale
+    faults = [FaultSchedule(i, k, 0.0, sim_s) for i, k in enumerate(kinds)]
     faulty = asyncio.run(_record_cell(faulty_dir, 12, n, args.faulty_s, args.time_scale, faults))
     report = evaluate(str(bundle), healthy, faulty)
     neg = [s for f in report["files"] if f["label"] == "normal" for s in f["score"]]

@@ -114,7 +114,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ApplianceError(
                 "--plot needs matplotlib: pip install 'cnc-edge-appliance[plot]'"
             ) from None
-    report = evaluate(args.bundle, args.normal, args.faulty, args.rate_hz)
+    from pathlib import Path
+
+    bundle = args.bundle
+    if "/" not in bundle and Path(bundle).is_dir():  # a folder here, not a shipped model name
+        bundle = f"./{bundle}"
+    report = evaluate(bundle, args.normal, args.faulty, args.rate_hz)
     print(format_table(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -77,3 +77,16 @@ def test_a_frame_across_a_window_boundary_is_split_by_sample_time() -> None:
     fb.on_frame(_frame(ts, np.zeros(4), np.array([1.0, 3.0, 10.0, 20.0]), ("a",)))
     fb.flush()
     assert [(r.window_end, float(r.vector[0])) for r in rows] == [(11.0, 2.0), (12.0, 15.0)]
+
+
+def test_windows_outside_the_condition_are_counted_and_not_scored() -> None:
+    rows: list[FeatureRow] = []
+    cond = ((FeatureSpec("speed", "min"), 1000.0, float("inf")),)
+    fb = SampleFeatureBuilder(1.0, (FeatureSpec("load", "mean"),), rows.append, cond)
+    channels = ("speed", "load")
+    for k, speed in enumerate([0.0, 5000.0, 800.0]):
+        t = np.array([10.2 + k, 10.2 + k, 10.6 + k, 10.6 + k])
+        fb.on_frame(_frame(t, np.array([0, 1, 0, 1]), np.array([speed, 3.0, speed, 5.0]), channels))
+    fb.flush()
+    assert [(r.window_end, float(r.vector[0])) for r in rows] == [(12.0, 4.0)]
+    assert fb.unscored_windows == 2 and fb.incomplete_windows == 0
