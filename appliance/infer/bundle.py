@@ -3,7 +3,9 @@
 Layout of a model directory (``models/<name>/``)::
 
     manifest.json   name, version, input/output names, feature layout, sha256 of the ONNX file,
-                    golden_atol / golden_rtol (parity tolerances), fp16 (may TensorRT use FP16)
+                    golden_atol / golden_rtol (parity tolerances), fp16 (may TensorRT use FP16),
+                    threshold (alert level of the score), condition (feature ranges outside
+                    which a window is not scored); the contract is docs/models.md
     model.onnx      the graph; input [N, F] float32, output [N] float32
     golden.npz      arrays ``inputs`` [G, F] and ``outputs`` [G] the engine must reproduce
 """
