@@ -3,14 +3,16 @@ model fit` → `appliance model eval`, with the appliance's own code at every st
 
     python -m models.onboarding [--out DIR] [--time-scale X] [--normal-s S] [--faulty-s S]
 
-1. A healthy cell (4 machines, seed 11) is recorded for ``--normal-s`` wall seconds
-   (``appliance.modelkit.record.record``, what ``appliance record`` runs) over Modbus TCP.
-2. ``fit_model`` (``appliance model fit``, Gaussian, the 8 continuous channels) fits on it.
-3. A second healthy cell (seed 12) and a cell whose machine *i* carries fault kind *i* from its
-   start for the whole recording (seed 12, the same machines, so every fault is compared with
-   the same machine healthy) are recorded for ``--faulty-s`` wall seconds each.
+1. A healthy cell (7 machines, seed 11) is recorded for ``--normal-s`` + ``--faulty-s`` wall
+   seconds over Modbus TCP (``appliance.modelkit.record.record``, what ``appliance record``
+   runs); each machine's file is split in time: the first ``--normal-s`` seconds to fit on, the
+   rest as unseen healthy data of the same machines.
+2. ``fit_model`` (``appliance model fit``: Gaussian, the 8 continuous channels, threshold at
+   the 99.99th percentile of the normal windows) fits on the first parts.
+3. The same cell with fault kind *i* on machine *i* from its start for the whole recording is
+   recorded for ``--faulty-s`` wall seconds.
 4. ``evaluate`` (``appliance model eval``) scores them: per fault kind, the AUC of that machine's
-   faulty recording against the healthy recordings; false alarms per shift on the healthy ones.
+   faulty recording against the healthy held-out parts; false alarms per shift on those.
 
 ``--time-scale`` fast-forwards the simulator: windows are wall-clock seconds, so one window holds
 ``time_scale`` simulated seconds in training and in evaluation alike. No vibration waveform (its
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -72,11 +75,25 @@ async def _record_cell(
     return [out / f"cnc-{i + 1}.csv" for i in range(machines)]
 
 
+def _split(path: Path, first_s: float, rest_dir: Path) -> tuple[Path, Path]:
+    """Split a recording at ``first_s`` seconds after its first row: (first part, the rest)."""
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    t0 = float(rows[1][0])
+    head = [r for r in rows[1:] if float(r[0]) < t0 + first_s]
+    tail = [r for r in rows[1:] if float(r[0]) >= t0 + first_s]
+    out = (path.with_name(f"{path.stem}.fit.csv"), rest_dir / path.name)
+    for target, part in zip(out, (head, tail), strict=True):
+        with target.open("w", newline="") as f:
+            csv.writer(f).writerows([rows[0], *part])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/onboarding"))
     ap.add_argument("--time-scale", type=float, default=5.0)
-    ap.add_argument("--normal-s", type=float, default=240.0, help="wall seconds of training data")
+    ap.add_argument("--normal-s", type=float, default=300.0, help="wall seconds of training data")
     ap.add_argument("--faulty-s", type=float, default=90.0, help="wall seconds per eval recording")
     args = ap.parse_args()
     kinds = list(FAULT_KINDS)
@@ -84,15 +101,20 @@ def main() -> None:
     train_dir, healthy_dir, faulty_dir = (args.out / d for d in ("train", "healthy", "faulty"))
     for d in (train_dir, healthy_dir, faulty_dir):
         d.mkdir(parents=True, exist_ok=True)
-    train = asyncio.run(_record_cell(train_dir, 11, 4, args.normal_s, args.time_scale, []))
+    total = args.normal_s + args.faulty_s
+    whole = asyncio.run(_record_cell(train_dir, 11, n, total, args.time_scale, []))
+    train, healthy = [], []
+    for path in whole:
+        a, b = _split(path, args.normal_s, healthy_dir)
+        train.append(a)
+        healthy.append(b)
     bundle = args.out / "bundle"
-    fit_model(train, bundle, channels=CHANNELS, name="onboarded")
-    healthy = asyncio.run(_record_cell(healthy_dir, 12, n, args.faulty_s, args.time_scale, []))
+    fit_model(train, bundle, channels=CHANNELS, name="onboarded", quantile=0.9999)
     # each fault lasts the whole recording: ramps (temp_ramp, tool_wear, coolant_loss) reach
     # their full size at its end
     sim_s = args.faulty_s * args.time_scale
     faults = [FaultSchedule(i, k, 0.0, sim_s) for i, k in enumerate(kinds)]
-    faulty = asyncio.run(_record_cell(faulty_dir, 12, n, args.faulty_s, args.time_scale, faults))
+    faulty = asyncio.run(_record_cell(faulty_dir, 11, n, args.faulty_s, args.time_scale, faults))
     report = evaluate(str(bundle), healthy, faulty)
     neg = [s for f in report["files"] if f["label"] == "normal" for s in f["score"]]
     rows: list[dict[str, Any]] = []
