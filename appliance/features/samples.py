@@ -48,7 +48,9 @@ class SampleFeatureBuilder:
 
     Called on the event loop (``on_frame``). A window whose vector is not finite (a channel
     without a good sample, a device lacking a channel the model needs) is not scored: counted in
-    ``incomplete_windows`` and logged once per machine.
+    ``incomplete_windows`` and logged once per machine. Each machine's first window is partial
+    (acquisition started inside it) and not scored either (``partial_windows``; off with
+    ``skip_first=False``), so a start does not look like an anomaly.
     """
 
     def __init__(
@@ -57,6 +59,8 @@ class SampleFeatureBuilder:
         features: Sequence[FeatureSpec],
         emit: Callable[[FeatureRow], None],
         condition: Sequence[Condition] = (),
+        *,
+        skip_first: bool = True,
     ) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
@@ -69,6 +73,11 @@ class SampleFeatureBuilder:
         self._emit = emit
         #: windows outside the model's condition (e.g. spindle stopped): not scored, by design
         self.unscored_windows = 0
+        #: each machine's first window: it began before acquisition did, so it holds only part
+        #: of the window's samples and its std, min, max, spectrum are not those of a window
+        self.partial_windows = 0
+        self._skip_first = skip_first
+        self._seen: set[str] = set()
         self._open: dict[str, _Open] = {}
         self._warned: set[str] = set()
         self.rows = 0
@@ -99,6 +108,10 @@ class SampleFeatureBuilder:
     def _close(self, machine: str) -> None:
         acc = self._open.pop(machine)
         self.windows_closed += 1
+        if self._skip_first and machine not in self._seen:
+            self._seen.add(machine)
+            self.partial_windows += 1
+            return
         if acc.parts:
             ts = np.concatenate([p[0] for p in acc.parts])
             ch = np.concatenate([p[1] for p in acc.parts])
@@ -143,16 +156,15 @@ def features_from_frames(
     """Window end times and feature matrix of a frame stream (one machine), as served.
 
     Returns ``(window_end [W], X [W, F], incomplete)`` of the windows serving would score
-    (complete, inside ``condition``); with ``drop_edges`` the first and the last window
-    (usually partial) are left out.
+    (complete, inside ``condition``); with ``drop_edges`` (as serving does) the first window
+    and the last, still open one (both usually partial) are left out.
     """
     rows: list[FeatureRow] = []
-    fb = SampleFeatureBuilder(window_s, features, rows.append, condition)
+    fb = SampleFeatureBuilder(window_s, features, rows.append, condition, skip_first=drop_edges)
     for frame in frames:
         fb.on_frame(frame)
-    fb.flush()
-    if drop_edges:
-        rows = rows[1:-1]
+    if not drop_edges:
+        fb.flush()
     ends = np.array([r.window_end for r in rows], dtype=np.float64)
     x = (
         np.vstack([r.vector for r in rows])

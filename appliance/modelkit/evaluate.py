@@ -46,7 +46,7 @@ def _file_scores(
         frames_of(rec),
         bundle.features,
         bundle.window_s,
-        drop_edges=False,
+        drop_edges=True,
         condition=bundle.condition,
     )
     return ends, score_windows(bundle, x), float(rec.ts[0])

@@ -66,7 +66,7 @@ def window_matrix(
     out = []
     for r in recs:
         ends, x, _ = features_from_frames(
-            frames_of(r), features, window_s, drop_edges=False, condition=condition
+            frames_of(r), features, window_s, drop_edges=True, condition=condition
         )
         out.append((ends, x))
     return out

@@ -99,6 +99,7 @@ class _Model:
             "feature_rows": f.rows,
             "incomplete_windows": f.incomplete_windows,
             "unscored_windows": getattr(f, "unscored_windows", 0),
+            "partial_windows": getattr(f, "partial_windows", 0),
             "batcher": self.batcher.stats(),
             "engine": self.engine.stats(),
         }

@@ -63,7 +63,8 @@ def test_spectral_features_find_a_tone() -> None:
 
 def test_a_missing_channel_gives_nan_and_the_window_is_not_scored() -> None:
     rows: list[FeatureRow] = []
-    fb = SampleFeatureBuilder(1.0, (FeatureSpec("a", "mean"), FeatureSpec("b", "std")), rows.append)
+    specs = (FeatureSpec("a", "mean"), FeatureSpec("b", "std"))
+    fb = SampleFeatureBuilder(1.0, specs, rows.append, skip_first=False)
     channels = ("a", "b")
     fb.on_frame(_frame(np.array([10.1, 10.2]), np.array([0, 0]), np.array([1.0, 2.0]), channels))
     fb.on_frame(_frame(np.array([11.1]), np.array([0]), np.array([1.0]), channels))
@@ -72,7 +73,7 @@ def test_a_missing_channel_gives_nan_and_the_window_is_not_scored() -> None:
 
 def test_a_frame_across_a_window_boundary_is_split_by_sample_time() -> None:
     rows: list[FeatureRow] = []
-    fb = SampleFeatureBuilder(1.0, (FeatureSpec("a", "mean"),), rows.append)
+    fb = SampleFeatureBuilder(1.0, (FeatureSpec("a", "mean"),), rows.append, skip_first=False)
     ts = np.array([10.5, 10.9, 11.1, 11.3])
     fb.on_frame(_frame(ts, np.zeros(4), np.array([1.0, 3.0, 10.0, 20.0]), ("a",)))
     fb.flush()
@@ -82,7 +83,9 @@ def test_a_frame_across_a_window_boundary_is_split_by_sample_time() -> None:
 def test_windows_outside_the_condition_are_counted_and_not_scored() -> None:
     rows: list[FeatureRow] = []
     cond = ((FeatureSpec("speed", "min"), 1000.0, float("inf")),)
-    fb = SampleFeatureBuilder(1.0, (FeatureSpec("load", "mean"),), rows.append, cond)
+    fb = SampleFeatureBuilder(
+        1.0, (FeatureSpec("load", "mean"),), rows.append, cond, skip_first=False
+    )
     channels = ("speed", "load")
     for k, speed in enumerate([0.0, 5000.0, 800.0]):
         t = np.array([10.2 + k, 10.2 + k, 10.6 + k, 10.6 + k])
@@ -90,3 +93,14 @@ def test_windows_outside_the_condition_are_counted_and_not_scored() -> None:
     fb.flush()
     assert [(r.window_end, float(r.vector[0])) for r in rows] == [(12.0, 4.0)]
     assert fb.unscored_windows == 2 and fb.incomplete_windows == 0
+
+
+def test_each_machines_first_window_is_partial_and_not_scored() -> None:
+    rows: list[FeatureRow] = []
+    fb = SampleFeatureBuilder(1.0, (FeatureSpec("a", "std"),), rows.append)
+    for k in range(3):  # acquisition starts at 10.8: window 10..11 holds 0.2 s of it
+        t = np.array([10.8, 10.9]) + k
+        fb.on_frame(_frame(t, np.zeros(2), np.array([1.0, 2.0]), ("a",)))
+    fb.flush()
+    assert [r.window_end for r in rows] == [12.0, 13.0]
+    assert fb.partial_windows == 1
