@@ -33,11 +33,11 @@ def setup_logging(level: str) -> None:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from appliance.config import load_config
-    from appliance.runtime.checks import config_warnings, load_model_for
+    from appliance.runtime.checks import config_warnings, served_models
 
     cfg = load_config(args.file)
     try:
-        load_model_for(cfg)
+        served_models(cfg)
     except ConfigError as err:
         raise ConfigError(f"{args.file}: {err}") from None
     for warning in config_warnings(cfg):
@@ -117,7 +117,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
     cfg = load_config(args.config) if args.config else Config()
-    report = run_selftest([cfg.engine.model], cfg, iterations=args.iterations)
+    models = [b.model for b in cfg.models] or [cfg.engine.model]
+    report = run_selftest(models, cfg, iterations=args.iterations)
     print(format_report(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         "selftest",
         "check every inference backend on this host",
         "For every inference backend (TensorRT, onnxruntime CUDA, onnxruntime CPU; absent ones "
-        "are listed with the reason) and the configured model: build or load, parity error "
+        "are listed with the reason) and every configured model (`[[models]]`, or "
+        "`engine.model`): build or load, parity error "
         "against the golden vectors, latency p50/p99 at batch 1 and at batch.max_batch, rows/s. "
         "Exit 0 when at least one backend passes, 1 when none does.",
     )
@@ -302,6 +304,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
     sp.set_defaults(func=_cmd_bench)
+
+    from appliance.modelkit import cli as model_cli
+
+    sp = add(
+        "record",
+        "record the polled values as CSV, one file per machine",
+        "Poll the configured devices for --duration seconds and write every GOOD value to "
+        "<out>/<machine>.csv (a time column, one column per channel): the input of "
+        "`appliance model fit` and `model eval`.",
+    )
+    model_cli.add_record_arguments(sp)
+
+    sp = add(
+        "model",
+        "fit a model on recordings, evaluate a model",
+        "Make a model bundle from recordings of normal operation (fit) and measure a bundle on "
+        "normal and faulty recordings (eval). See docs/models.md.",
+    )
+    model_cli.add_model_arguments(sp)
 
     from appliance.infer import cli as engine_cli
 

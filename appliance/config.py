@@ -454,6 +454,9 @@ class ThresholdRule(_Section, frozen=True):
     action: AlertAction | None = None
     #: designed suppression: no raise on a machine while one of these rules is active there
     suppressed_by: tuple[str, ...] = ()
+    #: source = "score": the ``[[models]]`` name whose score the rule watches ("" = the first
+    #: model, or ``engine.model`` when there is no ``[[models]]``)
+    model: str = ""
 
     @property
     def rule_kind(self) -> str:
@@ -470,6 +473,8 @@ class ThresholdRule(_Section, frozen=True):
 
     def __post_init__(self) -> None:
         kind = self.rule_kind
+        if self.source == "channel" and self.model:
+            raise ValueError("`model` must be empty when source = 'channel'")
         if self.kind == "score" and self.source != "score":
             raise ValueError("kind = 'score' needs source = 'score' (or leave `source` out)")
         if self.source == "score" and kind != "score":
@@ -516,6 +521,17 @@ class ThresholdRule(_Section, frozen=True):
             raise ValueError(f"`for_s` applies to stuck/stale/offline rules, not {kind!r}")
         if self.unit and kind not in ("high", "low", "rate"):
             raise ValueError(f"`unit` applies to high/low/rate rules, not {kind!r}")
+
+
+class ModelBinding(_Section, frozen=True):
+    """One served model (``[[models]]``): bundle ``model`` (a shipped name or a path, relative
+    to the config file) scoring the windows of ``machines`` (default: every device). Each model
+    has its own batcher and engine; its scores go out with the machines' telemetry under
+    ``name`` and score rules name it in ``model``."""
+
+    name: Name
+    model: str
+    machines: tuple[str, ...] = ()
 
 
 class AlertsSection(_Section, frozen=True):
@@ -713,6 +729,8 @@ class Config(_Section, frozen=True):
     features: FeaturesSection = msgspec.field(default_factory=FeaturesSection)
     batch: BatchSection = msgspec.field(default_factory=BatchSection)
     engine: EngineSection = msgspec.field(default_factory=EngineSection)
+    #: several models at once; empty: one model, ``engine.model``, serving every machine
+    models: tuple[ModelBinding, ...] = ()
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
     quality: QualitySection = msgspec.field(default_factory=QualitySection)
@@ -776,9 +794,23 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
         for m in rule.machines:
             if m not in names:
                 raise ValueError(f"{where}.machines: {m!r} is not a configured device")
+        model_names = [b.name for b in cfg.models]
+        if rule.model and rule.model not in model_names:
+            raise ValueError(
+                f"{where}.model: {rule.model!r} is not a [[models]] name (known: {model_names})"
+            )
         if rule.action is not None:
             _check_action(rule.action, f"{where}.action", cfg.alerts.writable, rule, devices)
         rules.append(_rule_in_channel_unit(rule, where, devices))
+    seen: set[str] = set()
+    for i, binding in enumerate(cfg.models):
+        where = f"models[{i}] ({binding.name})"
+        if binding.name in seen:
+            raise ValueError(f"{where}.name: duplicate model name {binding.name!r}")
+        seen.add(binding.name)
+        for m in binding.machines:
+            if m not in names:
+                raise ValueError(f"{where}.machines: {m!r} is not a configured device")
     alerts = msgspec.structs.replace(cfg.alerts, rules=tuple(rules))
     return msgspec.structs.replace(cfg, devices=tuple(devices), alerts=alerts)
 
@@ -978,13 +1010,19 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     engine = msgspec.structs.replace(
         cfg.engine, model=model, cache_dir=_resolve(base_dir, cfg.engine.cache_dir)
     )
+    models = tuple(
+        msgspec.structs.replace(b, model=_resolve(base_dir, b.model)) if is_path(b.model) else b
+        for b in cfg.models
+    )
     mqtt_files = {
         key: _resolve(base_dir, getattr(cfg.mqtt, key))
         for key in ("ca_file", "cert_file", "key_file", "password_file")
         if getattr(cfg.mqtt, key)
     }
     mqtt = msgspec.structs.replace(cfg.mqtt, **mqtt_files)
-    cfg = msgspec.structs.replace(cfg, outbox=outbox, engine=engine, mqtt=mqtt, alerts=alerts)
+    cfg = msgspec.structs.replace(
+        cfg, outbox=outbox, engine=engine, models=models, mqtt=mqtt, alerts=alerts
+    )
     if cfg.api.token_file:
         token_file = _resolve(base_dir, cfg.api.token_file)
         cfg = msgspec.structs.replace(

@@ -149,6 +149,36 @@ class FeatureSpec:
 FEATURE_STATS = ("mean", "rms", "min", "max", "last")
 """The per-channel window statistics a :class:`FeatureSpec` may name (fields of :class:`Window`)."""
 
+SAMPLE_FEATURE_STATS = (
+    *FEATURE_STATS,
+    "std",
+    "p2p",
+    "skew",
+    "kurtosis",
+    "crest",
+    "slope",
+    "dom_freq",
+    "centroid",
+    "order1_frac",
+    "nonharmonic_frac",
+)
+"""Statistics computed from a window's raw samples (``appliance.features.extract``); also
+``band:LO-HI`` (mean-square in the band LO..HI Hz, dB). A manifest naming any statistic outside
+:data:`FEATURE_STATS` is served from raw samples."""
+
+
+def is_sample_feature_stat(stat: str) -> bool:
+    """Whether ``stat`` is one of :data:`SAMPLE_FEATURE_STATS` or a well-formed ``band:LO-HI``."""
+    if stat in SAMPLE_FEATURE_STATS:
+        return True
+    if not stat.startswith("band:"):
+        return False
+    lo, sep, hi = stat[5:].partition("-")
+    try:
+        return bool(sep) and 0.0 <= float(lo) < float(hi)
+    except ValueError:
+        return False
+
 
 class PolledDevice(Protocol):
     """A device driver as the acquisition stage uses it (``drivers/``: Modbus TCP/RTU, serial

@@ -78,6 +78,7 @@ class AlertEngine:
         devices: Sequence[str] = (),
         clock: Callable[[], float] = time.time,
         act: Callable[[str, AlertAction, str, str, str], None] | None = None,
+        default_model: str = "",
     ) -> None:
         self.rules = tuple(rules)
         self._sample_rules = [r for r in rules if r.rule_kind in SAMPLE_KINDS]
@@ -86,6 +87,7 @@ class AlertEngine:
         self._score_rules = [r for r in rules if r.rule_kind == "score"]
         self._channel_rules = self._sample_rules + self._stale_rules
         self._life = {r.name: Lifecycle(r) for r in rules}
+        self._default_model = default_model  # the model a score rule without `model` watches
         self._emit = emit
         self._topic_for = topic_for
         self._store = store
@@ -236,13 +238,16 @@ class AlertEngine:
                 self._judge_sample(rule, machine, t, v)
         self._flush()
 
-    def on_scores(self, scores: ScoreBatch) -> None:
-        """Evaluate the score rules on one scored batch, rows in batch order."""
+    def on_scores(self, scores: ScoreBatch, model: str = "") -> None:
+        """Evaluate the score rules watching ``model`` (a rule's ``model``, or the default
+        model when it names none) on one scored batch, rows in batch order."""
         if not self._score_rules or not len(scores):
             return
         values = scores.score.tolist()
         ends = scores.window_end.tolist()
         for rule in self._score_rules:
+            if (rule.model or self._default_model) != model:
+                continue
             raise_at, _ = levels(rule)
             for i, machine in enumerate(scores.machines):
                 if not self._watches(rule, machine):

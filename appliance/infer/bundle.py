@@ -3,7 +3,9 @@
 Layout of a model directory (``models/<name>/``)::
 
     manifest.json   name, version, input/output names, feature layout, sha256 of the ONNX file,
-                    golden_atol / golden_rtol (parity tolerances), fp16 (may TensorRT use FP16)
+                    golden_atol / golden_rtol (parity tolerances), fp16 (may TensorRT use FP16),
+                    threshold (alert level of the score), condition (feature ranges outside
+                    which a window is not scored); the contract is docs/models.md
     model.onnx      the graph; input [N, F] float32, output [N] float32
     golden.npz      arrays ``inputs`` [G, F] and ``outputs`` [G] the engine must reproduce
 """
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from appliance.contracts import FEATURE_STATS as STATS
-from appliance.contracts import FeatureSpec
+from appliance.contracts import FeatureSpec, is_sample_feature_stat
 from appliance.errors import ModelError
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -44,6 +46,16 @@ class ModelBundle:
     golden_rtol: float = 0.0
     #: the manifest's ``"fp16": true``: the model may be built in FP16 (TensorRT)
     allow_fp16: bool = False
+    #: the manifest's ``condition``: (feature, min, max) ranges a window must be inside to be
+    #: scored (e.g. "spindle turning"); outside them the window is not scored
+    condition: tuple[tuple[FeatureSpec, float, float], ...] = ()
+    #: the manifest's ``threshold``: the score above which a window is anomalous
+    threshold: float = 1.0
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether serving needs the windows' raw samples (sample statistics or a condition)."""
+        return bool(self.condition) or any(f.stat not in STATS for f in self.features)
 
     @property
     def n_features(self) -> int:
@@ -82,8 +94,19 @@ def load_bundle(model: str) -> ModelBundle:
         onnx_path = d / m["onnx"]
         features = tuple(FeatureSpec(f["channel"], f["stat"]) for f in m["features"])
         for f in features:
-            if f.stat not in STATS:
+            if not is_sample_feature_stat(f.stat):
                 raise ModelError(f"{manifest_path}: feature {f.channel}: unknown stat {f.stat!r}")
+        condition = tuple(
+            (
+                FeatureSpec(str(c["channel"]), str(c["stat"])),
+                float(c.get("min", float("-inf"))),
+                float(c.get("max", float("inf"))),
+            )
+            for c in m.get("condition", ())
+        )
+        for spec, _, _ in condition:
+            if not is_sample_feature_stat(spec.stat):
+                raise ModelError(f"{manifest_path}: condition {spec.channel}: unknown stat")
         expected_sha = str(m["onnx_sha256"])
         golden_path = d / m["golden"]
         bundle_fields = dict(
@@ -95,6 +118,8 @@ def load_bundle(model: str) -> ModelBundle:
             golden_atol=float(m.get("golden_atol", 1e-4)),
             golden_rtol=float(m.get("golden_rtol", 0.0)),
             allow_fp16=m.get("fp16", False),
+            condition=condition,
+            threshold=float(m.get("threshold", 1.0)),
         )
         for tol in ("golden_atol", "golden_rtol"):
             value = bundle_fields[tol]

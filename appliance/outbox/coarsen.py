@@ -13,8 +13,9 @@ oldest one's ``start`` to the newest one's ``end``, and ``first_seq`` is the ``s
 oldest window merged: a subscriber checking for gaps expects ``first_seq`` (not ``seq``) to
 follow the last ``seq`` it saw. Statistics per channel, over the good samples of all windows:
 ``n`` summed, ``mean`` weighted by ``n``, ``rms`` as the root of the ``n``-weighted mean square,
-``min``/``max`` of the windows' ones, ``last`` the newest non-null one. Never rounded
-to a fixed number of decimals, like the downsampler's.
+``min``/``max`` of the windows' ones, ``last`` the newest non-null one; model ``scores`` the
+highest of the windows' ones per model. Never rounded to a fixed number of decimals, like the
+downsampler's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 from appliance.payload import HEADER_KEYS as _HEADER
 
 COARSENED_KEY = "coarsened"
-_BODY = frozenset({"machine", "window", "channels", COARSENED_KEY})
+SCORES_KEY = "scores"
+_BODY = frozenset({"machine", "window", "channels", SCORES_KEY, COARSENED_KEY})
 _STATS = frozenset({"n", "mean", "rms", "min", "max", "last"})
 
 
@@ -149,5 +151,13 @@ def merge(
             if v is not None and not isinstance(v, (int, float)):
                 raise NotMergeable("a channel statistic that is not a number")
     out["channels"] = channels
+    scores: dict[str, Any] = {}  # model outputs: the highest (most anomalous) of the windows'
+    for m in msgs:
+        for model, value in m.get(SCORES_KEY, {}).items():
+            if not isinstance(value, (int, float)):
+                raise NotMergeable("a model score that is not a number")
+            scores[model] = max(scores.get(model, value), value)
+    if scores:
+        out[SCORES_KEY] = scores
     out[COARSENED_KEY] = {"windows": windows, "first_seq": first_seq}
     return out

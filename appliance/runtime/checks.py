@@ -7,9 +7,75 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from appliance.config import Config, ModbusTcpConfig
 from appliance.errors import ConfigError, ModelError
 from appliance.infer import ModelBundle, load_bundle
+
+
+class ServedModel(NamedTuple):
+    """A model the appliance serves: its name (telemetry ``scores`` key, score rules'
+    ``model``), the config key that names it, its bundle and the machines it scores."""
+
+    name: str
+    key: str
+    bundle: ModelBundle
+    machines: tuple[str, ...]
+
+
+def device_channels(cfg: Config) -> dict[str, set[str]]:
+    """Channel names of every configured device (registers and the waveform channel)."""
+    out: dict[str, set[str]] = {}
+    for dev in cfg.devices:
+        names = {r.name for r in dev.registers}
+        waveform = getattr(dev, "waveform", None)
+        if waveform is not None:
+            names.add(waveform.channel)
+        out[dev.name] = names
+    return out
+
+
+def served_models(cfg: Config) -> list[ServedModel]:
+    """Every model to serve: the ``[[models]]`` entries, or ``engine.model`` for all machines.
+
+    Raises :class:`ConfigError` naming the key: a model that cannot be loaded, one trained on
+    another window length than ``features.window_s``, or (a ``[[models]]`` entry) one that needs
+    channels a machine it serves does not have (listed). The implicit ``engine.model`` keeps its
+    behaviour: a machine without its channels has its windows counted as incomplete.
+    """
+    if not cfg.models:
+        bundle = load_model_for(cfg)
+        served = [ServedModel(bundle.name, "engine.model", bundle, ())]
+    else:
+        served = []
+        for i, b in enumerate(cfg.models):
+            key = f"models[{i}] ({b.name}).model"
+            try:
+                bundle = load_bundle(b.model)
+            except ModelError as err:
+                raise ConfigError(f"{key}: {err}") from None
+            _check_window(cfg, bundle, key)
+            served.append(ServedModel(b.name, key, bundle, b.machines))
+    channels = device_channels(cfg)
+    for m in served if cfg.models else ():
+        needed = {f.channel for f in m.bundle.features} | {c[0].channel for c in m.bundle.condition}
+        for machine in m.machines or tuple(channels):
+            missing = sorted(needed - channels.get(machine, set()))
+            if missing:
+                raise ConfigError(
+                    f"{m.key}: model {m.bundle.name} needs channels that device {machine!r} "
+                    f"does not have: {', '.join(missing)}"
+                )
+    return served
+
+
+def _check_window(cfg: Config, bundle: ModelBundle, key: str) -> None:
+    if abs(bundle.window_s - cfg.features.window_s) > 1e-9:
+        raise ConfigError(
+            f"features.window_s = {cfg.features.window_s} but model {bundle.name} "
+            f"({key}) was trained on {bundle.window_s} s windows"
+        )
 
 
 def load_model_for(cfg: Config) -> ModelBundle:

@@ -19,7 +19,7 @@ import logging
 import signal
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from appliance import __version__
@@ -29,18 +29,87 @@ from appliance.alerts.quality import DataQualityMonitor
 from appliance.api import ApiServer, LiveView
 from appliance.batch import Batcher
 from appliance.config import AlertAction, Config, action_raw
-from appliance.contracts import Envelope, Frame, ScoreBatch
+from appliance.contracts import Envelope, FeatureRow, Frame, ScoreBatch, Window
 from appliance.downsample import BandwidthMeter, TelemetryDownsampler
+from appliance.downsample.scores import ScoreJoiner
 from appliance.features import FeatureBuilder, WindowAggregator
+from appliance.features.samples import SampleFeatureBuilder
 from appliance.infer import EngineOptions, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
-from appliance.runtime.checks import config_warnings, load_model_for
+from appliance.runtime.checks import ServedModel, config_warnings, served_models
 from appliance.runtime.health import HealthLog
 from appliance.runtime.sdnotify import Notifier
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, quality_topic, telemetry_topic
 
 log = logging.getLogger(__name__)
+
+
+class _Model:
+    """One served model's stages: engine, batcher and the feature builder for its machines."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        cfg: Config,
+        on_scores: Callable[[str, ScoreBatch], None],
+        all_machines: Sequence[str],
+    ) -> None:
+        self.name = served.name
+        self.bundle = served.bundle
+        self.machines = frozenset(served.machines or all_machines)
+        self.engine = ServingEngine(
+            served.bundle, cfg.engine.backend, EngineOptions.from_config(cfg, served.bundle)
+        )
+        self.batcher = Batcher(
+            self.engine,
+            lambda batch: on_scores(self.name, batch),
+            max_batch=cfg.batch.max_batch,
+            max_delay_ms=cfg.batch.max_delay_ms,
+            queue_size=cfg.batch.queue_size,
+        )
+        self.window_features: FeatureBuilder | None = None
+        self.sample_features: SampleFeatureBuilder | None = None
+        if served.bundle.needs_samples:
+            self.sample_features = SampleFeatureBuilder(
+                served.bundle.window_s,
+                served.bundle.features,
+                self.batcher.submit,
+                served.bundle.condition,
+            )
+        else:
+            self.window_features = FeatureBuilder(served.bundle.features, self.batcher.submit)
+
+    def on_window(self, window: Window) -> None:
+        if self.window_features is not None and window.machine in self.machines:
+            self.window_features(window)
+
+    def on_frame(self, frame: Frame) -> None:
+        if self.sample_features is not None and frame.device in self.machines:
+            self.sample_features.on_frame(frame)
+
+    @property
+    def features(self) -> FeatureBuilder | SampleFeatureBuilder:
+        built = self.window_features or self.sample_features
+        assert built is not None
+        return built
+
+    def submit(self, row: FeatureRow) -> None:
+        self.batcher.submit(row)
+
+    def stats(self) -> dict[str, Any]:
+        f = self.features
+        return {
+            "model": self.bundle.name,
+            "version": self.bundle.version,
+            "machines": sorted(self.machines),
+            "feature_rows": f.rows,
+            "incomplete_windows": f.incomplete_windows,
+            "unscored_windows": getattr(f, "unscored_windows", 0),
+            "partial_windows": getattr(f, "partial_windows", 0),
+            "batcher": self.batcher.stats(),
+            "engine": self.engine.stats(),
+        }
 
 
 class Appliance:
@@ -50,16 +119,12 @@ class Appliance:
         self.cfg = cfg
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
-        self.bundle = load_model_for(cfg)
+        served = served_models(cfg)
+        self.bundle = served[0].bundle
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
         self.outbox = SqliteOutbox.from_config(cfg.outbox, appliance_id=aid)
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
-        self.engine = ServingEngine(
-            self.bundle,
-            cfg.engine.backend,
-            EngineOptions.from_config(cfg, self.bundle),
-        )
         self.alerts = AlertEngine(
             cfg.alerts.rules,
             self._append,
@@ -67,24 +132,28 @@ class Appliance:
             store=AlertStore(cfg.alerts.state_path, cfg.outbox.synchronous),
             devices=[d.name for d in cfg.devices],
             act=self._act,
+            default_model=served[0].name,
         )
-        self.batcher = Batcher(
-            self.engine,
-            self._on_scores,
-            max_batch=cfg.batch.max_batch,
-            max_delay_ms=cfg.batch.max_delay_ms,
-            queue_size=cfg.batch.queue_size,
+        machines = [d.name for d in cfg.devices]
+        self.models = [_Model(m, cfg, self._on_scores, machines) for m in served]
+        # the first model under the names the single-model appliance had
+        self.engine = self.models[0].engine
+        self.batcher = self.models[0].batcher
+        self.features = self.models[0].features
+        self.scores = ScoreJoiner(
+            {d: [m.name for m in self.models if d in m.machines] for d in machines},
+            self._append,
         )
-        self.features = FeatureBuilder(self.bundle.features, self.batcher.submit)
         self.telemetry = TelemetryDownsampler(
             cfg.telemetry.stats,
-            self._append,
+            self.scores.hold,
             lambda m: telemetry_topic(prefix, aid, m),
             interval_s=cfg.telemetry.interval_s,
             deadband=cfg.telemetry.deadband,
             max_silence_s=cfg.telemetry.max_silence_s,
         )
-        window_sinks: list[Any] = [self.features, self.alerts.on_window]
+        window_sinks: list[Any] = [m.on_window for m in self.models if m.window_features]
+        window_sinks.append(self.alerts.on_window)
         if cfg.telemetry.enabled:
             window_sinks.insert(0, self.telemetry)
         self.live = LiveView(cfg.api.history_s, cfg.features.window_s)
@@ -126,14 +195,17 @@ class Appliance:
         if self.quality_enabled:
             self.quality.on_frame(frame)
         self.windows.on_frame(frame)
+        for m in self.models:
+            m.on_frame(frame)
         self.alerts.on_frame(frame)
         if self.api is not None:
             self.live.on_frame(frame)
 
-    def _on_scores(self, scores: ScoreBatch) -> None:
-        self.alerts.on_scores(scores)
-        if self.api is not None:
-            self.live.on_scores(scores)
+    def _on_scores(self, model: str, batch: ScoreBatch) -> None:
+        self.alerts.on_scores(batch, model)
+        self.scores.on_scores(model, batch)
+        if self.api is not None and model == self.models[0].name:  # the status page's score
+            self.live.on_scores(batch)
 
     def _append(self, envelopes: Sequence[Envelope]) -> None:
         """Queue envelopes for the outbox: every envelope handed over during one event-loop
@@ -245,8 +317,15 @@ class Appliance:
         await self.uplink.start()
         if self.api is not None:  # answers /health (and /ready: 503) while the engine loads
             await self.api.start()
-        await self.batcher.start()
-        log.info("engine: serving on %s — %s", self.engine.backend, self.engine.summary())
+        for m in self.models:
+            await m.batcher.start()
+            log.info(
+                "model %s (%s): serving on %s — %s",
+                m.name,
+                m.bundle.name,
+                m.engine.backend,
+                m.engine.summary(),
+            )
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
@@ -272,8 +351,14 @@ class Appliance:
                 await self._alert_tick
         self.windows.flush()
         self.telemetry.flush()
-        await self.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
-        await self.batcher.close()
+        for m in self.models:
+            if m.sample_features is not None:
+                m.sample_features.flush()
+        for m in self.models:
+            await m.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
+        for m in self.models:
+            await m.batcher.close()
+        self.scores.flush()
         self._flush_appends()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)
         self.outbox.close()
@@ -318,6 +403,7 @@ class Appliance:
             "incomplete_windows": self.features.incomplete_windows,
             "batcher": self.batcher.stats(),
             "engine": self.engine.stats(),
+            "models": {m.name: m.stats() for m in self.models},
             "alerts": {
                 "raised": self.alerts.raised,
                 "updated": self.alerts.updated,

@@ -16,7 +16,8 @@ instead of bursting.
 Faults reach a machine three ways: a :class:`FaultSchedule` (``at_s`` simulated seconds after
 :meth:`SimulatedCell.start`), :meth:`SimulatedCell.inject`, or over Modbus through the
 fault-control holding registers :data:`FAULT_REQUEST_REGISTER` (write 1 = ``temp_ramp``,
-2 = ``vibration_surge``, 3-6 the transport faults of :data:`FAULT_CODES`) and
+2 = ``vibration_surge``, 3-7 the transport faults, 8-12 the subtle faults of
+:data:`FAULT_CODES`) and
 :data:`FAULT_DURATION_REGISTER` (seconds; 0 means
 :data:`DEFAULT_FAULT_DURATION_S`). The tick task reads the request, injects it and resets the
 request register to 0. These two registers are not in the polled profile on purpose: the
@@ -89,6 +90,11 @@ FAULT_CODES: dict[int, str] = {
     5: "busy",
     6: "disconnect",
     7: "crc_garbage",
+    8: "tool_wear",
+    9: "bearing_defect",
+    10: "imbalance",
+    11: "chatter",
+    12: "coolant_loss",
 }
 #: Modbus exception code a server answers with during each exception fault.
 DEVICE_FAULT_EXCEPTION: dict[str, int] = {"exception": 4, "busy": 6}
@@ -698,7 +704,9 @@ class SimulatedCell:
             model.step(dt_s)
             if self.fifo_address is not None:
                 values = self._values(i)
-                self._fifos[i].advance(dt_s, values["vibration_rms"], values["spindle_speed"])
+                self._fifos[i].advance(
+                    dt_s, values["vibration_rms"], values["spindle_speed"], model.waveform_tones()
+                )
             if self._active[i]:
                 now = model.active_faults
                 for kind in self._active[i] - now:

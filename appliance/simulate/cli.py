@@ -47,7 +47,8 @@ faults:
   answers exception 4 / 6, drops its connections, or sends RTU answers with a bad CRC (--serial),
   for the duration)
   At run time, write holding register {FAULT_REQUEST_REGISTER} (1 = temp_ramp, 2 = vibration_surge,
-  3 = timeout, 4 = exception, 5 = busy, 6 = disconnect, 7 = crc_garbage (RTU only)) and
+  3 = timeout, 4 = exception, 5 = busy, 6 = disconnect, 7 = crc_garbage (RTU only),
+  8 = tool_wear, 9 = bearing_defect, 10 = imbalance, 11 = chatter, 12 = coolant_loss) and
   register {FAULT_DURATION_REGISTER} (seconds, 0 = default) on a machine's server to inject a
   fault over Modbus.
 

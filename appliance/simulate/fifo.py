@@ -14,6 +14,7 @@ into the input registers at ``fifo_address`` after every tick.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -61,14 +62,26 @@ class VibrationFifo:
         self._next_seq = start_seq  # sequence number of the next sample produced
         self._phase = 0.0  # radians of the fundamental
         self._carry_s = 0.0  # simulated time not yet turned into a sample
+        self._tone_phase: dict[str, float] = {}  # radians of each fault tone, by key
 
     @property
     def next_seq(self) -> int:
         """Sequence number the next sample will get (samples produced so far + ``start_seq``)."""
         return self._next_seq
 
-    def advance(self, dt_s: float, rms_mm_s: float, speed_rpm: float) -> int:
-        """Produce the samples of ``dt_s`` simulated seconds; return how many."""
+    def advance(
+        self,
+        dt_s: float,
+        rms_mm_s: float,
+        speed_rpm: float,
+        tones: Sequence[tuple[str, float, float]] = (),
+    ) -> int:
+        """Produce the samples of ``dt_s`` simulated seconds; return how many.
+
+        ``tones`` are fault components ``(key, frequency_hz, rms_mm_s)``
+        (:meth:`~appliance.simulate.machine.CncMachine.waveform_tones`): their power is part of
+        ``rms_mm_s``, so the healthy signal gets what remains and the total RMS follows
+        ``rms_mm_s``; each key's phase continues from one call to the next."""
         self._carry_s += dt_s
         n = int(self._carry_s * self.rate_hz)
         if n <= 0:
@@ -79,9 +92,15 @@ class VibrationFifo:
         self._phase = float(phase[-1] % (2.0 * math.pi))
         sig = sum(a * np.sin(k * phase) for k, a in enumerate(_HARMONICS, start=1))
         sig = sig + _NOISE * self._rng.standard_normal(n)
-        counts = np.clip(
-            np.rint(sig * (rms_mm_s / math.sqrt(_POWER)) * 1e6 / SCALE_U), -32768, 32767
-        ).astype(np.int16)
+        base_rms = math.sqrt(max(rms_mm_s * rms_mm_s - sum(a * a for _, _, a in tones), 0.0))
+        sig = sig * (base_rms / math.sqrt(_POWER))
+        steps = np.arange(1, n + 1, dtype=np.float64)
+        for key, freq_hz, tone_rms in tones:
+            tw = 2.0 * math.pi * freq_hz / self.rate_hz
+            tphase = self._tone_phase.get(key, 0.0) + tw * steps
+            self._tone_phase[key] = float(tphase[-1] % (2.0 * math.pi))
+            sig = sig + math.sqrt(2.0) * tone_rms * np.sin(tphase)
+        counts = np.clip(np.rint(sig * 1e6 / SCALE_U), -32768, 32767).astype(np.int16)
         self._push(counts)
         self._next_seq += n
         return n

@@ -31,6 +31,14 @@ What it models, in simulated seconds:
   :data:`TEMP_COOL_TAU_S` afterwards (below 60 °C within about 10 s of the end);
   ``vibration_surge`` multiplies vibration by 4–6 (at least 8 mm/s, whatever the cycle phase) and
   raises spindle load while the spindle turns.
+* **Subtle faults** (:data:`SUBTLE_FAULT_KINDS`), which a threshold on one channel hardly sees:
+  ``tool_wear`` (cutting torque and vibration creep up over the duration at the same feed and
+  speed), ``bearing_defect`` (a narrow-band tone at the outer-race frequency
+  :data:`BEARING_BPFO_ORDER` × rotation in the waveform, RMS + ~3 %), ``imbalance`` (extra 1×
+  rotation component growing with speed², large only at high speed), ``chatter`` (a band of
+  :data:`CHATTER_BAND_HZ` energy during cuts) and ``coolant_loss`` (coolant and spindle
+  temperatures drift up by :data:`COOLANT_LOSS_RISE_C` over the duration). The waveform parts
+  are given to the vibration FIFO by :meth:`CncMachine.waveform_tones`.
 
 ``step()`` is called at about 20 Hz for up to 100 machines, so it costs one numpy call (the
 noise draw) plus a few dozen float operations.
@@ -45,7 +53,14 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Fault kinds :meth:`CncMachine.inject` accepts.
-FAULT_KINDS: tuple[str, ...] = ("temp_ramp", "vibration_surge")
+SUBTLE_FAULT_KINDS: tuple[str, ...] = (
+    "tool_wear",
+    "bearing_defect",
+    "imbalance",
+    "chatter",
+    "coolant_loss",
+)
+FAULT_KINDS: tuple[str, ...] = ("temp_ramp", "vibration_surge", *SUBTLE_FAULT_KINDS)
 
 #: Channel names :meth:`CncMachine.values` returns, as in the ``cnc-sim`` profile.
 CHANNELS: tuple[str, ...] = (
@@ -85,6 +100,25 @@ SPINDLE_ACCEL_RPM_S = 6000.0
 RATED_SPEED_RPM = 12000.0
 #: Time constant with which a vibration surge sets in and dies away (s).
 SURGE_TAU_S = 0.3
+#: ``tool_wear``: cutting torque increase at the end of the fault's duration (fraction) ...
+TOOL_WEAR_LOAD_RISE = 0.25
+#: ... and vibration increase (fraction); a new tool (fault end) resets both.
+TOOL_WEAR_VIB_RISE = 0.15
+#: ``bearing_defect``: outer-race defect frequency as a multiple of the rotation frequency
+#: (ball pass frequency, outer race, of a typical spindle bearing) ...
+BEARING_BPFO_ORDER = 3.58
+#: ... and its RMS as a fraction of the healthy vibration RMS.
+BEARING_TONE_FRACTION = 0.25
+#: ``imbalance``: RMS of the extra 1× component as a fraction of the healthy RMS, at rated speed
+#: (scales with speed²).
+IMBALANCE_FRACTION_AT_RATED = 0.9
+#: ``chatter``: band of the self-excited vibration during cuts (Hz) ...
+CHATTER_BAND_HZ = (360.0, 440.0)
+#: ... and its RMS as a fraction of the healthy vibration RMS.
+CHATTER_FRACTION = 0.45
+#: ``coolant_loss``: coolant temperature rise at the end of the fault's duration (°C); the
+#: spindle, cooled less, gains 1.5 times as much.
+COOLANT_LOSS_RISE_C = 5.0
 
 
 class ProgramState(enum.IntEnum):
@@ -189,6 +223,9 @@ class CncMachine:
         self._surge = 0.0
         self._surge_mult = 1.0
         self._faults: dict[str, float] = {}  # kind -> remaining simulated seconds
+        self._fault_len: dict[str, float] = {}  # kind -> duration it was injected with
+        self._coolant_loss_c = 0.0  # extra coolant heat of a coolant loss (decays after it)
+        self._tones: tuple[tuple[str, float, float], ...] = ()
         self._values: dict[str, float] = {}
         self._update_outputs(0.0)
 
@@ -221,10 +258,11 @@ class CncMachine:
         if not (math.isfinite(duration_s) and duration_s > 0.0):
             raise ValueError(f"fault duration_s must be a positive number, got {duration_s!r}")
         self._faults[kind] = float(duration_s)
+        self._fault_len[kind] = float(duration_s)
         if kind == "temp_ramp":
             rise_c = max(TEMP_RAMP_RISE_C, TEMP_RAMP_MIN_PEAK_C - self._spindle_base_c)
             self._temp_rate_c_s = max(0.0, rise_c - self._fault_heat_c) / duration_s
-        else:
+        elif kind == "vibration_surge":
             self._surge_mult = float(self._fault_rng.uniform(4.0, 6.0))
 
     def step(self, dt_s: float) -> None:
@@ -244,6 +282,19 @@ class CncMachine:
         """Current value of every channel in :data:`CHANNELS`, in the profile's units."""
         return dict(self._values)
 
+    def waveform_tones(self) -> tuple[tuple[str, float, float], ...]:
+        """The fault components of the vibration waveform now: ``(key, frequency_hz, rms_mm_s)``
+        per tone. Their power is part of ``values()["vibration_rms"]``; the FIFO adds them on top
+        of the healthy signal (whose RMS is what remains), keeping each key's phase continuous."""
+        return self._tones
+
+    def _progress(self, kind: str) -> float:
+        """How far fault ``kind`` is through its duration (0..1; 0 when not active)."""
+        if kind not in self._faults:
+            return 0.0
+        total = self._fault_len.get(kind, 0.0)
+        return 1.0 if total <= 0.0 else min(1.0, 1.0 - self._faults[kind] / total)
+
     # ------------------------------------------------------------------ internals
 
     def _advance_faults(self, dt_s: float) -> None:
@@ -260,6 +311,19 @@ class CncMachine:
             self._fault_heat_c *= math.exp(-dt_s / TEMP_COOL_TAU_S)
             if self._fault_heat_c < 1e-3:
                 self._fault_heat_c = 0.0
+        for kind in SUBTLE_FAULT_KINDS:
+            if kind in faults:
+                remaining = faults[kind] - dt_s
+                if remaining <= 0.0:
+                    del faults[kind]
+                else:
+                    faults[kind] = remaining
+        if "coolant_loss" in faults:
+            self._coolant_loss_c = COOLANT_LOSS_RISE_C * self._progress("coolant_loss")
+        elif self._coolant_loss_c > 0.0:
+            self._coolant_loss_c *= math.exp(-dt_s / COOLANT_TAU_S)
+            if self._coolant_loss_c < 1e-3:
+                self._coolant_loss_c = 0.0
         target = 0.0
         if "vibration_surge" in faults:
             target = 1.0
@@ -338,7 +402,12 @@ class CncMachine:
             op = self.programs[self._program_i].operations[self._op_i]
             engage = min(1.0, t / 0.5)
             w = _TWO_PI * op.path_hz * t
-            load = engage * op.load_pct * (1.0 + 0.12 * math.sin(w)) + 4.0 + 3.0 * speed_frac
+            wear = TOOL_WEAR_LOAD_RISE * self._progress("tool_wear")
+            load = (
+                engage * op.load_pct * (1.0 + 0.12 * math.sin(w)) * (1.0 + wear)
+                + 4.0
+                + 3.0 * speed_frac
+            )
             axis_x = 12.0 + 18.0 * engage * abs(math.sin(w))
             axis_y = 12.0 + 18.0 * engage * abs(math.cos(w))
             axis_z = 10.0 + 0.25 * load
@@ -363,7 +432,9 @@ class CncMachine:
             self._coolant_c += (coolant_eq - self._coolant_c) * (
                 1.0 - math.exp(-dt_s / COOLANT_TAU_S)
             )
-            spindle_eq = self._coolant_c + 8.0 + 24.0 * speed_frac + 0.08 * load
+            spindle_eq = (
+                self._coolant_c + 8.0 + 24.0 * speed_frac + 0.08 * load + 0.5 * self._coolant_loss_c
+            )
             self._spindle_base_c += (spindle_eq - self._spindle_base_c) * (
                 1.0 - math.exp(-dt_s / SPINDLE_TAU_S)
             )
@@ -372,6 +443,11 @@ class CncMachine:
         if phase is _Phase.CUT:
             vib += 0.01 * load
         vib = vib * (1.0 + 0.06 * z[1]) + 0.03 * z[2]
+        vib *= 1.0 + TOOL_WEAR_VIB_RISE * self._progress("tool_wear")
+        tones = self._fault_tones(max(0.05, vib), speed, phase is _Phase.CUT)
+        self._tones = tones
+        if tones:
+            vib = math.sqrt(vib * vib + sum(a * a for _, _, a in tones))
         if self._surge > 0.0:
             vib += self._surge * (self._surge_mult * max(vib, 2.0) - vib)
         vib = max(0.05, vib)
@@ -382,9 +458,35 @@ class CncMachine:
             "axis_load_x": max(0.0, axis_x + 0.8 * z[4]),
             "axis_load_y": max(0.0, axis_y + 0.8 * z[5]),
             "axis_load_z": max(0.0, axis_z + 0.8 * z[6]),
-            "spindle_temp": self._spindle_base_c + self._fault_heat_c + 0.08 * z[7],
-            "coolant_temp": self._coolant_c + 0.02 * z[8],
+            "spindle_temp": self._spindle_base_c
+            + self._fault_heat_c
+            + self._coolant_loss_c
+            + 0.08 * z[7],
+            "coolant_temp": self._coolant_c + self._coolant_loss_c + 0.02 * z[8],
             "vibration_rms": vib,
             "part_counter": float(self._parts),
             "program_state": _STATE_OF_PHASE[phase],
         }
+
+    def _fault_tones(
+        self, vib: float, speed: float, cutting: bool
+    ) -> tuple[tuple[str, float, float], ...]:
+        """Waveform components of the active subtle faults (see :meth:`waveform_tones`)."""
+        faults = self._faults
+        if speed <= 1.0 or not (
+            "bearing_defect" in faults or "imbalance" in faults or "chatter" in faults
+        ):
+            return ()
+        shaft_hz = speed / 60.0
+        tones: list[tuple[str, float, float]] = []
+        if "bearing_defect" in faults:
+            tones.append(("bpfo", BEARING_BPFO_ORDER * shaft_hz, BEARING_TONE_FRACTION * vib))
+        if "imbalance" in faults:
+            frac = IMBALANCE_FRACTION_AT_RATED * (speed / RATED_SPEED_RPM) ** 2
+            tones.append(("imbalance", shaft_hz, frac * vib))
+        if "chatter" in faults and cutting:
+            lo, hi = CHATTER_BAND_HZ
+            n = 8
+            each = CHATTER_FRACTION * vib / math.sqrt(n)
+            tones.extend((f"chatter{k}", lo + (hi - lo) * (k + 0.5) / n, each) for k in range(n))
+        return tuple(tones)

@@ -467,6 +467,37 @@ PROBES: list[P] = [
         "/tmp/elsewhere.sqlite",
         held(lambda a: a.alerts._store.path, "appliance/runtime/supervisor.py"),
     ),
+    P(
+        "alerts.rules[].model",
+        "y",
+        held(lambda a: a.alerts._score_rules[0].model, "appliance/alerts"),
+        base={
+            "models": [
+                {"name": "x", "model": "__model_a__"},
+                {"name": "y", "model": "__model_a__"},
+            ],
+            "alerts.rules[].source": "score",
+            "alerts.rules[].channel": DELETE,
+        },
+    ),
+    P("models[].name", "y", base={"models[].name": "x", "models[].model": "__model_a__"}),
+    P(
+        "models[].model",
+        "__model_a_std__",
+        base={"models[].name": "x", "models[].model": "__model_a__"},
+    ),
+    P(
+        "models[].machines",
+        ["m"],
+        base={
+            "models[].name": "x",
+            "models[].model": "__model_a__",
+            "devices": [
+                copy.deepcopy(DEVICES["modbus_tcp"]),
+                {**copy.deepcopy(DEVICES["modbus_tcp"]), "name": "m2", "port": 1503},
+            ],
+        },
+    ),
     P("telemetry.enabled", False),
     P("telemetry.stats", ["rms"]),
     P("telemetry.interval_s", 10.0),
@@ -531,15 +562,48 @@ def model_2s(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dst
 
 
-def build(data: dict[str, Any], tmp_path: Path, model_2s: Path) -> Appliance:
+@pytest.fixture(scope="module")
+def models_a(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small bundles over channel ``a`` of the default device (``[[models]]`` probes)."""
+    from appliance.contracts import FeatureSpec
+    from appliance.modelkit.export import finish_model, write_bundle
+    from appliance.modelkit.gaussian import fit_gaussian
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for name, stats in (("__model_a__", ("mean", "max")), ("__model_a_std__", ("mean", "std"))):
+        x = rng.standard_normal((200, 2))
+        model = fit_gaussian(x)
+        d = tmp_path_factory.mktemp("models") / name.strip("_")
+        write_bundle(
+            d,
+            name=name.strip("_"),
+            version="0",
+            description="test",
+            onnx_bytes=finish_model(model.onnx_graph("t")),
+            features=tuple(FeatureSpec("a", s) for s in stats),
+            window_s=1.0,
+            golden_inputs=x[:4].astype(np.float32),
+            golden_outputs=model.score(x[:4]).astype(np.float32),
+            threshold=1.0,
+        )
+        out[name] = d
+    return out
+
+
+def build(
+    data: dict[str, Any], tmp_path: Path, model_2s: Path, models_a: dict[str, Path]
+) -> Appliance:
     text = json.dumps(data).replace("__model_2s__", str(model_2s))
+    for key, path in models_a.items():
+        text = text.replace(key, str(path))
     cfg = parse_config(json.loads(text), base_dir=tmp_path)
     return Appliance(cfg)
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.path for p in PROBES])
 def test_changing_the_key_changes_what_the_appliance_uses(
-    probe: P, tmp_path: Path, model_2s: Path
+    probe: P, tmp_path: Path, model_2s: Path, models_a: dict[str, Path]
 ) -> None:
     default = base_config(probe.path)
     for path, value in probe.base.items():
@@ -548,8 +612,8 @@ def test_changing_the_key_changes_what_the_appliance_uses(
     set_path(changed, probe.path, probe.value)
     for path, value in probe.also.items():
         set_path(changed, path, value)
-    before = probe.get(build(default, tmp_path, model_2s))
-    after = probe.get(build(changed, tmp_path, model_2s))
+    before = probe.get(build(default, tmp_path, model_2s, models_a))
+    after = probe.get(build(changed, tmp_path, model_2s, models_a))
     assert before != after, f"{probe.path} = {probe.value!r} changes nothing the appliance uses"
     if isinstance(probe.get, held):
         key = probe.path.rsplit(".", 1)[-1]
@@ -560,6 +624,9 @@ def test_changing_the_key_changes_what_the_appliance_uses(
         )
 
 
-def test_two_builds_of_one_config_have_the_same_fingerprint(tmp_path: Path, model_2s: Path) -> None:
+def test_two_builds_of_one_config_have_the_same_fingerprint(
+    tmp_path: Path, model_2s: Path, models_a: dict[str, Path]
+) -> None:
     data = base_config("devices[]<modbus_tcp>.name")
-    assert FP(build(data, tmp_path, model_2s)) == FP(build(data, tmp_path, model_2s))
+    first = FP(build(data, tmp_path, model_2s, models_a))
+    assert first == FP(build(data, tmp_path, model_2s, models_a))

@@ -198,7 +198,15 @@ def test_injecting_an_unknown_fault_kind_raises() -> None:
     with pytest.raises(ValueError, match="unknown fault kind 'spindle_fire'"):
         machine.inject("spindle_fire", 10.0)
     assert machine.active_faults == frozenset()
-    assert set(FAULT_KINDS) == {"temp_ramp", "vibration_surge"}
+    assert set(FAULT_KINDS) == {
+        "temp_ramp",
+        "vibration_surge",
+        "tool_wear",
+        "bearing_defect",
+        "imbalance",
+        "chatter",
+        "coolant_loss",
+    }
 
 
 @pytest.mark.parametrize("duration_s", [0.0, -1.0, math.nan, math.inf])

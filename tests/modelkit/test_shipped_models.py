@@ -1,0 +1,29 @@
+"""The shipped sample-feature models: their golden inputs are what the serving code computes
+from the simulator, their graphs pass the operator check and reproduce their golden outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from appliance.features.samples import features_from_frames
+from appliance.infer.bundle import load_bundle
+from appliance.modelkit.evaluate import score_windows
+from appliance.modelkit.export import operator_check
+from appliance.simulate.dataset import simulate_frames
+
+
+@pytest.mark.parametrize("name", ["cnc_condition", "cnc_autoencoder"])
+def test_a_shipped_model_is_served_exactly_the_features_it_was_trained_on(name: str) -> None:
+    b = load_bundle(name)
+    assert b.needs_samples and b.condition
+    # export.py: golden rows 0-7 are the first scored windows of seed 1001, machine 0
+    _, x, _ = features_from_frames(
+        simulate_frames(1001, 0, 300), b.features, b.window_s, condition=b.condition
+    )
+    np.testing.assert_array_equal(x[:8], b.golden_inputs[:8])
+    got = score_windows(b, b.golden_inputs)
+    np.testing.assert_allclose(got, b.golden_outputs, rtol=b.golden_rtol, atol=b.golden_atol)
+    assert operator_check(onnx.load(str(b.onnx_path))) == []
+    assert b.golden_outputs[:8].max() < b.threshold  # healthy windows; 8: are in a fault
