@@ -155,7 +155,8 @@ def markdown(r: dict[str, Any], plots: list[str]) -> str:
             "| figure | appliance | baseline | ratio |",
             "|---|---:|---:|---:|",
             f"| lost | **{a['lost']}** | {b['lost']} | {_ratio(sc['crash']['ratios']['lost'])} |",
-            f"| duplicates (bound: kills × max_inflight = {a['duplicates_bound']}) | "
+            "| duplicates (bound: kills × (max_inflight + unsettled acks) = "
+            f"{a['duplicates_bound']}) | "
             f"{a['duplicates']} | {b['duplicates']} | |",
             f"| unique messages received | {_f(a['unique'])} | {_f(b['unique'])} | |",
             "",
