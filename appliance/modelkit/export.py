@@ -62,6 +62,20 @@ def finish_model(graph: Any, *, producer: str = "appliance-modelkit") -> bytes:
     return bytes(model.SerializeToString())
 
 
+def condition_manifest(
+    condition: Sequence[tuple[FeatureSpec, float, float]],
+) -> list[dict[str, Any]]:
+    """A model's ``condition`` (feature, lowest, highest value a scored window may have) as the
+    manifest's ``condition`` list; an infinite upper bound is left out."""
+    out: list[dict[str, Any]] = []
+    for f, lo, hi in condition:
+        entry: dict[str, Any] = {"channel": f.channel, "stat": f.stat, "min": lo}
+        if hi != float("inf"):
+            entry["max"] = hi
+        out.append(entry)
+    return out
+
+
 def write_bundle(
     out: Path,
     *,

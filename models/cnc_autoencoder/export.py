@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.modelkit.autoencoder import AutoencoderModel, fit_autoencoder
-from appliance.modelkit.export import finish_model, write_bundle
+from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
 from appliance.simulate.dataset import FaultEvent
 from models.cnc_condition.export import (
     CALIB_MACHINES,
@@ -74,12 +74,7 @@ def main() -> None:
         golden_atol=1e-4,
         extra={
             "kind": "autoencoder",
-            "condition": [
-                {"channel": f.channel, "stat": f.stat, "min": lo}
-                if hi == float("inf")
-                else {"channel": f.channel, "stat": f.stat, "min": lo, "max": hi}
-                for f, lo, hi in CONDITION
-            ],
+            "condition": condition_manifest(CONDITION),
             "training": {
                 "seed": args.seed,
                 "machines": args.machines,

@@ -21,7 +21,7 @@ import numpy as np
 
 from appliance.contracts import FeatureSpec
 from appliance.features.samples import features_from_frames
-from appliance.modelkit.export import finish_model, write_bundle
+from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
 from appliance.modelkit.gaussian import GaussianModel, fit_gaussian
 from appliance.simulate.dataset import WAVE_CHANNEL, FaultEvent, simulate_frames
 
@@ -107,12 +107,7 @@ def main() -> None:
         threshold=1.0,
         extra={
             "kind": "gaussian",
-            "condition": [
-                {"channel": f.channel, "stat": f.stat, "min": lo}
-                if hi == float("inf")
-                else {"channel": f.channel, "stat": f.stat, "min": lo, "max": hi}
-                for f, lo, hi in CONDITION
-            ],
+            "condition": condition_manifest(CONDITION),
             "training": {
                 "seed": args.seed,
                 "machines": args.machines,
