@@ -7,6 +7,7 @@ Mosquitto 2 ignores ``-p`` once a ``listener`` is configured and then defaults
 from __future__ import annotations
 
 import getpass
+import random
 import shutil
 import socket
 import subprocess
@@ -26,13 +27,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux), or 32768."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(n: int, host: str = "127.0.0.1", tries: int = 50) -> int:
     """The first of ``n`` consecutive TCP ports that were all free on ``host`` a moment ago
-    (for ``appliance simulate --base-port``, which listens on ``base .. base + n - 1``)."""
+    (for ``appliance simulate --base-port``, which listens on ``base .. base + n - 1``).
+
+    The block is taken below the kernel's ephemeral range, so that the local end of some other
+    outgoing connection cannot take one of its ports between this check and the listener's
+    bind (``bind(0)``, as :func:`free_port` uses, picks from that very range)."""
+    rng = random.Random()
+    top = min(_ephemeral_low(), 65536) - n
     for _ in range(tries):
-        base = free_port(host)
-        if base + n > 65536:
-            continue
+        base = rng.randrange(10000, top) if top > 10000 else free_port(host)
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + n):
