@@ -165,8 +165,9 @@ class CommandChannel(PahoOnLoop):
         return self._subscribed
 
     def stats(self) -> dict[str, Any]:
-        """``received`` (messages on the command topics), ``commands`` (executed or answered,
-        per command), ``codes`` (replies per code), ``refused`` (per reason),
+        """``received`` (messages on the command topics) = ``refused_total`` + the sum of
+        ``commands`` (requests that passed the checks, per command: executed, or answered
+        again as ``duplicates``); ``codes`` (replies per code), ``refused`` (per reason),
         ``duplicates``, ``replies`` (published, resends included), ``connected``,
         ``connects``, ``queued``."""
         return {
@@ -350,13 +351,14 @@ class CommandChannel(PahoOnLoop):
                 reply = Reply("refused", str(refusal))
                 self._publish(command, refusal.request_id, reply, None, correlation, store=False)
             return
-        self.by_command[req.command] = self.by_command.get(req.command, 0) + 1
         if req.request_id in self._pending:
+            self._count(req.command)
             self.duplicates += 1
             log.info("downlink: %s %s received again while under way", req.command, req.request_id)
             return
         stored = self._store.get(req.request_id)
         if stored is not None:
+            self._count(req.command)
             self.duplicates += 1
             log.info(
                 "downlink: %s %s already answered (%s): reply sent again",
@@ -375,12 +377,16 @@ class CommandChannel(PahoOnLoop):
             self._publish(req.command, req.request_id, reply, response, correlation, store=False)
             return
         self._pending.add(req.request_id)
+        self._count(req.command)
         log.info(
             "downlink: command %s request %s received (%d bytes)",
             req.command,
             req.request_id,
             len(payload),
         )
+
+    def _count(self, command: str) -> None:
+        self.by_command[command] = self.by_command.get(command, 0) + 1
 
     async def _work(self) -> None:
         """Execute queued requests one at a time, in arrival order."""
