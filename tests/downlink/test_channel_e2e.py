@@ -10,8 +10,10 @@ import jsonschema
 import pytest
 from dlhelp import DownlinkCell
 
+from appliance.config import load_config
 from appliance.demo.mosquitto import free_port
 from appliance.demo.subscriber import DemoSubscriber
+from appliance.downlink.runner import DownlinkRunner
 from appliance.downlink.schemas import load_cmd_schema
 from appliance.downlink.tomlfile import dumps
 from appliance.schemas import load_schema
@@ -172,3 +174,21 @@ def test_config_apply_of_an_invalid_config_is_refused_naming_the_key(
     assert reply["code"] == "refused" and "not valid TOML" in reply["message"]
     assert downlink_cell.config_path.read_text() == before
     assert downlink_cell.stats()["downlink"]["restarts"] == 0
+
+
+def test_a_request_id_answered_before_a_process_restart_is_not_executed_after_it(
+    downlink_cell: DownlinkCell,
+) -> None:
+    first = downlink_cell.send("alerts.ack", {"alert_id": "x:cnc-1:1"}, request_id="ack-r1")
+    assert first["code"] == "refused"  # executed: the handler refused an unknown alert
+    downlink_cell.call(downlink_cell.runner.stop())
+    runner = DownlinkRunner(load_config(downlink_cell.config_path), downlink_cell.config_path)
+    downlink_cell.runner = runner
+    downlink_cell.call(runner.start())
+    channel = runner.channel
+    assert channel is not None
+    downlink_cell.wait_for(channel.subscribed.is_set, 20, "subscribed again")
+    again = downlink_cell.send("alerts.ack", {"alert_id": "x:cnc-1:1"}, request_id="ack-r1")
+    assert again == first
+    dl = downlink_cell.stats()["downlink"]
+    assert dl["duplicates"] == 1 and dl["codes"] == {}
