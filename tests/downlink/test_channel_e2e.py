@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 import time
+import urllib.request
+from typing import Any
 
 import jsonschema
 import pytest
@@ -107,8 +109,12 @@ def _gaps(sub: DemoSubscriber) -> int:
 
 
 def test_config_apply_restarts_the_pipeline_in_process_with_the_new_config(
-    downlink_cell: DownlinkCell,
+    downlink_cell_factory: Any,
 ) -> None:
+    api_port = free_port()
+    downlink_cell: DownlinkCell = downlink_cell_factory(
+        {"api": {"enabled": True, "port": api_port}}
+    )
     sub = DemoSubscriber("127.0.0.1", downlink_cell.broker.port, "edge", "dl", client_id="ca-s")
     sub.start()
     try:
@@ -130,6 +136,9 @@ def test_config_apply_restarts_the_pipeline_in_process_with_the_new_config(
         # the channel stayed connected and answers with the new pipeline
         status = downlink_cell.send("status", {})
         assert status["code"] == "ok" and status["body"]["ready"] is True
+        # the new pipeline's local API took the port over
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/ready", timeout=5) as resp:
+            assert resp.status == 200
     finally:
         sub.stop()
     assert _gaps(sub) == 0
