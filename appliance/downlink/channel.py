@@ -60,6 +60,7 @@ from appliance.config import Config
 from appliance.downlink.base import CommandContext, Handler, Reply, Request
 from appliance.downlink.schemas import request_validator
 from appliance.downlink.store import DedupStore
+from appliance.errors import ConfigError
 from appliance.uplink.paho_loop import PahoOnLoop, paho_logger
 from appliance.uplink.tls import describe_connect_error, read_password, tls_context
 from appliance.uplink.topics import command_topic, reply_topic
@@ -205,6 +206,7 @@ class CommandChannel(PahoOnLoop):
             protocol=_PROTOCOLS[cfg.protocol],
             clean_session=None if v5 else False,
         )
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -466,6 +468,19 @@ class CommandChannel(PahoOnLoop):
         topic = response or reply_topic(self._prefix, self.appliance_id, request_id)
         client.publish(topic, payload, qos=1, properties=props)
         self.replies += 1
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        """Re-read ``mqtt.password_file`` before each attempt, as the uplink does (in the
+        connection worker thread)."""
+        if not self._mqtt.password_file:
+            return
+        try:
+            password = read_password(self._mqtt)
+        except ConfigError as err:
+            self._on_loop(self._log_failure, f"{err}; keeping the previous password")
+            return
+        if password is not None:
+            client.username_pw_set(self._mqtt.username, password.value)
 
     def _on_connect(
         self,
