@@ -4,6 +4,7 @@ the appliance."""
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 from pathlib import Path
@@ -28,8 +29,12 @@ def docs_acl(appliance_id: str) -> str:
 
 
 def test_the_documented_acl_lets_only_operators_command_the_appliance(
-    mosquitto: MosquittoProcess, downlink_cell_factory: Any, tmp_path: Path
+    mosquitto: MosquittoProcess,
+    downlink_cell_factory: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     acl = tmp_path / "acl"
     acl.write_text(docs_acl("dl"))
     pw = tmp_path / "passwd"
@@ -50,4 +55,5 @@ def test_the_documented_acl_lets_only_operators_command_the_appliance(
     with pytest.raises(CommandTimeout):
         send_command(eve, "dl", "status", {}, timeout_s=2)
     assert cell.stats()["downlink"]["received"] == 1  # eve's request never reached it
-    assert "s-dl" not in str(reply)
+    assert "s-dl" not in str(reply) and "s-dl" not in caplog.text  # never a secret
+    assert "downlink: reply ok to status" in caplog.text
