@@ -224,6 +224,7 @@ class CommandChannel(PahoOnLoop):
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s
+            props.MaximumPacketSize = max_packet_bytes(self._dl.max_payload_bytes)
         client.connect_async(
             cfg.host,
             cfg.port,
@@ -563,6 +564,13 @@ class CommandChannel(PahoOnLoop):
             self._attempt += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(halt.wait(), delay)
+
+
+def max_packet_bytes(max_payload_bytes: int) -> int:
+    """The MQTT 5 *Maximum Packet Size* the channel announces: twice the payload limit plus
+    64 KiB. Requests up to it arrive and are refused (and counted) as ``too_large``; the
+    broker drops larger ones for this client, so they never take the appliance's memory."""
+    return min(2 * max_payload_bytes + 65536, 268_435_455)
 
 
 def _peek_request_id(head: bytes) -> str | None:
