@@ -46,7 +46,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -127,7 +127,7 @@ class CommandChannel(PahoOnLoop):
         self._cmd_base = command_topic(self._prefix, self.appliance_id, "")
         self._ctx = ctx
         self._handlers = dict(handlers)
-        self._validators = {name: request_validator(name) for name in self._handlers}
+        self._validators: dict[str, Callable[[dict[str, Any]], str | None]] = {}
         self._store = store
         self._rng = rng
         self._clock = clock
@@ -191,6 +191,7 @@ class CommandChannel(PahoOnLoop):
         cfg = self._mqtt
         password = read_password(cfg)
         ctx = tls_context(cfg) if cfg.tls else None
+        self._validators = {name: request_validator(name) for name in self._handlers}
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._halt = asyncio.Event()
