@@ -67,7 +67,7 @@ from appliance.uplink.topics import command_topic, reply_topic
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # used with fullmatch (no trailing newline)
 QUEUE_SIZE = 64
 """Requests waiting for execution at most; more are refused (``busy``)."""
 REFUSAL_REASONS = (
@@ -141,6 +141,8 @@ class CommandChannel(PahoOnLoop):
         self._halt: asyncio.Event | None = None
         self._connector: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[Reply] | None = None  # the handler under way
+        self._closing = False
         self._queue: asyncio.Queue[tuple[Request, str | None, bytes | None]] | None = None
         self._pending: set[str] = set()
         self._connected = False
@@ -247,15 +249,26 @@ class CommandChannel(PahoOnLoop):
         )
 
     async def stop(self) -> None:
-        """Finish the command under way, disconnect. Idempotent."""
+        """Let the command under way finish and answer (bounded: twice
+        ``downlink.apply_deadline_s`` + 30 s; then it is cancelled), drop the queued ones (already
+        acknowledged to the broker: their senders get no reply and may send them again),
+        disconnect. Idempotent."""
         client = self._client
         if client is None or self._halt is None or self._nudge is None:
             return
+        self._closing = True
+        running, worker = self._running, self._worker
+        if worker is not None and running is not None and not running.done():
+            limit = 2 * self._dl.apply_deadline_s + 30.0  # config.apply: two restarts at worst
+            log.info("downlink: waiting for the command under way (up to %.0f s)", limit)
+            await asyncio.wait({worker}, timeout=limit)  # it ends after publishing the reply
         self._client = None
-        if self._worker is not None:
-            self._worker.cancel()
+        if running is not None and not running.done():
+            running.cancel()
+        if worker is not None:
+            worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await worker
         self._halt.set()
         self._nudge.set()
         if self._fd >= 0 and self._sock_closed is not None:
@@ -291,7 +304,7 @@ class CommandChannel(PahoOnLoop):
         except (UnicodeDecodeError, ValueError) as err:
             raise _Refused("not_json", f"not JSON: {err}") from None
         rid = data.get("request_id") if isinstance(data, dict) else None
-        readable = rid if isinstance(rid, str) and REQUEST_ID.match(rid) else None
+        readable = rid if isinstance(rid, str) and REQUEST_ID.fullmatch(rid) else None
         if not isinstance(data, dict):
             raise _Refused("not_object", "a request is a JSON object {request_id, body}")
         if readable is None:
@@ -399,10 +412,11 @@ class CommandChannel(PahoOnLoop):
     async def _work(self) -> None:
         """Execute queued requests one at a time, in arrival order."""
         assert self._queue is not None
-        while True:
+        while not self._closing:
             req, response, correlation = await self._queue.get()
             try:
-                reply = await self._execute(req)
+                self._running = asyncio.ensure_future(self._execute(req))
+                reply = await asyncio.shield(self._running)
                 self._publish(req.command, req.request_id, reply, response, correlation)
             except Exception:  # noqa: BLE001 - the channel keeps serving
                 log.exception("downlink: cannot answer %s %s", req.command, req.request_id)

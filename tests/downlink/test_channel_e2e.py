@@ -4,6 +4,7 @@ a requester (``appliance cmd``'s client)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -220,3 +221,25 @@ def test_rules_apply_rolls_back_when_writing_the_file_fails(
     assert downlink_cell.config_path.read_text() == before
     names = downlink_cell.on_loop(lambda: [r.name for r in downlink_cell.app.alerts.rules])
     assert names == ["spindle_overtemp"]  # the running rules were restored
+
+
+def test_stopping_lets_the_command_under_way_finish_and_answer(
+    downlink_cell: DownlinkCell,
+) -> None:
+    before = downlink_cell.config_path.read_text()
+    doc = tomllib.loads(before)
+    doc["mqtt"]["port"] = free_port()  # never ready: rolls back after apply_deadline_s (5 s)
+    replies: list[dict[str, Any]] = []
+    sender = threading.Thread(
+        target=lambda: replies.append(
+            downlink_cell.send("config.apply", {"config": doc}, timeout_s=60)
+        )
+    )
+    sender.start()
+    channel = downlink_cell.runner.channel
+    assert channel is not None
+    downlink_cell.wait_for(lambda: channel._running is not None, 20, "config.apply under way")
+    downlink_cell.call(downlink_cell.runner.stop())
+    sender.join(60)
+    assert replies and replies[0]["code"] == "rolled_back", replies
+    assert downlink_cell.config_path.read_text() == before
