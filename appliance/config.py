@@ -723,6 +723,23 @@ class ApiSection(_Section, frozen=True):
     refresh_ms: Annotated[int, msgspec.Meta(ge=200, le=60000)] = 1000
 
 
+class DownlinkSection(_Section, frozen=True):
+    """The MQTT command channel (docs/mqtt.md "Commands", issue 16).
+
+    ``enabled``: subscribe ``<prefix>/<appliance>/cmd/+`` and answer commands; false (the
+    default): commands are not even subscribed. ``max_payload_bytes``: a request above it is
+    refused (a ``model.release`` chunk must fit). ``dedup_keep``: request ids remembered (with
+    their replies) so a redelivered request is answered again, not executed again; the oldest
+    are dropped. ``apply_deadline_s``: how long a ``config.apply`` waits for the new pipeline
+    to become ready before it restores the previous file and configuration.
+    """
+
+    enabled: bool = False
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024, le=268_435_455)] = 256 * 1024
+    dedup_keep: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+    apply_deadline_s: PositiveFloat = 30.0
+
+
 class Config(_Section, frozen=True):
     appliance: ApplianceSection = msgspec.field(default_factory=ApplianceSection)
     devices: tuple[DeviceConfig, ...] = ()
@@ -737,6 +754,7 @@ class Config(_Section, frozen=True):
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     mqtt: MqttSection = msgspec.field(default_factory=MqttSection)
     api: ApiSection = msgspec.field(default_factory=ApiSection)
+    downlink: DownlinkSection = msgspec.field(default_factory=DownlinkSection)
 
 
 def _resolve(base: Path, value: str) -> str:
