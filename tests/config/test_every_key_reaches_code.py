@@ -396,6 +396,22 @@ PROBES: list[P] = [
     P("api.max_body_bytes", 4096, api("max_body_bytes"), base=API_ON),
     P("api.refresh_ms", 5000, api("refresh_ms"), base=API_ON),
     P("api.token_file", "/etc/appliance/token", api("token_file"), base=API_ON),
+    # read by the model.release handler from the running config (appliance/downlink)
+    P(
+        "downlink.model_keys",
+        ["ed25519:" + "A" * 43 + "="],
+        held(lambda a: a.cfg.downlink.model_keys, "appliance/downlink"),
+    ),
+    P(
+        "downlink.max_model_bytes",
+        4096,
+        held(lambda a: a.cfg.downlink.max_model_bytes, "appliance/downlink"),
+    ),
+    P(
+        "downlink.keep_models",
+        5,
+        held(lambda a: a.cfg.downlink.keep_models, "appliance/downlink"),
+    ),
     P("engine.precision", "fp16"),
     P("engine.workspace_mb", 256),
     P("alerts.rules[].name", "r2", rule("name")),
