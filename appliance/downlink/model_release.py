@@ -40,6 +40,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 
 #: served models with a release or rollback being verified or swapped (one at a time each)
 _busy: set[str] = set()
+#: model -> (version, reason) of a release that was refused: its later chunks are refused too,
+#: until its chunk 0 comes again (the release re-sent)
+_refused: dict[str, tuple[str, str]] = {}
 
 
 def _refuse(model: _Model | None, message: str, **body: Any) -> Reply:
@@ -248,6 +252,30 @@ async def release(ctx: CommandContext, req: Request) -> Reply:
     store = ModelStore(ctx.state_dir)
     staging = store.staging(model.name)
     where = f"{name} {version} chunk {i} of {n}"
+    earlier = _refused.get(model.name)
+    if earlier is not None and earlier[0] == version and i != 0:
+        return _refuse(model, f"{where}: this release was refused ({earlier[1]}); send it again")
+    _refused.pop(model.name, None)
+    reply = await _chunk(ctx, model, store, staging, where, name, version, i, n, data, want, b)
+    if reply.code == "refused":
+        _refused[model.name] = (version, reply.message)
+    return reply
+
+
+async def _chunk(
+    ctx: CommandContext,
+    model: _Model,
+    store: ModelStore,
+    staging: Path,
+    where: str,
+    name: str,
+    version: str,
+    i: int,
+    n: int,
+    data: bytes,
+    want: str,
+    b: Mapping[str, Any],
+) -> Reply:
     if sha256_hex(data) != want:
         await asyncio.to_thread(shutil.rmtree, staging, True)
         return _refuse(model, f"{where}: sha256 mismatch (truncated or corrupt chunk)")
