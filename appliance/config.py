@@ -726,13 +726,27 @@ class ApiSection(_Section, frozen=True):
 
 
 class DownlinkSection(_Section, frozen=True):
-    """Commands from upstream (docs/mqtt.md, "Commands"). Model releases (docs/models.md,
-    "Releasing a model"): ``model_keys`` are the Ed25519 public keys a release must be signed
-    by, each ``"ed25519:<base64 of the 32 key bytes>"`` or the path of a PEM public key file
-    (relative to the config file); none: every release is refused. ``max_model_bytes`` caps a
-    release's archive (its chunks together); ``keep_models``: released versions of each model
-    kept on disk for rollback (the active one included)."""
+    """The MQTT command channel (docs/mqtt.md "Commands", issue 16).
 
+    ``enabled``: subscribe ``<prefix>/<appliance>/cmd/+`` and answer commands; false (the
+    default): commands are not even subscribed. ``max_payload_bytes``: a request above it is
+    refused (a ``model.release`` chunk must fit). ``dedup_keep``: request ids remembered (with
+    their replies) so a redelivered request is answered again, not executed again; the oldest
+    are dropped. ``apply_deadline_s``: how long a ``config.apply`` waits for the new pipeline
+    to become ready before it restores the previous file and configuration.
+
+    Model releases (docs/models.md, "Releasing a model"): ``model_keys`` are the Ed25519 public
+    keys a release must be signed by, each ``"ed25519:<base64 of the 32 key bytes>"`` or the
+    path of a PEM public key file (relative to the config file); none: every release is
+    refused. ``max_model_bytes`` caps a release's archive (its chunks together);
+    ``keep_models``: released versions of each model kept on disk for rollback (the active one
+    included).
+    """
+
+    enabled: bool = False
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024, le=268_435_455)] = 256 * 1024
+    dedup_keep: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+    apply_deadline_s: PositiveFloat = 30.0
     model_keys: tuple[str, ...] = ()
     max_model_bytes: Annotated[int, msgspec.Meta(ge=1024, le=4 * 1024**3)] = 64 * 1024 * 1024
     keep_models: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
