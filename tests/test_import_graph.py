@@ -5,7 +5,7 @@ is parsed with :mod:`ast` (nothing is imported) and its imports are checked.
 (b) The pipeline stages import each other only through ``appliance.contracts``: a module of a
     stage package may import its own stage, :data:`SHARED` and nothing else of ``appliance``
     (anywhere in the file: module level, inside functions, under ``TYPE_CHECKING``). The wiring
-    (``runtime/``, ``cli``, ``demo/``, ``simulate/``) may import anything.
+    (``runtime/``, ``downlink/``, ``cli``, ``demo/``, ``simulate/``) may import anything.
 (c) No import cycle among the modules of ``appliance/`` and ``drivers/``, counting every import
     (a cycle hidden behind an import inside a function or under ``TYPE_CHECKING`` still ties
     the modules together: neither can be read, tested or replaced without the other).

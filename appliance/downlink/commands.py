@@ -38,6 +38,8 @@ BACKUP_FILE = "config.previous.toml"
 class PipelineOwner(Protocol):
     """What ``config.apply``/``rules.apply`` need beyond :class:`CommandContext`."""
 
+    rollbacks: int
+
     def replace_config(self, cfg: Config) -> None: ...
 
     async def restart_pipeline(self, cfg: Config, deadline_s: float) -> list[str]: ...
@@ -119,6 +121,7 @@ async def config_apply(ctx: CommandContext, req: Request) -> Reply:
         "config.apply %s: not ready within %s s (%s): rolling back", req.request_id, deadline, why
     )
     await asyncio.to_thread(write_atomically, path, old_text)
+    ctx.rollbacks += 1
     back = await ctx.restart_pipeline(old_cfg, max(deadline, 30.0))
     body: dict[str, Any] = {"reasons": reasons, "config_path": str(path)}
     if back:
@@ -170,6 +173,7 @@ async def rules_apply(ctx: CommandContext, req: Request) -> Reply:
             log.exception("rules.apply %s: rolling back failed too", req.request_id)
             return Reply("error", f"applying failed ({err}) and so did rolling back")
         ctx.replace_config(old_cfg)
+        ctx.rollbacks += 1
         return Reply("rolled_back", f"applying the rules failed ({type(err).__name__}: {err})")
     ctx.replace_config(new)
     names = [r.name for r in new.alerts.rules]

@@ -156,7 +156,8 @@ def test_config_apply_that_never_becomes_ready_rolls_back_and_publishing_goes_on
     finally:
         sub.stop()
     assert _gaps(sub) == 0
-    assert downlink_cell.stats()["downlink"]["restarts"] == 2
+    dl = downlink_cell.stats()["downlink"]
+    assert dl["restarts"] == 2 and dl["rollbacks"] == 1 and dl["codes"] == {"rolled_back": 1}
 
 
 def test_config_apply_of_an_invalid_config_is_refused_naming_the_key(

@@ -15,7 +15,9 @@ from dlhelp import DownlinkCell
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from prometheus_client import CollectorRegistry, generate_latest
 
+from appliance.api.metrics import ApplianceCollector
 from appliance.downlink.schemas import load_cmd_schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
@@ -87,3 +89,9 @@ def test_commands_work_over_mqtt_3_1_1(downlink_cell_factory: Any) -> None:
     assert bad["code"] == "refused" and "alert_id" in bad["message"]
     refused_counts = cell.stats()["downlink"]["refused"]
     assert refused_counts["unknown_command"] == 1 and refused_counts["schema"] == 1
+    registry = CollectorRegistry()
+    registry.register(ApplianceCollector(cell.app, lambda: ({}, {})))
+    text = cell.on_loop(lambda: generate_latest(registry).decode())
+    assert 'appliance_downlink_refused_total{reason="unknown_command"} 1.0' in text
+    assert 'appliance_downlink_commands_total{command="status"} 1.0' in text
+    assert "appliance_downlink_connected 1.0" in text
