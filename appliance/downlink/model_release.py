@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.downlink.base import CommandContext, Handler, Reply, Request
-from appliance.downlink.model_store import ModelStore, check_name, same_layout
 from appliance.downlink.release import (
     SIGNATURE_FILE,
     STATEMENT_FILE,
@@ -58,6 +57,7 @@ from appliance.downlink.release import (
 )
 from appliance.errors import ApplianceError
 from appliance.infer import EngineOptions, ModelBundle, ServingEngine, load_bundle
+from appliance.runtime.model_store import ModelStore, check_name, same_layout
 
 if TYPE_CHECKING:
     from appliance.config import Config
@@ -224,10 +224,16 @@ async def _swap(
     def on_failure(reason: str) -> None:  # the inference worker thread
         loop.call_soon_threadsafe(lambda: loop.create_task(roll_back(reason)))
 
+    # recorded before the swap: once the new engine serves, a run-time failure may roll back
+    # (and rewrite the state) at any moment
+    await asyncio.to_thread(_record, store, model.name, history, keep)
     guard = await model.replace_model(bundle, engine, on_failure)
-    await asyncio.to_thread(store.set_state, model.name, history)
-    await asyncio.to_thread(store.prune, model.name, keep)
     return guard, rolled
+
+
+def _record(store: ModelStore, model: str, history: list[str], keep: int) -> None:
+    store.set_state(model, history)
+    store.prune(model, keep)
 
 
 async def release(ctx: CommandContext, req: Request) -> Reply:

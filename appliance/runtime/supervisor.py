@@ -34,7 +34,6 @@ from appliance.api import ApiServer, LiveView
 from appliance.batch import Batcher
 from appliance.config import AlertAction, Config, action_raw
 from appliance.contracts import Envelope, FeatureRow, Frame, ScoreBatch, Window
-from appliance.downlink.model_store import released_bundle
 from appliance.downsample import BandwidthMeter, TelemetryDownsampler
 from appliance.downsample.scores import ScoreJoiner
 from appliance.features import FeatureBuilder, WindowAggregator
@@ -43,6 +42,7 @@ from appliance.infer import EngineOptions, ModelBundle, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import ServedModel, config_warnings, served_models
 from appliance.runtime.health import HealthLog
+from appliance.runtime.model_store import released_bundle
 from appliance.runtime.sdnotify import Notifier
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, quality_topic, telemetry_topic

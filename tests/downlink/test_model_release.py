@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,16 +22,18 @@ from typing import Any
 import pytest
 from release_kit import Ctx, make_bundle, make_keys, signed_bodies
 
+from appliance.cli import main
 from appliance.config import parse_config
 from appliance.contracts import FeatureRow, ScoreBatch
 from appliance.downlink import release as rel
 from appliance.downlink.base import Reply, Request
 from appliance.downlink.model_release import COMMANDS
-from appliance.downlink.model_store import ModelStore
+from appliance.errors import ConfigError
 from appliance.infer import select
 from appliance.infer.bundle import load_bundle
 from appliance.infer.ort import OrtEngine
 from appliance.runtime import Appliance
+from appliance.runtime.model_store import ModelStore
 
 
 def config(tmp_path: Path, keys: list[str], **downlink: Any) -> Any:
@@ -331,3 +334,18 @@ def test_the_archive_is_canonical_and_a_pem_key_file_verifies(tmp_path: Path) ->
     }
     with pytest.raises(rel.ReleaseError, match="exists"):
         make_keys(tmp_path / "k")
+
+
+def test_keygen_prints_the_key_line_the_config_takes_and_a_bad_line_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["model", "keygen", "--out", str(tmp_path / "k")]) == 0
+    found = re.search(r'"(ed25519:[^"]+)"', capsys.readouterr().out)
+    assert found is not None
+    assert config(tmp_path, [found.group(1)]).downlink.model_keys == (found.group(1),)
+    assert (tmp_path / "k/model-signing.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ConfigError, match=r"downlink.model_keys\[0\]"):
+        config(tmp_path, ["ed25519:AAAA"])
+    # a PEM path is resolved against the config file's folder
+    cfg = config(tmp_path, ["k/model-signing.pub"])
+    assert cfg.downlink.model_keys == (str(tmp_path / "k/model-signing.pub"),)

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ class ModelStore:
         """Record ``history`` (active version last) atomically."""
         path = self._state_path(model)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         data = json.dumps({"active": history[-1], "history": history}, indent=1).encode()
         with open(tmp, "wb") as f:
             f.write(data)
