@@ -50,6 +50,7 @@ from appliance.downlink.release import (
     STATEMENT_FILE,
     ReleaseError,
     Statement,
+    bundle_files,
     extract_archive,
     load_keys,
     sha256_hex,
@@ -155,6 +156,11 @@ def _verify(
     bundle_dir = d / "bundle"
     shutil.rmtree(bundle_dir, ignore_errors=True)
     extract_archive(archive, statement, bundle_dir)
+    named = bundle_files(bundle_dir)  # plain names only: nothing outside the bundle is read
+    if set(named) != set(statement.files):
+        raise ReleaseError(
+            f"manifest.json names the files {named}, the statement {sorted(statement.files)}"
+        )
     bundle = load_bundle(str(bundle_dir))
     if (bundle.name, bundle.version) != (name, version):
         raise ReleaseError(
