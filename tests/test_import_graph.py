@@ -189,3 +189,17 @@ def test_shared_modules_import_no_stage() -> None:
 
 def test_no_import_cycle() -> None:
     assert _cycles(_graph()) == []
+
+
+def test_only_the_wiring_imports_the_downlink() -> None:
+    """The downlink owns the pipeline (its runner builds and restarts the ``Appliance``), so
+    the pipeline never imports it: only the CLI does (and the downlink itself)."""
+    offenders = sorted(
+        f"{module} imports {dep}"
+        for module, deps in _graph().items()
+        for dep in deps
+        if dep.startswith("appliance.downlink")
+        and not module.startswith("appliance.downlink")
+        and module != "appliance.cli"
+    )
+    assert offenders == []

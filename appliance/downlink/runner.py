@@ -143,7 +143,10 @@ class DownlinkRunner:
         again; the caller restores the previous one (:meth:`restart_pipeline` with it)."""
         end = time.monotonic() + deadline_s
         old = self._app
-        await old.stop(self._cfg.appliance.drain_timeout_s, restarting=True)
+        try:
+            await old.stop(self._cfg.appliance.drain_timeout_s, restarting=True)
+        except Exception:  # noqa: BLE001 - the new pipeline still gets its chance
+            log.exception("downlink: stopping the running pipeline failed; starting the next")
         self.restarts += 1
         try:
             app = Appliance(cfg)

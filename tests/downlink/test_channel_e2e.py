@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import sys
 import time
+import urllib.request
+from typing import Any
 
 import jsonschema
 import pytest
 from dlhelp import DownlinkCell
 
+from appliance.config import load_config
 from appliance.demo.mosquitto import free_port
 from appliance.demo.subscriber import DemoSubscriber
+from appliance.downlink.runner import DownlinkRunner
 from appliance.downlink.schemas import load_cmd_schema
 from appliance.downlink.tomlfile import dumps
 from appliance.schemas import load_schema
@@ -105,8 +109,12 @@ def _gaps(sub: DemoSubscriber) -> int:
 
 
 def test_config_apply_restarts_the_pipeline_in_process_with_the_new_config(
-    downlink_cell: DownlinkCell,
+    downlink_cell_factory: Any,
 ) -> None:
+    api_port = free_port()
+    downlink_cell: DownlinkCell = downlink_cell_factory(
+        {"api": {"enabled": True, "port": api_port}}
+    )
     sub = DemoSubscriber("127.0.0.1", downlink_cell.broker.port, "edge", "dl", client_id="ca-s")
     sub.start()
     try:
@@ -128,6 +136,9 @@ def test_config_apply_restarts_the_pipeline_in_process_with_the_new_config(
         # the channel stayed connected and answers with the new pipeline
         status = downlink_cell.send("status", {})
         assert status["code"] == "ok" and status["body"]["ready"] is True
+        # the new pipeline's local API took the port over
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/ready", timeout=5) as resp:
+            assert resp.status == 200
     finally:
         sub.stop()
     assert _gaps(sub) == 0
@@ -172,3 +183,21 @@ def test_config_apply_of_an_invalid_config_is_refused_naming_the_key(
     assert reply["code"] == "refused" and "not valid TOML" in reply["message"]
     assert downlink_cell.config_path.read_text() == before
     assert downlink_cell.stats()["downlink"]["restarts"] == 0
+
+
+def test_a_request_id_answered_before_a_process_restart_is_not_executed_after_it(
+    downlink_cell: DownlinkCell,
+) -> None:
+    first = downlink_cell.send("alerts.ack", {"alert_id": "x:cnc-1:1"}, request_id="ack-r1")
+    assert first["code"] == "refused"  # executed: the handler refused an unknown alert
+    downlink_cell.call(downlink_cell.runner.stop())
+    runner = DownlinkRunner(load_config(downlink_cell.config_path), downlink_cell.config_path)
+    downlink_cell.runner = runner
+    downlink_cell.call(runner.start())
+    channel = runner.channel
+    assert channel is not None
+    downlink_cell.wait_for(channel.subscribed.is_set, 20, "subscribed again")
+    again = downlink_cell.send("alerts.ack", {"alert_id": "x:cnc-1:1"}, request_id="ack-r1")
+    assert again == first
+    dl = downlink_cell.stats()["downlink"]
+    assert dl["duplicates"] == 1 and dl["codes"] == {}
