@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from release_kit import Ctx, make_bundle, make_keys, signed_bodies
 
+from appliance.api.metrics import ApplianceCollector
 from appliance.cli import main
 from appliance.config import parse_config
 from appliance.contracts import FeatureRow, ScoreBatch
@@ -311,6 +312,13 @@ def test_a_release_that_fails_at_run_time_is_rolled_back_without_losing_a_row(
     assert set(feed.factors()) == {1.0}
     stats = app.stats()["models"]["cnc_anomaly"]
     assert stats["version"] == "1.0.0" and stats["release"]["rolled_back"] == 1
+    metrics = {
+        s.labels["outcome"]: s.value
+        for m in ApplianceCollector(app, lambda: ({}, {})).collect()
+        if m.name == "appliance_model_releases"
+        for s in m.samples
+    }
+    assert metrics == {"swapped": 1, "refused": 0, "rolled_back": 1}
     assert ModelStore(tmp_path / "state").state("cnc_anomaly")["active"] == "1.0.0"
     assert Appliance(cfg).models[0].bundle.version == "1.0.0"
 
