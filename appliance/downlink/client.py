@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     bodies: list[dict[str, Any]] = []
     try:
         if args.bundle:
-            from appliance.downlink.release import ReleaseError, release_bodies
+            from appliance.modelkit.release import ReleaseError, release_bodies
 
             if args.cmd_command != "model.release":
                 return usage("--bundle goes with model.release")

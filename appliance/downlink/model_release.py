@@ -1,7 +1,7 @@
 """``model.release`` and ``model.rollback``: signed model releases with automatic rollback
 (issue 16; docs/mqtt.md "Commands", docs/models.md "Releasing a model").
 
-``model.release`` receives a release (:mod:`appliance.downlink.release`) as chunks, one request
+``model.release`` receives a release (:mod:`appliance.modelkit.release`) as chunks, one request
 each: ``{"name", "version", "chunk": i, "chunks": n, "sha256_chunk", "data": base64}``, the last
 chunk (``i = n - 1``) adding ``release`` (the signed statement's text) and ``signature``; an
 optional ``model`` names the served model when several serve the same bundle name. Each chunk
@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.downlink.base import CommandContext, Handler, Reply, Request
-from appliance.downlink.release import (
+from appliance.errors import ApplianceError
+from appliance.infer import EngineOptions, ModelBundle, ServingEngine, load_bundle
+from appliance.modelkit.release import (
     SIGNATURE_FILE,
     STATEMENT_FILE,
     ReleaseError,
@@ -56,8 +58,6 @@ from appliance.downlink.release import (
     sha256_hex,
     verify_statement,
 )
-from appliance.errors import ApplianceError
-from appliance.infer import EngineOptions, ModelBundle, ServingEngine, load_bundle
 from appliance.runtime.model_store import ModelStore, check_name, same_layout
 
 if TYPE_CHECKING:

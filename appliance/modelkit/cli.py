@@ -106,7 +106,7 @@ def add_model_arguments(sp: argparse.ArgumentParser) -> None:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from appliance.downlink.release import generate_keys
+    from appliance.modelkit.release import generate_keys
 
     priv, pub, line = generate_keys(Path(args.out))
     print(f"wrote {priv} (private: keep it secret) and {pub}")
@@ -117,8 +117,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from appliance.downlink.release import parse_statement, sign_bundle
     from appliance.infer.bundle import load_bundle
+    from appliance.modelkit.release import parse_statement, sign_bundle
 
     folder = Path(args.bundle)
     load_bundle(str(folder.resolve()))  # refuse to sign a bundle that would not load

@@ -17,8 +17,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from appliance.config import Config
-from appliance.downlink.release import generate_keys, release_bodies, sign_bundle
 from appliance.infer.bundle import MODELS_DIR
+from appliance.modelkit.release import generate_keys, release_bodies, sign_bundle
 from appliance.runtime import Appliance
 
 

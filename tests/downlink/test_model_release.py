@@ -26,13 +26,13 @@ from appliance.api.metrics import ApplianceCollector
 from appliance.cli import main
 from appliance.config import parse_config
 from appliance.contracts import FeatureRow, ScoreBatch
-from appliance.downlink import release as rel
 from appliance.downlink.base import Reply, Request
 from appliance.downlink.model_release import COMMANDS
 from appliance.errors import ConfigError
 from appliance.infer import select
 from appliance.infer.bundle import load_bundle
 from appliance.infer.ort import OrtEngine
+from appliance.modelkit import release as rel
 from appliance.runtime import Appliance
 from appliance.runtime.model_store import ModelStore
 

@@ -20,8 +20,8 @@ from release_kit import make_bundle, make_keys, signed_bodies
 
 from appliance.cli import main
 from appliance.demo.subscriber import DemoSubscriber
-from appliance.downlink.release import load_private_key, sha256_hex
 from appliance.downlink.schemas import load_cmd_schema
+from appliance.modelkit.release import load_private_key, sha256_hex
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
