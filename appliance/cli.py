@@ -334,9 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add(
         "model",
-        "fit a model on recordings, evaluate a model",
-        "Make a model bundle from recordings of normal operation (fit) and measure a bundle on "
-        "normal and faulty recordings (eval). See docs/models.md.",
+        "fit, evaluate, sign a model; make signing keys",
+        "Make a model bundle from recordings of normal operation (fit), measure a bundle on "
+        "normal and faulty recordings (eval), make a key pair for signed model releases "
+        "(keygen) and sign a bundle for `appliance cmd ... model.release --bundle` (sign). "
+        "See docs/models.md.",
     )
     model_cli.add_model_arguments(sp)
 

@@ -13,6 +13,8 @@ config file, never the working directory (systemd starts the service in ``/``). 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import sys
 from pathlib import Path
@@ -732,12 +734,37 @@ class DownlinkSection(_Section, frozen=True):
     their replies) so a redelivered request is answered again, not executed again; the oldest
     are dropped. ``apply_deadline_s``: how long a ``config.apply`` waits for the new pipeline
     to become ready before it restores the previous file and configuration.
+
+    Model releases (docs/models.md, "Releasing a model"): ``model_keys`` are the Ed25519 public
+    keys a release must be signed by, each ``"ed25519:<base64 of the 32 key bytes>"`` or the
+    path of a PEM public key file (relative to the config file); none: every release is
+    refused. ``max_model_bytes`` caps a release's archive (its chunks together);
+    ``keep_models``: released versions of each model kept on disk for rollback (the active one
+    included).
     """
 
     enabled: bool = False
     max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024, le=268_435_455)] = 256 * 1024
     dedup_keep: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
     apply_deadline_s: PositiveFloat = 30.0
+    model_keys: tuple[str, ...] = ()
+    max_model_bytes: Annotated[int, msgspec.Meta(ge=1024, le=4 * 1024**3)] = 64 * 1024 * 1024
+    keep_models: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
+
+    def __post_init__(self) -> None:
+        for i, key in enumerate(self.model_keys):
+            if key.startswith("ed25519:"):
+                try:
+                    raw = base64.b64decode(key[len("ed25519:") :], validate=True)
+                except binascii.Error:
+                    raw = b""
+                if len(raw) != 32:
+                    raise ValueError(
+                        f"downlink.model_keys[{i}]: 'ed25519:' must be followed by the base64 "
+                        "of a 32-byte Ed25519 public key"
+                    )
+            elif not key.strip():
+                raise ValueError(f"downlink.model_keys[{i}]: empty")
 
 
 class Config(_Section, frozen=True):
@@ -1041,6 +1068,14 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>", base_dir: Pa
     cfg = msgspec.structs.replace(
         cfg, outbox=outbox, engine=engine, models=models, mqtt=mqtt, alerts=alerts
     )
+    if cfg.downlink.model_keys:  # PEM key files relative to the config file
+        keys = tuple(
+            k if k.startswith("ed25519:") else _resolve(base_dir, k)
+            for k in cfg.downlink.model_keys
+        )
+        cfg = msgspec.structs.replace(
+            cfg, downlink=msgspec.structs.replace(cfg.downlink, model_keys=keys)
+        )
     if cfg.api.token_file:
         token_file = _resolve(base_dir, cfg.api.token_file)
         cfg = msgspec.structs.replace(

@@ -113,6 +113,7 @@ class ApplianceCollector(Collector):
         yield from self._outbox(stats["outbox"])
         yield from self._uplink(stats["uplink"])
         yield from self._downlink(stats.get("downlink", {}))
+        yield from self._releases(stats["models"])
         yield from self._api()
 
     def _devices(self, devices: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -270,6 +271,23 @@ class ApplianceCollector(Collector):
             for value, n in sorted(d.get(key, {}).items()):
                 family.add_metric([value], n)
             yield family
+
+    def _releases(self, models: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+        """Signed model releases per served model (docs/models.md, "Releasing a model")."""
+        family = CounterMetricFamily(
+            "appliance_model_releases",
+            "Model releases per served model and outcome (swapped, refused, rolled_back).",
+            labels=["model", "outcome"],
+        )
+        for name, m in sorted(models.items()):
+            r = m["release"]
+            for outcome, key in (
+                ("swapped", "swaps"),
+                ("refused", "refused"),
+                ("rolled_back", "rolled_back"),
+            ):
+                family.add_metric([name, outcome], r[key])
+        yield family
 
     def _api(self) -> Iterator[Metric]:
         by_code, bad = self._api_counters()

@@ -25,14 +25,18 @@ class Source(Protocol):
     """What the API reads from the running appliance (:class:`appliance.runtime.Appliance`)."""
 
     cfg: Config
-    bundle: ModelBundle
-    engine: ServingEngine
     alerts: AlertEngine
     acquisition: Acquisition
     outbox: SqliteOutbox
     uplink: MqttUplink
     live: LiveView
     started_at: float
+
+    @property
+    def bundle(self) -> ModelBundle: ...
+
+    @property
+    def engine(self) -> ServingEngine: ...
 
     @property
     def running(self) -> bool: ...
@@ -119,7 +123,12 @@ def engine(app: Source, stats: dict[str, Any]) -> dict[str, Any]:
     """The serving chain (``stats()["engine"]``: backend, chain with reasons, per-backend
     counters and latency histograms) with the model and the batcher."""
     return {
-        "model": {"name": app.bundle.name, "version": app.bundle.version},
+        "model": {
+            "name": app.bundle.name,
+            "version": app.bundle.version,
+            # the first model's releases (docs/models.md, "Releasing a model")
+            "release": next(iter(stats["models"].values()))["release"],
+        },
         "loaded": app.engine.started,
         **stats["engine"],
         "batcher": stats["batcher"],

@@ -192,6 +192,30 @@ class Batcher:
         self._jobs.put(job)
         await fut
 
+    def replace_engine(self, engine: Engine) -> Engine:
+        """Score every batch launched from now on with ``engine`` (already started, same
+        ``n_features``); returns the engine it replaces. Event loop only.
+
+        Batches are launched on the loop and run in order in the worker, so the swap falls
+        between two batches: the batch in flight (if any) is scored by the old engine, every
+        later one by the new; no row is dropped or scored twice. The old engine stays open: the
+        caller closes it with :meth:`call_in_worker` (queued behind the batch in flight)."""
+        if engine.n_features != self.engine.n_features:
+            raise ValueError(
+                f"replacement engine has {engine.n_features} features, "
+                f"the batcher {self.engine.n_features}"
+            )
+        old, self.engine = self.engine, engine
+        return old
+
+    async def call_in_worker(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` in the inference worker after the jobs queued before it (the batch in
+        flight); e.g. close an engine replaced by :meth:`replace_engine`."""
+        if self._worker is None:
+            fn()
+            return
+        await self._in_worker(fn)
+
     async def _run(self) -> None:
         """Dispatch on time: a batch whose oldest row has waited max_delay goes out even if it
         is not full (full batches go out from ``submit``/``_done`` directly)."""

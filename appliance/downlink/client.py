@@ -126,6 +126,9 @@ other handler modules (model.release, model.rollback, device.write, backfill). T
 command's request body (appliance/schemas/cmd/<command>.request.json), e.g.
   appliance cmd -c appliance.toml alerts.ack --body '{"alert_id": "overtemp:cnc-1:1700000000000"}'
   appliance cmd -c appliance.toml config.apply --body-file new.json
+A signed model bundle (appliance model sign) is sent with --bundle instead of a body: split
+into chunks of --chunk-bytes, one model.release request each; the last reply is printed:
+  appliance cmd -c appliance.toml model.release --bundle ./cnc_anomaly-1.1.0
 
 Credentials: --username, with the password from the environment variable --password-env
 (never on the command line). Exit 0 on ok/accepted, 1 on refused/error/rolled_back,
@@ -138,6 +141,18 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     body = sp.add_mutually_exclusive_group()
     body.add_argument("--body", metavar="JSON", help="the request body, a JSON object")
     body.add_argument("--body-file", metavar="F", help="read the request body (JSON) from F")
+    body.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="model.release: the signed bundle folder (release.json and release.sig in it)",
+    )
+    sp.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=128 * 1024,
+        metavar="N",
+        help="model.release --bundle: archive bytes per request (default 131072)",
+    )
     sp.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="seconds to wait (default 30)"
     )
@@ -160,8 +175,19 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     cfg = load_config(args.config)
+    bodies: list[dict[str, Any]] = []
     try:
-        if args.body_file:
+        if args.bundle:
+            from appliance.modelkit.release import ReleaseError, release_bodies
+
+            if args.cmd_command != "model.release":
+                return usage("--bundle goes with model.release")
+            try:
+                bodies = release_bodies(Path(args.bundle), chunk_bytes=args.chunk_bytes)
+            except ReleaseError as err:
+                return usage(str(err))
+            body = bodies[0]
+        elif args.body_file:
             body = json.loads(Path(args.body_file).read_text("utf-8"))
         else:
             body = json.loads(args.body) if args.body else {}
@@ -190,13 +216,16 @@ def run(args: argparse.Namespace) -> int:
         tls_context(cfg.mqtt) if cfg.mqtt.tls else None,
     )
     try:
-        reply = send_command(
-            broker,
-            args.appliance or cfg.appliance.id,
-            args.cmd_command,
-            body,
-            timeout_s=args.timeout,
-        )
+        for request_body in bodies or [body]:
+            reply = send_command(
+                broker,
+                args.appliance or cfg.appliance.id,
+                args.cmd_command,
+                request_body,
+                timeout_s=args.timeout,
+            )
+            if reply.get("code") != "ok":
+                break
     except CommandTimeout as err:
         print(f"appliance cmd: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from appliance.downlink import commands
+from appliance.downlink import commands, model_release
 from appliance.downlink.base import Handler
 
-_MODULES: tuple[Mapping[str, Handler], ...] = (commands.COMMANDS,)
+_MODULES: tuple[Mapping[str, Handler], ...] = (commands.COMMANDS, model_release.COMMANDS)
 
 
 def merge(*tables: Mapping[str, Handler]) -> dict[str, Handler]:

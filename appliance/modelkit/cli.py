@@ -79,6 +79,57 @@ def add_model_arguments(sp: argparse.ArgumentParser) -> None:
     ev.add_argument("--plot", metavar="PATH", help="write a PNG of scores over time")
     ev.set_defaults(func=cmd_eval)
 
+    kg = sub.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing model releases",
+        description="Write model-signing.key (PEM, mode 0600: keep it off the appliance) and "
+        "model-signing.pub into DIR (never overwrites) and print the line for "
+        "downlink.model_keys. See docs/models.md, 'Releasing a model'.",
+    )
+    kg.add_argument("--out", required=True, metavar="DIR", help="folder for the key files")
+    kg.set_defaults(func=cmd_keygen)
+
+    sg = sub.add_parser(
+        "sign",
+        help="sign a model bundle for model.release",
+        description="Write release.json (the release statement: name, version, sha256 of the "
+        "bundle's canonical archive and of each file) and release.sig (its Ed25519 signature) "
+        "into the bundle folder (or --out). Then send it: appliance cmd -c CONFIG model.release "
+        "--bundle BUNDLE. See docs/models.md, 'Releasing a model'.",
+    )
+    sg.add_argument("bundle", metavar="BUNDLE", help="the bundle folder (manifest.json, ...)")
+    sg.add_argument("--key", required=True, metavar="PRIVATE", help="the PEM private key file")
+    sg.add_argument("--out", metavar="DIR", help="write release.json/.sig here instead")
+    sg.set_defaults(func=cmd_sign)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from appliance.modelkit.release import generate_keys
+
+    priv, pub, line = generate_keys(Path(args.out))
+    print(f"wrote {priv} (private: keep it secret) and {pub}")
+    print(f'add to the appliance config:\n[downlink]\nmodel_keys = ["{line}"]')
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from appliance.infer.bundle import load_bundle
+    from appliance.modelkit.release import parse_statement, sign_bundle
+
+    folder = Path(args.bundle)
+    load_bundle(str(folder.resolve()))  # refuse to sign a bundle that would not load
+    path = sign_bundle(folder, Path(args.key), Path(args.out) if args.out else None)
+    st = parse_statement(path.read_bytes())
+    print(
+        f"signed {st.name} {st.version}: {path} and {path.with_name('release.sig')} "
+        f"(bundle {st.bundle_bytes} bytes, sha256 {st.bundle_sha256})"
+    )
+    return EXIT_OK
+
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from appliance.modelkit.fit import fit_model

@@ -20,7 +20,11 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from appliance import __version__
 from appliance.acquire import Acquisition
@@ -34,15 +38,67 @@ from appliance.downsample import BandwidthMeter, TelemetryDownsampler
 from appliance.downsample.scores import ScoreJoiner
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.features.samples import SampleFeatureBuilder
-from appliance.infer import EngineOptions, ServingEngine
+from appliance.infer import EngineOptions, ModelBundle, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import ServedModel, config_warnings, served_models
 from appliance.runtime.health import HealthLog
+from appliance.runtime.model_store import released_bundle
 from appliance.runtime.sdnotify import Notifier
 from appliance.uplink import MqttUplink
 from appliance.uplink.topics import alert_topic, quality_topic, telemetry_topic
 
 log = logging.getLogger(__name__)
+
+
+def state_dir(cfg: Config) -> Path:
+    """The appliance's state directory: the folder of the outbox file (released models,
+    ``<state_dir>/models/``, docs/models.md); the same folder as the command channel's
+    ``appliance.downlink.runner.state_dir_of``, which cannot be imported here (it imports this
+    module)."""
+    return Path(cfg.outbox.path).parent
+
+
+class GuardedEngine:
+    """The batcher's engine after a model release (``appliance/downlink/model_release.py``):
+    the new model serves; should it raise (no backend of it left), the same batch is re-run on
+    the previous model, which serves every later batch too, and ``on_failure(reason)`` is called
+    once, from the inference worker thread, so that the release is rolled back. No window is
+    dropped or scored twice. Called from the batcher's worker thread only."""
+
+    def __init__(
+        self, new: ServingEngine, previous: ServingEngine, on_failure: Callable[[str], None]
+    ) -> None:
+        self.new = new
+        self.previous = previous
+        self._on_failure = on_failure
+        self.failed = ""
+        #: batches the new model scored
+        self.batches = 0
+
+    @property
+    def n_features(self) -> int:
+        return self.new.n_features
+
+    def start(self) -> None:
+        self.new.start()
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], str]:
+        if not self.failed:
+            try:
+                out = self.new.infer(batch)
+            except ValueError:
+                raise  # the batch itself is malformed, not the model
+            except Exception as err:
+                self.failed = str(err) or type(err).__name__
+                self._on_failure(self.failed)
+            else:
+                self.batches += 1
+                return out
+        return self.previous.infer(batch)
+
+    def close(self) -> None:
+        self.new.close()
+        self.previous.close()
 
 
 class _Model:
@@ -61,6 +117,15 @@ class _Model:
         self.engine = ServingEngine(
             served.bundle, cfg.engine.backend, EngineOptions.from_config(cfg, served.bundle)
         )
+        #: after a release: the engine of the version before, loaded, the new one's fallback
+        self.previous: ServingEngine | None = None
+        #: model releases (appliance/downlink/model_release.py): counters and the last outcome
+        self.releases: dict[str, Any] = {
+            "swaps": 0,
+            "refused": 0,
+            "rolled_back": 0,
+            "last": "",
+        }
         self.batcher = Batcher(
             self.engine,
             lambda batch: on_scores(self.name, batch),
@@ -97,6 +162,31 @@ class _Model:
     def submit(self, row: FeatureRow) -> None:
         self.batcher.submit(row)
 
+    async def replace_model(
+        self, bundle: ModelBundle, engine: ServingEngine, on_failure: Callable[[str], None]
+    ) -> GuardedEngine:
+        """Serve ``bundle`` on ``engine`` (started, parity-checked, same feature layout) from
+        the next batch on (event loop). The engine serving now stays loaded as the fallback
+        (:class:`GuardedEngine`); the one kept before it is closed."""
+        older = self.previous
+        guard = GuardedEngine(engine, self.engine, on_failure)
+        self.batcher.replace_engine(guard)
+        self.previous, self.engine, self.bundle = self.engine, engine, bundle
+        if older is not None:
+            await self.batcher.call_in_worker(older.close)
+        return guard
+
+    async def restore_previous(self) -> None:
+        """Serve the previous model again (kept loaded since :meth:`replace_model`) and close
+        the current one (event loop)."""
+        prev = self.previous
+        if prev is None:
+            raise RuntimeError(f"model {self.name}: no previous engine loaded")
+        current = self.engine
+        self.batcher.replace_engine(prev)
+        self.engine, self.bundle, self.previous = prev, prev.bundle, None
+        await self.batcher.call_in_worker(current.close)
+
     def stats(self) -> dict[str, Any]:
         f = self.features
         return {
@@ -109,6 +199,7 @@ class _Model:
             "partial_windows": getattr(f, "partial_windows", 0),
             "batcher": self.batcher.stats(),
             "engine": self.engine.stats(),
+            "release": dict(self.releases),
         }
 
 
@@ -119,8 +210,10 @@ class Appliance:
         self.cfg = cfg
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
-        served = served_models(cfg)
-        self.bundle = served[0].bundle
+        served = [
+            s._replace(bundle=released_bundle(state_dir(cfg), s.name, s.bundle))
+            for s in served_models(cfg)
+        ]
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
         self.outbox = SqliteOutbox.from_config(cfg.outbox, appliance_id=aid)
@@ -137,7 +230,6 @@ class Appliance:
         machines = [d.name for d in cfg.devices]
         self.models = [_Model(m, cfg, self._on_scores, machines) for m in served]
         # the first model under the names the single-model appliance had
-        self.engine = self.models[0].engine
         self.batcher = self.models[0].batcher
         self.features = self.models[0].features
         self.scores = ScoreJoiner(
@@ -190,6 +282,16 @@ class Appliance:
         #: the command channel's counters (``stats()["downlink"]``), set by the runner that
         #: owns the channel (appliance/downlink/runner.py); None: no channel
         self.downlink_stats: Callable[[], dict[str, Any]] | None = None
+
+    @property
+    def engine(self) -> ServingEngine:
+        """The first model's engine (a model release replaces it)."""
+        return self.models[0].engine
+
+    @property
+    def bundle(self) -> ModelBundle:
+        """The first model's bundle (a model release replaces it)."""
+        return self.models[0].bundle
 
     # -- wiring -----------------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
@@ -366,6 +468,8 @@ class Appliance:
             await m.batcher.drain(timeout_s=min(2.0, drain_timeout_s / 2))
         for m in self.models:
             await m.batcher.close()
+            if m.previous is not None:
+                m.previous.close()
         self.scores.flush()
         self._flush_appends()
         await self.uplink.stop(drain_timeout_s=drain_timeout_s)

@@ -419,6 +419,22 @@ PROBES: list[P] = [
         2.0,
         held(lambda a: a.cfg.downlink.apply_deadline_s, "appliance/downlink"),
     ),
+    # read by the model.release handler from the running config (appliance/downlink)
+    P(
+        "downlink.model_keys",
+        ["ed25519:" + "A" * 43 + "="],
+        held(lambda a: a.cfg.downlink.model_keys, "appliance/downlink"),
+    ),
+    P(
+        "downlink.max_model_bytes",
+        4096,
+        held(lambda a: a.cfg.downlink.max_model_bytes, "appliance/downlink"),
+    ),
+    P(
+        "downlink.keep_models",
+        5,
+        held(lambda a: a.cfg.downlink.keep_models, "appliance/downlink"),
+    ),
     P("engine.precision", "fp16"),
     P("engine.workspace_mb", 256),
     P("alerts.rules[].name", "r2", rule("name")),
