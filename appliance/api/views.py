@@ -25,8 +25,8 @@ class Source(Protocol):
     """What the API reads from the running appliance (:class:`appliance.runtime.Appliance`)."""
 
     cfg: Config
-    bundle: ModelBundle
-    engine: ServingEngine
+    bundle: ModelBundle | None  # None: no model configured, nothing is scored
+    engine: ServingEngine | None
     alerts: AlertEngine
     acquisition: Acquisition
     outbox: SqliteOutbox
@@ -44,12 +44,12 @@ class Source(Protocol):
 
 
 def readiness(app: Source) -> list[str]:
-    """Why the appliance is not ready to serve (empty: ready): the engine must be loaded, the
-    outbox writable and the uplink connected."""
+    """Why the appliance is not ready to serve (empty: ready): the engine must be loaded (when
+    a model is configured), the outbox writable and the uplink connected."""
     reasons: list[str] = []
     if not app.running:
         reasons.append("appliance is not running")
-    if not app.engine.started:
+    if app.engine is not None and app.bundle is not None and not app.engine.started:
         reasons.append(f"engine not loaded (model {app.bundle.name})")
     outbox_dir = os.path.dirname(app.cfg.outbox.path) or "."
     if app.outbox_failing:
@@ -74,7 +74,7 @@ def main_channels(app: Source, channels: list[str]) -> list[str]:
     """The channels the status page draws (at most :data:`MAIN_CHANNELS`): those alert rules
     watch, then the model's inputs, then the device's others, in that order."""
     ruled = [r.channel for r in app.cfg.alerts.rules if r.source == "channel"]
-    model = [f.channel for f in app.bundle.features]
+    model = [f.channel for f in app.bundle.features] if app.bundle is not None else []
     ordered = dict.fromkeys([*ruled, *model, *channels])
     return [c for c in ordered if c in channels][:MAIN_CHANNELS]
 
@@ -117,7 +117,10 @@ def alerts(app: Source) -> dict[str, Any]:
 
 def engine(app: Source, stats: dict[str, Any]) -> dict[str, Any]:
     """The serving chain (``stats()["engine"]``: backend, chain with reasons, per-backend
-    counters and latency histograms) with the model and the batcher."""
+    counters and latency histograms) with the model and the batcher. Without a model (nothing
+    is scored): ``model``, ``backend`` and ``batcher`` are null and ``loaded`` is false."""
+    if app.bundle is None or app.engine is None:
+        return {"model": None, "loaded": False, "backend": None, "batcher": None}
     return {
         "model": {"name": app.bundle.name, "version": app.bundle.version},
         "loaded": app.engine.started,

@@ -37,13 +37,17 @@ def device_channels(cfg: Config) -> dict[str, set[str]]:
 
 
 def served_models(cfg: Config) -> list[ServedModel]:
-    """Every model to serve: the ``[[models]]`` entries, or ``engine.model`` for all machines.
+    """Every model to serve: the ``[[models]]`` entries, or ``engine.model`` for all machines;
+    none (an empty list: nothing is scored) when there is no ``[[models]]`` entry and
+    ``engine.model`` is ``""``.
 
     Raises :class:`ConfigError` naming the key: a model that cannot be loaded, one trained on
     another window length than ``features.window_s``, or (a ``[[models]]`` entry) one that needs
     channels a machine it serves does not have (listed). The implicit ``engine.model`` keeps its
     behaviour: a machine without its channels has its windows counted as incomplete.
     """
+    if not cfg.models and not cfg.engine.model:
+        return []
     if not cfg.models:
         bundle = load_model_for(cfg)
         served = [ServedModel(bundle.name, "engine.model", bundle, ())]

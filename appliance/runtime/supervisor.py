@@ -34,7 +34,7 @@ from appliance.downsample import BandwidthMeter, TelemetryDownsampler
 from appliance.downsample.scores import ScoreJoiner
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.features.samples import SampleFeatureBuilder
-from appliance.infer import EngineOptions, ServingEngine
+from appliance.infer import EngineOptions, ModelBundle, ServingEngine
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import ServedModel, config_warnings, served_models
 from appliance.runtime.health import HealthLog
@@ -119,8 +119,8 @@ class Appliance:
         self.cfg = cfg
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
-        served = served_models(cfg)
-        self.bundle = served[0].bundle
+        served = served_models(cfg)  # empty: no model, nothing is scored
+        self.bundle: ModelBundle | None = served[0].bundle if served else None
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
         self.outbox = SqliteOutbox.from_config(cfg.outbox, appliance_id=aid)
@@ -132,14 +132,17 @@ class Appliance:
             store=AlertStore(cfg.alerts.state_path, cfg.outbox.synchronous),
             devices=[d.name for d in cfg.devices],
             act=self._act,
-            default_model=served[0].name,
+            default_model=served[0].name if served else "",
         )
         machines = [d.name for d in cfg.devices]
         self.models = [_Model(m, cfg, self._on_scores, machines) for m in served]
-        # the first model under the names the single-model appliance had
-        self.engine = self.models[0].engine
-        self.batcher = self.models[0].batcher
-        self.features = self.models[0].features
+        # the first model under the names the single-model appliance had (None: no model)
+        first = self.models[0] if self.models else None
+        self.engine: ServingEngine | None = first.engine if first else None
+        self.batcher: Batcher | None = first.batcher if first else None
+        self.features: FeatureBuilder | SampleFeatureBuilder | None = (
+            first.features if first else None
+        )
         self.scores = ScoreJoiner(
             {d: [m.name for m in self.models if d in m.machines] for d in machines},
             self._append,
@@ -304,12 +307,11 @@ class Appliance:
         self._started = True
         self.started_at = time.time()
         log.info(
-            "appliance %s v%s starting: %d devices, model %s %s",
+            "appliance %s v%s starting: %d devices, model %s",
             self.cfg.appliance.id,
             __version__,
             len(self.cfg.devices),
-            self.bundle.name,
-            self.bundle.version,
+            f"{self.bundle.name} {self.bundle.version}" if self.bundle else "none (no scoring)",
         )
         self.outbox.open()
         self.alerts.start(self.outbox)  # before the uplink takes from the outbox
@@ -329,7 +331,9 @@ class Appliance:
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
-        self.notifier.ready(f"running on {self.engine.backend}")
+        self.notifier.ready(
+            f"running on {self.engine.backend}" if self.engine else "running, no model"
+        )
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``
@@ -399,10 +403,10 @@ class Appliance:
             "frames": self.frames,
             "acquisition": self.acquisition.stats(),
             "windows_closed": self.windows.windows_closed,
-            "feature_rows": self.features.rows,
-            "incomplete_windows": self.features.incomplete_windows,
-            "batcher": self.batcher.stats(),
-            "engine": self.engine.stats(),
+            "feature_rows": self.features.rows if self.features else 0,
+            "incomplete_windows": self.features.incomplete_windows if self.features else 0,
+            "batcher": self.batcher.stats() if self.batcher else None,  # None: no model
+            "engine": self.engine.stats() if self.engine else None,
             "models": {m.name: m.stats() for m in self.models},
             "alerts": {
                 "raised": self.alerts.raised,
