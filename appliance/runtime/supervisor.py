@@ -146,6 +146,7 @@ class Appliance:
         self.scores = ScoreJoiner(
             {d: [m.name for m in self.models if d in m.machines] for d in machines},
             self._append,
+            interval_stats=cfg.telemetry.interval_s > 0,
         )
         self.telemetry = TelemetryDownsampler(
             cfg.telemetry.stats,
