@@ -21,7 +21,7 @@ from appliance.errors import ApplianceError
 from appliance.features.samples import features_from_frames
 from appliance.infer.bundle import ModelBundle, load_bundle
 from appliance.modelkit.metrics import alarms, false_alarms_per_shift, roc_auc
-from appliance.modelkit.recording import DataError, frames_of, read_recording
+from appliance.modelkit.recording import DataError, context_column, frames_of, read_recording
 
 
 def score_windows(bundle: ModelBundle, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -41,7 +41,15 @@ def _file_scores(
     channels = sorted(
         {f.channel for f in bundle.features} | {c[0].channel for c in bundle.condition}
     )
-    rec = read_recording(path, channels=channels, rate_hz=rate_hz)
+    ctx = bundle.manifest.get("context")
+    if isinstance(ctx, dict):  # a context model (`model fit --context`): the column as coded
+        name = str(ctx["channel"])
+        channels = [c for c in channels if c != name]
+        rec = read_recording(path, channels=channels, rate_hz=rate_hz, context=name)
+        labels = ctx.get("labels")
+        rec = context_column(rec, name, None if labels is None else [str(x) for x in labels])
+    else:
+        rec = read_recording(path, channels=channels, rate_hz=rate_hz)
     ends, x, _ = features_from_frames(
         frames_of(rec),
         bundle.features,
