@@ -40,7 +40,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         served = served_models(cfg)
     except ConfigError as err:
         raise ConfigError(f"{args.file}: {err}") from None
-    for warning in config_warnings(cfg):
+    for warning in config_warnings(cfg, served):
         print(f"appliance: warning: {args.file}: {warning}", file=sys.stderr)
     n_regs = sum(len(d.registers) for d in cfg.devices)
     if not served:

@@ -121,7 +121,7 @@ class Appliance:
         prefix = cfg.mqtt.topic_prefix
         served = served_models(cfg)  # empty: no model, nothing is scored
         self.bundle: ModelBundle | None = served[0].bundle if served else None
-        for warning in config_warnings(cfg):
+        for warning in config_warnings(cfg, served):
             log.warning("config: %s", warning)
         self.outbox = SqliteOutbox.from_config(cfg.outbox, appliance_id=aid)
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
