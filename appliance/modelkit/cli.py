@@ -17,6 +17,12 @@ def add_record_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--duration", type=float, default=60.0, metavar="S", help="seconds to record (60)"
     )
+    sp.add_argument(
+        "--scores",
+        action="store_true",
+        help="also score every window with the configured models, as `appliance run` does, "
+        "into DIR/scores/<machine>.csv (model eval compares its scores with them)",
+    )
     sp.set_defaults(func=cmd_record)
 
 
@@ -27,7 +33,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if not args.duration > 0:
         raise ConfigError(f"--duration must be > 0, got {args.duration}")
     cfg = load_config(args.config)
-    rec = asyncio.run(record(cfg, args.out, args.duration))
+    rec = asyncio.run(record(cfg, args.out, args.duration, scores=args.scores))
     print(f"recorded {rec.rows} rows of {len(cfg.devices)} device(s) into {args.out}")
     return EXIT_OK
 
