@@ -84,7 +84,13 @@ class ScoreJoiner:
                 out.append(self._finish(machine, prev))
             window = env.body.get("window")
             start = float(window["start"]) if isinstance(window, dict) else env.ts
-            self._held[machine] = (env, start, self._pending.pop(machine, {}))
+            pending = self._pending.pop(machine, {})
+            for model, acc in list(pending.items()):
+                if acc.last_end <= start + _SAME_S:  # windows that never got a message
+                    self.late_scores += acc.n
+                    self.joined -= acc.n
+                    del pending[model]
+            self._held[machine] = (env, start, pending)
         if out:
             self._emit(out)
 

@@ -99,3 +99,13 @@ def test_an_interval_whose_last_window_is_unscored_goes_out_with_the_next_messag
     assert j.late_scores == 1 and [e.ts for e in sent] == [2.0, 4.0]
     assert sent[1].body["scores"] == {"anomaly": np.float32(0.9)}
     assert sent[1].body["score_stats"]["anomaly"]["n"] == 2  # type: ignore[index]
+
+
+def test_scores_of_windows_before_the_first_message_are_counted_late_not_joined() -> None:
+    sent: list[Envelope] = []
+    j = ScoreJoiner({"m1": ["anomaly"]}, sent.extend)
+    j.on_scores("anomaly", _batch("m1", 5.0, 9.0))  # no message for window 5 will come
+    j.hold([_tel("m1", 10.0)])
+    j.on_scores("anomaly", _batch("m1", 10.0, 0.5))
+    assert sent[0].body["scores"] == {"anomaly": 0.5}
+    assert j.late_scores == 1 and j.joined == 1
