@@ -138,10 +138,10 @@ class Appliance:
         self.models = [_Model(m, cfg, self._on_scores, machines) for m in served]
         # the first model under the names the single-model appliance had (None: no model)
         first = self.models[0] if self.models else None
-        self.engine: ServingEngine | None = first.engine if first else None
-        self.batcher: Batcher | None = first.batcher if first else None
+        self.engine: ServingEngine | None = first.engine if first is not None else None
+        self.batcher: Batcher | None = first.batcher if first is not None else None
         self.features: FeatureBuilder | SampleFeatureBuilder | None = (
-            first.features if first else None
+            first.features if first is not None else None
         )
         self.scores = ScoreJoiner(
             {d: [m.name for m in self.models if d in m.machines] for d in machines},
@@ -404,10 +404,12 @@ class Appliance:
             "frames": self.frames,
             "acquisition": self.acquisition.stats(),
             "windows_closed": self.windows.windows_closed,
-            "feature_rows": self.features.rows if self.features else 0,
-            "incomplete_windows": self.features.incomplete_windows if self.features else 0,
-            "batcher": self.batcher.stats() if self.batcher else None,  # None: no model
-            "engine": self.engine.stats() if self.engine else None,
+            "feature_rows": self.features.rows if self.features is not None else 0,
+            "incomplete_windows": (
+                self.features.incomplete_windows if self.features is not None else 0
+            ),
+            "batcher": self.batcher.stats() if self.batcher is not None else None,  # no model
+            "engine": self.engine.stats() if self.engine is not None else None,
             "models": {m.name: m.stats() for m in self.models},
             "alerts": {
                 "raised": self.alerts.raised,
