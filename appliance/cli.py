@@ -37,15 +37,21 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.file)
     try:
-        served_models(cfg)
+        served = served_models(cfg)
     except ConfigError as err:
         raise ConfigError(f"{args.file}: {err}") from None
-    for warning in config_warnings(cfg):
+    for warning in config_warnings(cfg, served):
         print(f"appliance: warning: {args.file}: {warning}", file=sys.stderr)
     n_regs = sum(len(d.registers) for d in cfg.devices)
+    if not served:
+        model = "no model (nothing is scored)"
+    elif cfg.models:
+        model = "models " + ", ".join(m.name for m in served)
+    else:
+        model = f"model {cfg.engine.model}"
     print(
         f"{args.file}: OK — appliance {cfg.appliance.id}, {len(cfg.devices)} devices, "
-        f"{n_regs} registers, {len(cfg.alerts.rules)} alert rules, model {cfg.engine.model}, "
+        f"{n_regs} registers, {len(cfg.alerts.rules)} alert rules, {model}, "
         f"mqtt {cfg.mqtt.host}:{cfg.mqtt.port}"
     )
     return EXIT_OK
@@ -123,6 +129,9 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
     cfg = load_config(args.config) if args.config else Config()
     models = [b.model for b in cfg.models] or [cfg.engine.model]
+    if models == [""]:
+        print("no model configured (engine.model is empty): nothing to test")
+        return EXIT_OK
     report = run_selftest(models, cfg, iterations=args.iterations)
     print(format_report(report))
     if args.json:

@@ -382,6 +382,7 @@ class BatchSection(_Section, frozen=True):
 
 
 class EngineSection(_Section, frozen=True):
+    #: "" (and no ``[[models]]``): no model, nothing is scored
     model: str = "cnc_anomaly"
     backend: Literal[
         "auto", "tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu"
@@ -840,6 +841,11 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
             if m not in names:
                 raise ValueError(f"{where}.machines: {m!r} is not a configured device")
         model_names = [b.name for b in cfg.models]
+        if rule.source == "score" and not model_names and not cfg.engine.model:
+            raise ValueError(
+                f"{where}.source: 'score' but no model is configured (engine.model is empty "
+                "and there is no [[models]] entry)"
+            )
         if rule.model and rule.model not in model_names:
             raise ValueError(
                 f"{where}.model: {rule.model!r} is not a [[models]] name (known: {model_names})"

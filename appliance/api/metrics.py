@@ -96,9 +96,11 @@ class ApplianceCollector(Collector):
             "The appliance's identity (value 1).",
             labels=["appliance", "version", "model", "model_version", "backend"],
         )
-        info.add_metric(
-            [aid, stats["version"], app.bundle.name, app.bundle.version, app.engine.backend], 1
-        )
+        if app.bundle is not None and app.engine is not None:
+            model = [app.bundle.name, app.bundle.version, app.engine.backend]
+        else:
+            model = ["", "", "none"]  # no model configured: nothing is scored
+        info.add_metric([aid, stats["version"], *model], 1)
         yield info
         yield GaugeMetricFamily(
             "appliance_uptime_seconds", "Seconds since the appliance started.", stats["uptime_s"]
@@ -108,7 +110,8 @@ class ApplianceCollector(Collector):
         )
         yield from self._devices(stats["acquisition"])
         yield from self._pipeline(stats)
-        yield from self._engine(stats)
+        if stats["engine"] is not None:
+            yield from self._engine(stats)
         yield from self._alerts(stats)
         yield from self._outbox(stats["outbox"])
         yield from self._uplink(stats["uplink"])
@@ -167,6 +170,8 @@ class ApplianceCollector(Collector):
         ):
             yield CounterMetricFamily(f"appliance_{key}", doc, stats[key])
         b = stats["batcher"]
+        if b is None:  # no model
+            return
         for key, doc in (
             ("submitted", "Rows submitted to the batcher."),
             ("dropped", "Rows dropped because the batcher queue was full (oldest first)."),
@@ -181,7 +186,8 @@ class ApplianceCollector(Collector):
 
     def _engine(self, stats: dict[str, Any]) -> Iterator[Metric]:
         labels = ["backend", "model"]
-        model = self._app.bundle.name
+        bundle = self._app.bundle
+        model = bundle.name if bundle is not None else ""
         latency = HistogramMetricFamily(
             "appliance_inference_latency_seconds",
             "Duration of one engine.infer() call (one batch), per backend of the chain.",

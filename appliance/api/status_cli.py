@@ -72,10 +72,13 @@ def render(st: dict[str, Any]) -> str:
         + ("READY" if st["ready"] else "NOT READY: " + "; ".join(st["reasons"]))
     ]
     e = st["engine"]
-    lines.append(
-        f"engine   {e['model']['name']} {e['model']['version']} on {e['backend']}: "
-        f"{e['calls']} batches, {e['rows']} rows, mean {_fmt(e['mean_ms'])} ms"
-    )
+    if e["model"] is None:
+        lines.append("engine   no model: nothing is scored")
+    else:
+        lines.append(
+            f"engine   {e['model']['name']} {e['model']['version']} on {e['backend']}: "
+            f"{e['calls']} batches, {e['rows']} rows, mean {_fmt(e['mean_ms'])} ms"
+        )
     o, u = st["outbox"], st["uplink"]
     lines.append(
         f"uplink   {u['broker']} {'connected' if u['connected'] else 'DISCONNECTED'}, "

@@ -33,10 +33,10 @@ class Source(Protocol):
     started_at: float
 
     @property
-    def bundle(self) -> ModelBundle: ...
+    def bundle(self) -> ModelBundle | None: ...  # None: no model configured, nothing is scored
 
     @property
-    def engine(self) -> ServingEngine: ...
+    def engine(self) -> ServingEngine | None: ...
 
     @property
     def running(self) -> bool: ...
@@ -48,12 +48,12 @@ class Source(Protocol):
 
 
 def readiness(app: Source) -> list[str]:
-    """Why the appliance is not ready to serve (empty: ready): the engine must be loaded, the
-    outbox writable and the uplink connected."""
+    """Why the appliance is not ready to serve (empty: ready): the engine must be loaded (when
+    a model is configured), the outbox writable and the uplink connected."""
     reasons: list[str] = []
     if not app.running:
         reasons.append("appliance is not running")
-    if not app.engine.started:
+    if app.engine is not None and app.bundle is not None and not app.engine.started:
         reasons.append(f"engine not loaded (model {app.bundle.name})")
     outbox_dir = os.path.dirname(app.cfg.outbox.path) or "."
     if app.outbox_failing:
@@ -78,7 +78,7 @@ def main_channels(app: Source, channels: list[str]) -> list[str]:
     """The channels the status page draws (at most :data:`MAIN_CHANNELS`): those alert rules
     watch, then the model's inputs, then the device's others, in that order."""
     ruled = [r.channel for r in app.cfg.alerts.rules if r.source == "channel"]
-    model = [f.channel for f in app.bundle.features]
+    model = [f.channel for f in app.bundle.features] if app.bundle is not None else []
     ordered = dict.fromkeys([*ruled, *model, *channels])
     return [c for c in ordered if c in channels][:MAIN_CHANNELS]
 
@@ -121,7 +121,10 @@ def alerts(app: Source) -> dict[str, Any]:
 
 def engine(app: Source, stats: dict[str, Any]) -> dict[str, Any]:
     """The serving chain (``stats()["engine"]``: backend, chain with reasons, per-backend
-    counters and latency histograms) with the model and the batcher."""
+    counters and latency histograms) with the model and the batcher. Without a model (nothing
+    is scored): ``model``, ``backend`` and ``batcher`` are null and ``loaded`` is false."""
+    if app.bundle is None or app.engine is None:
+        return {"model": None, "loaded": False, "backend": None, "batcher": None}
     return {
         "model": {
             "name": app.bundle.name,

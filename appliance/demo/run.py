@@ -194,10 +194,8 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         say(f"simulated cell: {args.machines} CNC machines on Modbus TCP ports {ports}")
         await asyncio.to_thread(sub.start)
         await app.start()
-        say(
-            f"appliance running (config {config_path}); engine {app.engine.backend} "
-            f"[{app.engine.detail}]"
-        )
+        engine = f"engine {app.engine.backend} [{app.engine.detail}]" if app.engine else "no model"
+        say(f"appliance running (config {config_path}); {engine}")
         if app.api is not None:
             print(f"status page: {app.api.url}", flush=True)  # also with --quiet
         say(

@@ -66,6 +66,9 @@ def run_build(args: argparse.Namespace) -> int:
     if backend == "auto":
         backend = "tensorrt"
     models = [cfg.engine.model]
+    if models == [""]:
+        print("no model configured (engine.model is empty): nothing to build")
+        return 0
     failed = 0
     for model in models:
         try:

@@ -17,6 +17,12 @@ def add_record_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--duration", type=float, default=60.0, metavar="S", help="seconds to record (60)"
     )
+    sp.add_argument(
+        "--scores",
+        action="store_true",
+        help="also score every window with the configured models, as `appliance run` does, "
+        "into DIR/scores/<machine>.csv (model eval compares its scores with them)",
+    )
     sp.set_defaults(func=cmd_record)
 
 
@@ -27,7 +33,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     if not args.duration > 0:
         raise ConfigError(f"--duration must be > 0, got {args.duration}")
     cfg = load_config(args.config)
-    rec = asyncio.run(record(cfg, args.out, args.duration))
+    rec = asyncio.run(record(cfg, args.out, args.duration, scores=args.scores))
     print(f"recorded {rec.rows} rows of {len(cfg.devices)} device(s) into {args.out}")
     return EXIT_OK
 
@@ -40,6 +46,11 @@ manifest.json, golden.npz) whose score is 1.0 at the --quantile of the normal wi
 serve it with engine.model or [[models]] model = "DIR". Refuses bad data (an empty file, a
 channel missing from a file or constant in all, a long run of missing values, too few windows)
 naming the file, line and column.
+
+--context COLUMN (Gaussian only): condition the model on a column such as a program number or
+a machining phase (numbers, or labels served as their index in the manifest's context.labels):
+one Gaussian per value with enough windows, the global one for any other value. Served, the
+context is a channel of the machine (its last sample in the window).
 """
 
 
@@ -61,6 +72,9 @@ def add_model_arguments(sp: argparse.ArgumentParser) -> None:
         "--quantile", type=float, default=0.999, help="threshold quantile of normal scores"
     )
     fit.add_argument("--name", default="fitted", help="model name in the manifest")
+    fit.add_argument(
+        "--context", metavar="COLUMN", help="condition the model on this column (program, phase)"
+    )
     fit.set_defaults(func=cmd_fit)
 
     ev = sub.add_parser(
@@ -143,11 +157,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         window_s=args.window_s,
         quantile=args.quantile,
         name=args.name,
+        context=args.context,
     )
     print(
         f"wrote {res.out}: {res.kind} model over {len(res.features)} features, fitted on "
         f"{res.windows} windows; score 1.0 = quantile {res.threshold_quantile} of normal"
     )
+    if res.context_values:
+        print(
+            f"context {args.context}: own model for {len(res.context_values)} value(s), the "
+            "global model for any other (manifest.json: context)"
+        )
     return EXIT_OK
 
 

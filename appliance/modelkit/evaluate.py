@@ -6,10 +6,16 @@ the file's first window to the first window above the threshold). Overall: ROC A
 faulty files' windows as positives and the normal files' as negatives, and false alarms per
 8-hour shift on the normal files. The features are computed by the serving code
 (:func:`~appliance.features.samples.features_from_frames`) and scored by onnxruntime on the CPU.
+
+A recording made with ``appliance record --scores`` keeps the scores the appliance served
+beside it (``scores/<name>`` in the recording's folder); the file's entry then has ``live``:
+how many of the windows scored here the appliance scored too with the same bundle (name and
+version), and the largest absolute difference between the two scores (:func:`compare_live`).
 """
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from appliance.errors import ApplianceError
 from appliance.features.samples import features_from_frames
 from appliance.infer.bundle import ModelBundle, load_bundle
 from appliance.modelkit.metrics import alarms, false_alarms_per_shift, roc_auc
-from appliance.modelkit.recording import DataError, frames_of, read_recording
+from appliance.modelkit.recording import DataError, context_column, frames_of, read_recording
 
 
 def score_windows(bundle: ModelBundle, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -41,7 +47,15 @@ def _file_scores(
     channels = sorted(
         {f.channel for f in bundle.features} | {c[0].channel for c in bundle.condition}
     )
-    rec = read_recording(path, channels=channels, rate_hz=rate_hz)
+    ctx = bundle.manifest.get("context")
+    if isinstance(ctx, dict):  # a context model (`model fit --context`): the column as coded
+        name = str(ctx["channel"])
+        channels = [c for c in channels if c != name]
+        rec = read_recording(path, channels=channels, rate_hz=rate_hz, context=name)
+        labels = ctx.get("labels")
+        rec = context_column(rec, name, None if labels is None else [str(x) for x in labels])
+    else:
+        rec = read_recording(path, channels=channels, rate_hz=rate_hz)
     ends, x, _ = features_from_frames(
         frames_of(rec),
         bundle.features,
@@ -88,6 +102,9 @@ def evaluate(
             }
             if label == "faulty":
                 entry["detection_delay_s"] = float(ends[hit[0]] - t0) if hit.size else None
+            live = compare_live(bundle, p, ends, s)
+            if live is not None:
+                entry["live"] = live
             files.append(entry)
     all_neg = np.concatenate(neg) if neg else np.empty(0)
     all_pos = np.concatenate(pos) if pos else np.empty(0)
@@ -100,6 +117,46 @@ def evaluate(
             false_alarms_per_shift(all_neg, thr, bundle.window_s) if neg else None
         ),
         "files": files,
+    }
+
+
+def compare_live(
+    bundle: ModelBundle,
+    path: str | Path,
+    ends: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+) -> dict[str, Any] | None:
+    """The recording's kept scores (``scores/<name>`` beside it, ``record --scores``) of
+    ``bundle`` against ``scores`` of the windows ending at ``ends``: ``windows`` matched (same
+    window end), ``unmatched`` (scored here, not by the appliance), ``max_abs_diff``. None
+    when there is no such file or it has no row of this bundle."""
+    p = Path(path)
+    kept = p.parent / "scores" / p.name
+    if not kept.is_file():
+        return None
+    live: dict[float, float] = {}
+    with kept.open(newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            try:
+                if row["bundle"] == bundle.name and row["version"] == bundle.version:
+                    live[float(row["window_end"])] = float(row["score"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(
+                    f"{kept}:{i + 2}: not a scores row (window_end, model, bundle, version, score)"
+                ) from None
+    if not live:
+        return None
+    t = np.array(sorted(live))
+    v = np.array([live[k] for k in t.tolist()])
+    j = np.clip(np.searchsorted(t, ends), 0, len(t) - 1)
+    j = np.where(np.abs(t[j - 1] - ends) < np.abs(t[j] - ends), j - 1, j)
+    hit = np.abs(t[j] - ends) <= 1e-6
+    diff = np.abs(v[j[hit]] - scores[hit])
+    return {
+        "file": str(kept),
+        "windows": int(hit.sum()),
+        "unmatched": int((~hit).sum()),
+        "max_abs_diff": float(diff.max()) if diff.size else None,
     }
 
 
@@ -117,6 +174,15 @@ def format_table(report: dict[str, Any]) -> str:
             f"{f['p99']:8.3g} {f['max']:8.3g} {f['above_threshold']:6.1%} {f['alarms']:6d} "
             f"{'-' if delay is None else format(delay, '.1f'):>8}"
         )
+    for f in report["files"]:
+        live = f.get("live")
+        if live is not None:
+            d = live["max_abs_diff"]
+            lines.append(
+                f"  {Path(f['file']).name}: kept scores of {live['windows']} windows, largest "
+                f"difference {'-' if d is None else format(d, '.3g')}; "
+                f"{live['unmatched']} windows not scored by the appliance"
+            )
     auc = report["auc"]
     fa = report["false_alarms_per_shift"]
     lines.append(

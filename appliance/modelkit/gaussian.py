@@ -7,10 +7,14 @@ threshold (a normal window exceeds it with probability 1 - quantile).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from appliance.modelkit.recording import DataError
 
 F64 = npt.NDArray[np.float64]
 
@@ -66,3 +70,124 @@ def fit_gaussian(x: npt.ArrayLike, quantile: float = 0.999, ridge: float = 1e-3)
     d = np.sqrt(np.mean(((xx - mean) @ w) ** 2, axis=1))
     s_ref = float(np.quantile(d, quantile))
     return GaussianModel(mean, w, s_ref)
+
+
+@dataclass(frozen=True)
+class ContextGaussianModel:
+    """One Gaussian score per context value, and the global one for any other value.
+
+    The input row is the base features followed by the context value (the context channel's
+    ``last`` sample of the window). The row is scored by the Gaussian of the value equal to it
+    (float32 equality, as in the graph), or by ``fallback`` (fitted on all windows) when no
+    value is: an unknown context is scored, not dropped. Each model's score is 1.0 at the
+    fit's quantile of its own windows.
+    """
+
+    values: F64  # [K] the context values with their own model
+    models: tuple[GaussianModel, ...]  # [K]
+    fallback: GaussianModel
+
+    def _index(self, ctx: F64) -> npt.NDArray[np.intp]:
+        """Per row: the model index, K (the fallback) for an unknown context."""
+        eq = ctx.astype(np.float32)[:, None] == self.values.astype(np.float32)[None, :]
+        return np.where(eq.any(axis=1), eq.argmax(axis=1), len(self.values))
+
+    def score(self, x: npt.ArrayLike) -> F64:
+        """NumPy reference of the ONNX graph (float64)."""
+        xx = np.asarray(x, dtype=np.float64)
+        base, idx = xx[:, :-1], self._index(xx[:, -1])
+        out = np.empty(len(xx))
+        for k, m in enumerate((*self.models, self.fallback)):
+            rows = idx == k
+            if rows.any():
+                out[rows] = m.score(base[rows])
+        return out
+
+    def onnx_graph(self, name: str) -> object:
+        from onnx import TensorProto, helper, numpy_helper
+
+        every = (*self.models, self.fallback)
+        f = len(self.fallback.mean)
+        inits = [
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([f], np.int64), "f"),
+            numpy_helper.from_array(np.array([f + 1], np.int64), "f1"),
+            numpy_helper.from_array(
+                np.stack([m.mean for m in every])[:, None, :].astype(np.float32), "means"
+            ),
+            numpy_helper.from_array(np.stack([m.whiten for m in every]).astype(np.float32), "W"),
+            numpy_helper.from_array(
+                np.array([[1.0 / m.s_ref] for m in every], np.float32), "inv_sref"
+            ),
+            numpy_helper.from_array(self.values.astype(np.float32), "values"),
+            numpy_helper.from_array(np.ones((1, 1), np.float32), "ones"),
+        ]
+        nodes = [
+            # base features [N, F] and the context value [N, 1]
+            helper.make_node("Slice", ["features", "zero", "f", "one"], ["x"]),
+            helper.make_node("Slice", ["features", "f", "f1", "one"], ["ctx"]),
+            # every model's Mahalanobis score: [K+1, N]
+            helper.make_node("Unsqueeze", ["x", "zero"], ["x1"]),
+            helper.make_node("Sub", ["x1", "means"], ["centred"]),
+            helper.make_node("MatMul", ["centred", "W"], ["y"]),
+            helper.make_node("Mul", ["y", "y"], ["y2"]),
+            helper.make_node("ReduceMean", ["y2"], ["msq"], axes=[2], keepdims=0),
+            helper.make_node("Sqrt", ["msq"], ["dist"]),
+            helper.make_node("Mul", ["dist", "inv_sref"], ["scores_kn"]),
+            helper.make_node("Transpose", ["scores_kn"], ["scores"], perm=[1, 0]),
+            # one-hot of the context value over the K values, then "none of them" → fallback
+            helper.make_node("Equal", ["ctx", "values"], ["eq"]),
+            helper.make_node("Cast", ["eq"], ["onehot"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMax", ["onehot"], ["known"], axes=[1], keepdims=1),
+            helper.make_node("Sub", ["ones", "known"], ["unknown"]),
+            helper.make_node("Concat", ["onehot", "unknown"], ["select"], axis=1),
+            helper.make_node("Mul", ["select", "scores"], ["picked"]),
+            helper.make_node("ReduceSum", ["picked", "one"], ["score"], keepdims=0),
+        ]
+        return helper.make_graph(
+            nodes,
+            name,
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f + 1])],
+            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
+            initializer=inits,
+        )
+
+
+def fit_context_gaussian(
+    x: npt.ArrayLike,
+    quantile: float,
+    min_windows: int,
+    channel: str,
+    labels: Sequence[str] | None = None,
+) -> tuple[ContextGaussianModel, dict[str, Any]]:
+    """Fit on normal windows ``x`` [W, F + 1] whose last column is the context value: one
+    Gaussian per value with at least ``min_windows`` windows, the global one on all windows.
+    Returns the model and the manifest's ``context`` entry (docs/models.md)."""
+    xx = np.asarray(x, dtype=np.float64)
+    base, ctx = xx[:, :-1], xx[:, -1]
+    values, counts = np.unique(ctx, return_counts=True)
+    keep = counts >= min_windows
+
+    def named(v: float) -> str:
+        return labels[int(v)] if labels is not None and 0 <= v < len(labels) else f"{v:g}"
+
+    if not keep.any():
+        raise DataError(
+            f"context {channel!r}: no value has {min_windows} windows to fit its own model on "
+            f"(most: {named(float(values[counts.argmax()]))} with {int(counts.max())})"
+        )
+    models = tuple(fit_gaussian(base[ctx == v], quantile) for v in values[keep])
+    fallback = fit_gaussian(base, quantile)
+    info: dict[str, Any] = {
+        "channel": channel,
+        "stat": "last",
+        "values": [float(v) for v in values[keep]],
+        "windows": [int(c) for c in counts[keep]],
+        "unknown": "global",
+        "global_windows": int(len(xx)),
+        "too_few_windows": [named(float(v)) for v in values[~keep]],
+    }
+    if labels is not None:
+        info["labels"] = list(labels)
+    return ContextGaussianModel(values[keep], models, fallback), info

@@ -184,6 +184,43 @@ def check_recordings(recordings: Sequence[Recording], channels: Sequence[str]) -
             )
 
 
+def context_labels(recordings: Sequence[Recording]) -> tuple[str, ...] | None:
+    """The context's labels when it is not numeric (sorted; a label's code is its index), or
+    None when every context cell of every recording is a number or empty."""
+    seen = {c for r in recordings for c in r.context if c}
+    if all(_number(c) is not None for c in seen):
+        return None
+    return tuple(sorted(seen))
+
+
+def context_column(rec: Recording, name: str, labels: Sequence[str] | None) -> Recording:
+    """``rec`` with its context as one more channel ``name``, as a device register would give
+    it: the number itself (``labels`` None), else the label's index in ``labels``, and
+    ``len(labels)`` for a label not among them (an unknown context); an empty cell: no value."""
+    if labels is None:
+        codes = [_number(c) for c in rec.context]
+        bad = next((i for i, v in enumerate(codes) if v is None), None)
+        if bad is not None:
+            raise DataError(
+                f"{rec.path}: context column {name!r}: {rec.context[bad]!r} is not "
+                "a number (the model's context is numeric)"
+            )
+        col = np.array(codes, dtype=np.float64)
+    else:
+        index = {label: float(i) for i, label in enumerate(labels)}
+        unknown = float(len(labels))
+        col = np.array(
+            [index.get(c, unknown) if c else math.nan for c in rec.context], dtype=np.float64
+        )
+    return Recording(
+        rec.path,
+        (*rec.channels, name),
+        rec.ts,
+        np.column_stack([rec.values, col]),
+        rec.context,
+    )
+
+
 def frames_of(rec: Recording, device: str = "m", chunk_rows: int = 256) -> Iterator[Frame]:
     """The recording as frames (each of up to ``chunk_rows`` rows), as acquisition would give."""
     n, c = rec.values.shape

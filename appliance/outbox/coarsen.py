@@ -14,8 +14,9 @@ oldest window merged: a subscriber checking for gaps expects ``first_seq`` (not 
 follow the last ``seq`` it saw. Statistics per channel, over the good samples of all windows:
 ``n`` summed, ``mean`` weighted by ``n``, ``rms`` as the root of the ``n``-weighted mean square,
 ``min``/``max`` of the windows' ones, ``last`` the newest non-null one; model ``scores`` the
-highest of the windows' ones per model. Never rounded to a fixed number of decimals, like the
-downsampler's.
+highest of the windows' ones per model, ``score_stats`` (``telemetry.interval_s``) per model
+``n`` summed, ``max`` the highest, ``mean`` weighted by ``n``, ``last`` the newest. Never
+rounded to a fixed number of decimals, like the downsampler's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from appliance.payload import HEADER_KEYS as _HEADER
 
 COARSENED_KEY = "coarsened"
 SCORES_KEY = "scores"
-_BODY = frozenset({"machine", "window", "channels", SCORES_KEY, COARSENED_KEY})
+SCORE_STATS_KEY = "score_stats"
+_BODY = frozenset({"machine", "window", "channels", SCORES_KEY, SCORE_STATS_KEY, COARSENED_KEY})
 _STATS = frozenset({"n", "mean", "rms", "min", "max", "last"})
 
 
@@ -159,5 +161,30 @@ def merge(
             scores[model] = max(scores.get(model, value), value)
     if scores:
         out[SCORES_KEY] = scores
+    score_stats = _merge_score_stats(msgs)
+    if score_stats:
+        out[SCORE_STATS_KEY] = score_stats
     out[COARSENED_KEY] = {"windows": windows, "first_seq": first_seq}
+    return out
+
+
+def _merge_score_stats(msgs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The messages' ``score_stats`` merged per model (oldest message first)."""
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for m in msgs:
+        for model, st in m.get(SCORE_STATS_KEY, {}).items():
+            if not isinstance(st, dict) or not all(
+                isinstance(st.get(k), (int, float)) for k in ("n", "max", "mean", "last")
+            ):
+                raise NotMergeable("model score statistics that are not numbers")
+            parts.setdefault(model, []).append(st)
+    out: dict[str, dict[str, Any]] = {}
+    for model, sts in parts.items():
+        n = sum(int(st["n"]) for st in sts)
+        out[model] = {
+            "n": n,
+            "max": max(st["max"] for st in sts),
+            "mean": _round(sum(st["n"] * st["mean"] for st in sts) / n),
+            "last": sts[-1]["last"],
+        }
     return out

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from appliance.config import Config, ModbusTcpConfig
@@ -37,13 +38,18 @@ def device_channels(cfg: Config) -> dict[str, set[str]]:
 
 
 def served_models(cfg: Config) -> list[ServedModel]:
-    """Every model to serve: the ``[[models]]`` entries, or ``engine.model`` for all machines.
+    """Every model to serve: the ``[[models]]`` entries, or ``engine.model`` for all machines;
+    none (an empty list: nothing is scored) when there is no ``[[models]]`` entry and
+    ``engine.model`` is ``""``.
 
     Raises :class:`ConfigError` naming the key: a model that cannot be loaded, one trained on
     another window length than ``features.window_s``, or (a ``[[models]]`` entry) one that needs
     channels a machine it serves does not have (listed). The implicit ``engine.model`` keeps its
-    behaviour: a machine without its channels has its windows counted as incomplete.
+    behaviour: a machine without its channels has its windows counted as incomplete (and
+    :func:`config_warnings` names it).
     """
+    if not cfg.models and not cfg.engine.model:
+        return []
     if not cfg.models:
         bundle = load_model_for(cfg)
         served = [ServedModel(bundle.name, "engine.model", bundle, ())]
@@ -96,13 +102,29 @@ def load_model_for(cfg: Config) -> ModelBundle:
     return bundle
 
 
-def config_warnings(cfg: Config) -> list[str]:
+def config_warnings(cfg: Config, served: Sequence[ServedModel] = ()) -> list[str]:
     """Settings that run but are most likely a mistake, one sentence each.
 
     Two Modbus TCP devices with the same host, port and unit id read the same unit twice (a
-    copied block whose ``host`` was not edited, typically).
+    copied block whose ``host`` was not edited, typically). The implicit ``engine.model`` (of
+    ``served``) needs channels a device does not have: its windows are never scored (a
+    ``[[models]]`` model is refused for that instead, by :func:`served_models`).
     """
     out: list[str] = []
+    channels = device_channels(cfg)
+    for m in served:
+        if m.key != "engine.model":
+            continue
+        needed = {f.channel for f in m.bundle.features} | {c[0].channel for c in m.bundle.condition}
+        for i, dev in enumerate(cfg.devices):
+            missing = sorted(needed - channels.get(dev.name, set()))
+            if missing:
+                out.append(
+                    f"engine.model: model {m.bundle.name} needs channels that devices[{i}] "
+                    f"({dev.name}) does not have: {', '.join(missing)}; its windows are never "
+                    "scored (bind the model to other machines with [[models]], or set "
+                    'engine.model = "" for no model)'
+                )
     first: dict[tuple[str, int, int], int] = {}
     for i, dev in enumerate(cfg.devices):
         if not isinstance(dev, ModbusTcpConfig):

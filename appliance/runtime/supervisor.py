@@ -210,11 +210,11 @@ class Appliance:
         self.cfg = cfg
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
-        served = [
+        served = [  # empty: no model, nothing is scored
             s._replace(bundle=released_bundle(state_dir(cfg), s.name, s.bundle))
             for s in served_models(cfg)
         ]
-        for warning in config_warnings(cfg):
+        for warning in config_warnings(cfg, served):
             log.warning("config: %s", warning)
         self.outbox = SqliteOutbox.from_config(cfg.outbox, appliance_id=aid)
         self.uplink = MqttUplink(cfg.mqtt, aid, self.outbox)
@@ -225,16 +225,20 @@ class Appliance:
             store=AlertStore(cfg.alerts.state_path, cfg.outbox.synchronous),
             devices=[d.name for d in cfg.devices],
             act=self._act,
-            default_model=served[0].name,
+            default_model=served[0].name if served else "",
         )
         machines = [d.name for d in cfg.devices]
         self.models = [_Model(m, cfg, self._on_scores, machines) for m in served]
-        # the first model under the names the single-model appliance had
-        self.batcher = self.models[0].batcher
-        self.features = self.models[0].features
+        # the first model under the names the single-model appliance had (None: no model)
+        first = self.models[0] if self.models else None
+        self.batcher: Batcher | None = first.batcher if first is not None else None
+        self.features: FeatureBuilder | SampleFeatureBuilder | None = (
+            first.features if first is not None else None
+        )
         self.scores = ScoreJoiner(
             {d: [m.name for m in self.models if d in m.machines] for d in machines},
             self._append,
+            interval_stats=cfg.telemetry.interval_s > 0,
         )
         self.telemetry = TelemetryDownsampler(
             cfg.telemetry.stats,
@@ -284,14 +288,14 @@ class Appliance:
         self.downlink_stats: Callable[[], dict[str, Any]] | None = None
 
     @property
-    def engine(self) -> ServingEngine:
-        """The first model's engine (a model release replaces it)."""
-        return self.models[0].engine
+    def engine(self) -> ServingEngine | None:
+        """The first model's engine (a model release replaces it); None: no model."""
+        return self.models[0].engine if self.models else None
 
     @property
-    def bundle(self) -> ModelBundle:
-        """The first model's bundle (a model release replaces it)."""
-        return self.models[0].bundle
+    def bundle(self) -> ModelBundle | None:
+        """The first model's bundle (a model release replaces it); None: no model."""
+        return self.models[0].bundle if self.models else None
 
     # -- wiring -----------------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
@@ -409,12 +413,11 @@ class Appliance:
         self._started = True
         self.started_at = time.time()
         log.info(
-            "appliance %s v%s starting: %d devices, model %s %s",
+            "appliance %s v%s starting: %d devices, model %s",
             self.cfg.appliance.id,
             __version__,
             len(self.cfg.devices),
-            self.bundle.name,
-            self.bundle.version,
+            f"{self.bundle.name} {self.bundle.version}" if self.bundle else "none (no scoring)",
         )
         self.outbox.open()
         self.alerts.start(self.outbox)  # before the uplink takes from the outbox
@@ -434,7 +437,9 @@ class Appliance:
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
-        self.notifier.ready(f"running on {self.engine.backend}")
+        self.notifier.ready(
+            f"running on {self.engine.backend}" if self.engine else "running, no model"
+        )
 
     async def stop(self, drain_timeout_s: float = 10.0, *, restarting: bool = False) -> None:
         """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``
@@ -511,10 +516,12 @@ class Appliance:
             "frames": self.frames,
             "acquisition": self.acquisition.stats(),
             "windows_closed": self.windows.windows_closed,
-            "feature_rows": self.features.rows,
-            "incomplete_windows": self.features.incomplete_windows,
-            "batcher": self.batcher.stats(),
-            "engine": self.engine.stats(),
+            "feature_rows": self.features.rows if self.features is not None else 0,
+            "incomplete_windows": (
+                self.features.incomplete_windows if self.features is not None else 0
+            ),
+            "batcher": self.batcher.stats() if self.batcher is not None else None,  # no model
+            "engine": self.engine.stats() if self.engine is not None else None,
             "models": {m.name: m.stats() for m in self.models},
             "alerts": {
                 "raised": self.alerts.raised,

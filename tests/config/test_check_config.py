@@ -97,3 +97,21 @@ def test_two_devices_on_the_same_host_port_and_unit_get_a_warning(
         'host = "10.0.0.5"\n[[devices]]', 'host = "10.0.0.5"\nunit_id = 2\n[[devices]]'
     )
     assert check(tmp_path, other, capsys) == (0, "")
+
+
+def test_engine_model_needing_channels_a_device_lacks_is_named_in_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The implicit engine.model serves every machine; one without its channels would never
+    be scored, silently. check-config names the device and lists the missing channels (a
+    [[models]] model is refused for that: tests/config/test_models_section.py)."""
+    text = (
+        DEVICE
+        + '[[devices]]\nname = "press-2"\nport = 503\n'
+        + '[[devices.registers]]\nname = "spindle_temp"\naddress = 0\n'
+    )
+    rc, err = check(tmp_path, text, capsys)
+    assert rc == 0
+    assert "warning" in err and "engine.model: model cnc_anomaly" in err
+    assert "devices[1] (press-2) does not have: axis_load_x, axis_load_y" in err
+    assert "devices[0]" not in err

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance.cli import main
-from appliance.config import parse_config
+from appliance.config import load_config, parse_config
 from appliance.errors import ConfigError
+from appliance.infer.bundle import MODELS_DIR
 from appliance.runtime import Appliance
 from appliance.runtime.checks import served_models
 
@@ -73,3 +75,20 @@ def test_check_config_refuses_a_missing_model_naming_the_key(
     assert main(["check-config", str(conf)]) == 2
     err = capsys.readouterr().err
     assert "models[0] (x).model" in err and str(tmp_path / "nowhere") in err
+
+
+def test_a_relative_models_path_resolves_against_the_config_folder_not_the_cwd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(MODELS_DIR / "cnc_anomaly", conf / "bundles" / "anomaly")
+    path = conf / "cell.toml"
+    path.write_text(
+        '[[devices]]\nname = "cnc-1"\nhost = "127.0.0.1"\nprofile = "cnc-sim"\n'
+        '[[models]]\nname = "a"\nmodel = "bundles/anomaly"\n'
+    )
+    monkeypatch.chdir("/")
+    assert main(["check-config", str(path)]) == 0
+    assert "models a" in capsys.readouterr().out
+    served = served_models(load_config(path))
+    assert served[0].bundle.directory == conf / "bundles" / "anomaly"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
 import threading
 from pathlib import Path
 
@@ -57,3 +58,49 @@ def test_record_writes_a_csv_per_machine_with_time_and_every_channel(tmp_path: P
         assert sum(1 for r in rows[1:] if r[-1]) > 1000  # 1 kHz waveform samples
         rec = read_recording(tmp_path / "rec" / f"{m}.csv")  # what model fit/eval read
         assert rec.channels == tuple(rows[0][1:]) and np.all(np.diff(rec.ts) >= 0)
+
+
+def test_record_scores_keeps_the_served_scores_and_eval_reproduces_them(tmp_path: Path) -> None:
+    """`appliance record --scores` keeps every window's score of the configured model, as
+    `appliance run` serves it, in rec/scores/<machine>.csv; `model eval` of the recording
+    scores the same windows and reports the difference (issue 14, item 6)."""
+    port = free_port()
+    cell = SimulatedCell(machines=1, ports=[port], seed=6)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(cell.start())
+        ready.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    conf = tmp_path / "cell.toml"
+    conf.write_text(
+        f'[[devices]]\nname = "cnc-1"\nhost = "127.0.0.1"\nport = {port}\n'
+        'profile = "cnc-sim"\npoll_interval_ms = 100\n'
+        '[[models]]\nname = "anomaly"\nmodel = "cnc_anomaly"\n'
+    )
+    rec = tmp_path / "rec"
+    try:
+        assert main(["record", "-c", str(conf), "--out", str(rec), "--duration", "5",
+                     "--scores"]) == 0  # fmt: skip
+    finally:
+        asyncio.run_coroutine_threadsafe(cell.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+        loop.close()
+    assert sorted(p.name for p in rec.glob("*.csv")) == ["cnc-1.csv"]  # scores apart
+    with (rec / "scores" / "cnc-1.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 3
+    assert {(r["model"], r["bundle"]) for r in rows} == {("anomaly", "cnc_anomaly")}
+    report = tmp_path / "r.json"
+    assert main(["model", "eval", "cnc_anomaly", "--normal", str(rec / "cnc-1.csv"),
+                 "--json", str(report)]) == 0  # fmt: skip
+    live = json.loads(report.read_text())["files"][0]["live"]
+    assert live["windows"] >= 2 and live["unmatched"] == 0, live
+    assert live["max_abs_diff"] < 1e-3, live

@@ -131,6 +131,18 @@ def test_merge_computes_the_statistics_of_all_the_samples() -> None:
     assert again["channels"]["c"]["n"] == 70
 
 
+def test_merge_sums_up_the_interval_score_statistics() -> None:
+    first, second = decode_window(1), decode_window(2)
+    first["scores"] = {"a": 2.0}
+    first["score_stats"] = {"a": {"n": 3, "max": 2.0, "mean": 1.0, "last": 0.5}}
+    second["scores"] = {"a": 1.5}
+    second["score_stats"] = {"a": {"n": 1, "max": 1.5, "mean": 1.5, "last": 1.5}}
+    merged = coarsen.merge([first, second])
+    assert merged["scores"] == {"a": 2.0}
+    assert merged["score_stats"] == {"a": {"n": 4, "max": 2.0, "mean": 1.125, "last": 1.5}}
+    jsonschema.validate(merged, load_schema("telemetry"))
+
+
 @pytest.mark.parametrize(
     "change",
     [
