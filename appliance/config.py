@@ -704,6 +704,39 @@ class MqttSection(_Section, frozen=True):
             raise ValueError("mqtt.username is required with password_file / password_env")
 
 
+class DownlinkWrite(_Section, frozen=True):
+    """One entry of the ``device.write`` allowlist (``[[downlink.writes]]``, docs/mqtt.md).
+
+    ``device`` names a Modbus device; the target is either ``register`` (a register name of
+    the device's map: a coil or a 16-bit holding register; values in its engineering unit,
+    its scale/offset/convert undone as for alert actions) or ``address`` (raw, in ``table``
+    ``holding`` (``type`` ``uint16``/``int16``) or ``coil``). ``min``/``max`` bound the value
+    (engineering units for a register, raw for an address), inclusive."""
+
+    device: Name
+    min: float
+    max: float
+    register: str = ""
+    address: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    table: Literal["holding", "coil"] | None = None
+    type: Literal["uint16", "int16"] | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.register) == (self.address is not None):
+            raise ValueError("give `register` (a register name) or `address`, exactly one")
+        if self.register and (self.table is not None or self.type is not None):
+            raise ValueError("`table`/`type` go with `address`; a `register` has its own")
+        if not self.min <= self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+
+
+class DownlinkSection(_Section, frozen=True):
+    """Commands from upstream (appliance/downlink/, docs/mqtt.md "Commands")."""
+
+    #: the ``device.write`` allowlist; empty: every write is refused
+    writes: tuple[DownlinkWrite, ...] = ()
+
+
 class ApiSection(_Section, frozen=True):
     """The local HTTP API, Prometheus metrics and status page (docs/api.md).
 
@@ -737,6 +770,7 @@ class Config(_Section, frozen=True):
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     mqtt: MqttSection = msgspec.field(default_factory=MqttSection)
     api: ApiSection = msgspec.field(default_factory=ApiSection)
+    downlink: DownlinkSection = msgspec.field(default_factory=DownlinkSection)
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -812,6 +846,8 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
             if m not in names:
                 raise ValueError(f"{where}.machines: {m!r} is not a configured device")
     alerts = msgspec.structs.replace(cfg.alerts, rules=tuple(rules))
+    for i, entry in enumerate(cfg.downlink.writes):
+        _check_write(entry, f"downlink.writes[{i}] ({entry.device})", devices)
     return msgspec.structs.replace(cfg, devices=tuple(devices), alerts=alerts)
 
 
@@ -868,6 +904,46 @@ def _check_action(
                     action_raw(reg, value)
                 except ValueError as err:
                     raise ValueError(f"{where}.{key}: {dev.name}.{reg.name}: {err}") from None
+
+
+def write_target(
+    entry: DownlinkWrite, devices: tuple[DeviceConfig, ...] | list[DeviceConfig]
+) -> tuple[str, int, str]:
+    """``(table, address, type)`` a ``[[downlink.writes]]`` entry writes (``type`` ``bool``
+    for a coil). Raises ``ValueError`` naming what is wrong (unknown device or register, a
+    device that is not Modbus, a register that is not a coil or a 16-bit holding register)."""
+    dev = next((d for d in devices if d.name == entry.device), None)
+    if dev is None:
+        raise ValueError(f"device {entry.device!r} is not a configured device")
+    if not isinstance(dev, _ModbusBase):
+        raise ValueError(f"device {entry.device!r} is not a Modbus device")
+    if entry.address is not None:
+        table = entry.table or "holding"
+        return table, entry.address, "bool" if table == "coil" else entry.type or "uint16"
+    reg = next((r for r in dev.registers if r.name == entry.register), None)
+    if reg is None:
+        raise ValueError(f"device {dev.name} has no register {entry.register!r}")
+    if not (reg.table == "coil" or (reg.table == "holding" and reg.type in ACTION_TYPES)):
+        raise ValueError(
+            f"{dev.name}.{reg.name} is {reg.table} {reg.type}; a write goes to a coil or a "
+            "16-bit holding register (int16/uint16)"
+        )
+    return reg.table, reg.address, "bool" if reg.table == "coil" else reg.type
+
+
+def _check_write(entry: DownlinkWrite, where: str, devices: list[DeviceConfig]) -> None:
+    try:
+        table, _, type_ = write_target(entry, devices)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if entry.address is not None:
+        low, high = (0, 1) if table == "coil" else ACTION_TYPES[type_]
+        for key in ("min", "max"):
+            value = getattr(entry, key)
+            if value != int(value) or not low <= value <= high:
+                raise ValueError(
+                    f"{where}.{key}: {value} is not a raw {type_} value ({low}..{high})"
+                )
 
 
 def _rule_in_channel_unit(

@@ -217,6 +217,20 @@ STUCK = {"alerts.rules[].kind": "stuck", "alerts.rules[].above": DELETE}
 
 
 TLS = {"mqtt.tls": True}
+
+
+def write(key: str) -> held:
+    return held(lambda a: getattr(a.cfg.downlink.writes[0], key), "appliance/downlink")
+
+
+WRITE_REG = {"downlink.writes": [{"device": "m", "register": "b", "min": 0, "max": 10}]}
+WRITE_ADDR = {"downlink.writes": [{"device": "m", "address": 4, "min": 0, "max": 10}]}
+TWO_DEVICES = {
+    "devices": [
+        copy.deepcopy(DEVICES["modbus_tcp"]),
+        {**copy.deepcopy(DEVICES["modbus_tcp"]), "name": "m2", "port": 1503},
+    ]
+}
 DEV_COMMON = [
     ("name", "other"),
     ("poll_interval_ms", 250),
@@ -536,6 +550,19 @@ PROBES: list[P] = [
     P("mqtt.backlog_rate_per_s", 50.0),
     P("mqtt.historical_after_s", 1.0, uplink("historical_after_s")),
     P("mqtt.max_packet_bytes", 4096, uplink("max_packet_bytes")),
+    P("downlink.writes[].device", "m2", write("device"), base={**TWO_DEVICES, **WRITE_REG}),
+    P("downlink.writes[].register", "d", write("register"), base=WRITE_REG),
+    P("downlink.writes[].address", 5, write("address"), base=WRITE_ADDR),
+    P(
+        "downlink.writes[].table",
+        "coil",
+        write("table"),
+        base=WRITE_ADDR,
+        also={"downlink.writes[].max": 1},
+    ),
+    P("downlink.writes[].type", "int16", write("type"), base=WRITE_ADDR),
+    P("downlink.writes[].min", 1, write("min"), base=WRITE_REG),
+    P("downlink.writes[].max", 5, write("max"), base=WRITE_REG),
 ]
 
 
