@@ -627,6 +627,8 @@ class OutboxSection(_Section, frozen=True):
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
     disk_budget_mb: PositiveFloat = 256.0
     coarsen_windows: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 10
+    #: seconds delivered telemetry is kept for ``backfill`` (0: deleted on PUBACK, as before)
+    keep_delivered_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
     def __post_init__(self) -> None:
         least = outbox_min_budget_bytes()
@@ -670,6 +672,8 @@ class MqttSection(_Section, frozen=True):
     password_env: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")] = ""
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
     backlog_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: messages per second a ``backfill`` command re-publishes at most (docs/mqtt.md)
+    backfill_rate_per_s: PositiveFloat = 20.0
     historical_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     max_packet_bytes: Annotated[int, msgspec.Meta(ge=0, le=268_435_455)] = 0
     #: "json" (docs/mqtt.md) or "sparkplug_b" (Sparkplug B edge node, protobuf payloads)
