@@ -1,5 +1,5 @@
 """Command line: ``appliance run | check-config | selftest | engine build|list | profile from-csv |
-simulate | demo | update | bench``.
+simulate | demo | update | bench | cmd``.
 
 Exit codes: 0 success; 1 runtime failure (I/O); 2 invalid configuration (a model that cannot
 be loaded included) or usage.
@@ -95,7 +95,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging(args.log_level or cfg.appliance.log_level)
-    app = Appliance(cfg)
+    if cfg.downlink.enabled:  # the command channel outlives the pipeline (config.apply)
+        from appliance.downlink.runner import DownlinkRunner
+
+        app: Appliance | DownlinkRunner = DownlinkRunner(cfg, args.config)
+    else:
+        app = Appliance(cfg)
     try:
         asyncio.run(app.run_until_signal(args.duration))
     finally:
@@ -304,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS")
     sp.set_defaults(func=_cmd_bench)
+
+    from appliance.downlink import client as cmd_cli
+
+    sp = sub.add_parser(
+        "cmd",
+        help="send a command to an appliance over MQTT, print its reply",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=cmd_cli.CMD_HELP,
+    )
+    cmd_cli.add_arguments(sp)
+    sp.set_defaults(func=cmd_cli.run)
 
     from appliance.modelkit import cli as model_cli
 

@@ -734,13 +734,6 @@ class DownlinkWrite(_Section, frozen=True):
             raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
 
 
-class DownlinkSection(_Section, frozen=True):
-    """Commands from upstream (appliance/downlink/, docs/mqtt.md "Commands")."""
-
-    #: the ``device.write`` allowlist; empty: every write is refused
-    writes: tuple[DownlinkWrite, ...] = ()
-
-
 class ApiSection(_Section, frozen=True):
     """The local HTTP API, Prometheus metrics and status page (docs/api.md).
 
@@ -758,6 +751,25 @@ class ApiSection(_Section, frozen=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 65536
     history_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
     refresh_ms: Annotated[int, msgspec.Meta(ge=200, le=60000)] = 1000
+
+
+class DownlinkSection(_Section, frozen=True):
+    """The MQTT command channel (docs/mqtt.md "Commands", issue 16).
+
+    ``enabled``: subscribe ``<prefix>/<appliance>/cmd/+`` and answer commands; false (the
+    default): commands are not even subscribed. ``max_payload_bytes``: a request above it is
+    refused (a ``model.release`` chunk must fit). ``dedup_keep``: request ids remembered (with
+    their replies) so a redelivered request is answered again, not executed again; the oldest
+    are dropped. ``apply_deadline_s``: how long a ``config.apply`` waits for the new pipeline
+    to become ready before it restores the previous file and configuration.
+    """
+
+    enabled: bool = False
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024, le=268_435_455)] = 256 * 1024
+    dedup_keep: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+    apply_deadline_s: PositiveFloat = 30.0
+    #: the ``device.write`` allowlist (``[[downlink.writes]]``); empty: every write is refused
+    writes: tuple[DownlinkWrite, ...] = ()
 
 
 class Config(_Section, frozen=True):

@@ -5,7 +5,7 @@ is parsed with :mod:`ast` (nothing is imported) and its imports are checked.
 (b) The pipeline stages import each other only through ``appliance.contracts``: a module of a
     stage package may import its own stage, :data:`SHARED` and nothing else of ``appliance``
     (anywhere in the file: module level, inside functions, under ``TYPE_CHECKING``). The wiring
-    (``runtime/``, ``cli``, ``demo/``, ``simulate/``) may import anything.
+    (``runtime/``, ``downlink/``, ``cli``, ``demo/``, ``simulate/``) may import anything.
 (c) No import cycle among the modules of ``appliance/`` and ``drivers/``, counting every import
     (a cycle hidden behind an import inside a function or under ``TYPE_CHECKING`` still ties
     the modules together: neither can be read, tested or replaced without the other).
@@ -189,3 +189,17 @@ def test_shared_modules_import_no_stage() -> None:
 
 def test_no_import_cycle() -> None:
     assert _cycles(_graph()) == []
+
+
+def test_only_the_wiring_imports_the_downlink() -> None:
+    """The downlink owns the pipeline (its runner builds and restarts the ``Appliance``), so
+    the pipeline never imports it: only the CLI does (and the downlink itself)."""
+    offenders = sorted(
+        f"{module} imports {dep}"
+        for module, deps in _graph().items()
+        for dep in deps
+        if dep.startswith("appliance.downlink")
+        and not module.startswith("appliance.downlink")
+        and module != "appliance.cli"
+    )
+    assert offenders == []

@@ -80,13 +80,7 @@ class AlertEngine:
         act: Callable[[str, AlertAction, str, str, str], None] | None = None,
         default_model: str = "",
     ) -> None:
-        self.rules = tuple(rules)
-        self._sample_rules = [r for r in rules if r.rule_kind in SAMPLE_KINDS]
-        self._stale_rules = [r for r in rules if r.rule_kind == "stale"]
-        self._offline_rules = [r for r in rules if r.rule_kind == "offline"]
-        self._score_rules = [r for r in rules if r.rule_kind == "score"]
-        self._channel_rules = self._sample_rules + self._stale_rules
-        self._life = {r.name: Lifecycle(r) for r in rules}
+        self._use_rules(rules)
         self._default_model = default_model  # the model a score rule without `model` watches
         self._emit = emit
         self._topic_for = topic_for
@@ -110,6 +104,34 @@ class AlertEngine:
         self.resent_after_restart = 0
         self.suppressed = 0  # raises held back by suppressed_by (episodes)
         self._suppressing: dict[tuple[str, str], frozenset[str]] = {}
+
+    def _use_rules(self, rules: Sequence[ThresholdRule]) -> None:
+        self.rules = tuple(rules)
+        self._sample_rules = [r for r in rules if r.rule_kind in SAMPLE_KINDS]
+        self._stale_rules = [r for r in rules if r.rule_kind == "stale"]
+        self._offline_rules = [r for r in rules if r.rule_kind == "offline"]
+        self._score_rules = [r for r in rules if r.rule_kind == "score"]
+        self._channel_rules = self._sample_rules + self._stale_rules
+        self._life = {r.name: Lifecycle(r) for r in rules}
+
+    def set_rules(self, rules: Sequence[ThresholdRule]) -> None:
+        """Replace the rules while running (the downlink's ``rules.apply``). An alert of a rule
+        that keeps its name stays active under the new levels; an active alert whose rule is
+        gone is cleared with ``reason: "rule_removed"`` (as at a start)."""
+        self._use_rules(rules)
+        names = {r.name for r in self.rules}
+        now = self._clock()
+        for st in list(self._state.values()):
+            if st.rule in names:
+                continue
+            if st.active:
+                Lifecycle.clear(st, now)
+                self.cleared += 1
+                self._queue_orphan_clear(st)
+            else:
+                del self._state[(st.rule, st.machine)]
+        self._flush()
+        log.info("alerts: %d rule(s) in force now", len(self.rules))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, outbox: Outbox | None = None) -> None:
@@ -173,20 +195,33 @@ class AlertEngine:
             if s.active
         ]
 
-    def acknowledge(self, alert_id: str) -> bool:
-        """Mark an active alert as seen by someone (the local API). True when ``alert_id`` is
-        active now; False (nothing changes) otherwise. Acknowledging changes no alert state:
-        the alert still clears on its rule, and a new raise gets a new ``alert_id``."""
+    def acknowledge(self, alert_id: str, *, by: str = "") -> bool:
+        """Mark an active alert as seen by someone. True when ``alert_id`` is active now;
+        False (nothing changes) otherwise. Acknowledging changes no lifecycle state: the alert
+        still clears on its rule, and a new raise gets a new ``alert_id``.
+
+        ``by`` empty (the local API): kept in memory only, nothing sent upstream. ``by`` given
+        (the downlink's ``alerts.ack``: who acknowledged): the alert's state records it (on disk,
+        and ``acknowledged: true`` in its later messages) and an ``acknowledged`` message with
+        ``acknowledged_by`` goes out on the alert's stream."""
         active = {s.alert_id for s in self._state.values() if s.active}
         self._acknowledged &= active  # forget cleared alerts
         if alert_id not in active:
             return False
         self._acknowledged.add(alert_id)
+        if by:
+            st = next(s for s in self._state.values() if s.active and s.alert_id == alert_id)
+            st.acknowledged = True
+            st.transition += 1
+            self._queue_acknowledged(st, by)
+            self._flush()
         return True
 
     def acknowledged(self, alert_id: str) -> bool:
         """Whether ``alert_id`` was acknowledged (while it is active)."""
-        return alert_id in self._acknowledged
+        return alert_id in self._acknowledged or any(
+            s.active and s.acknowledged and s.alert_id == alert_id for s in self._state.values()
+        )
 
     # -- sinks --------------------------------------------------------------------------------
     def on_window(self, window: Window) -> None:
@@ -485,6 +520,30 @@ class AlertEngine:
         if transition == "cleared":
             body["duration_s"] = ts - st.raised_at
             body["reason"] = reason
+        self._out.append((st, self._envelope(st.machine, ts, body)))
+
+    def _queue_acknowledged(self, st: AlertState, by: str) -> None:
+        ts = self._clock()
+        rule = next((r for r in self.rules if r.name == st.rule), None)
+        kind = rule.rule_kind if rule is not None else "removed"
+        body: dict[str, Any] = {
+            "machine": st.machine,
+            "alert_id": st.alert_id,
+            "rule": st.rule,
+            "state": "acknowledged",
+            "transition": st.transition,
+            "severity": st.severity,
+            "source": "score" if kind == "score" else "channel",
+            "rule_kind": kind,
+            "channel": (rule.channel or None) if rule is not None else None,
+            "value": _num(st.peak),
+            "threshold": None,
+            "raised_at": st.raised_at,
+            "peak": _num(st.peak),
+            "acknowledged": True,
+            "acknowledged_by": by,
+            "evidence": {"from": st.raised_at, "to": ts},
+        }
         self._out.append((st, self._envelope(st.machine, ts, body)))
 
     def _queue_orphan_clear(self, st: AlertState) -> None:

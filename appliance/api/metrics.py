@@ -112,6 +112,7 @@ class ApplianceCollector(Collector):
         yield from self._alerts(stats)
         yield from self._outbox(stats["outbox"])
         yield from self._uplink(stats["uplink"])
+        yield from self._downlink(stats.get("downlink", {}))
         yield from self._api()
 
     def _devices(self, devices: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -243,6 +244,32 @@ class ApplianceCollector(Collector):
         for reason, n in sorted(app.uplink.rejected_by_reason().items()):
             rejected.add_metric([reason], n)
         yield rejected
+
+    def _downlink(self, d: dict[str, Any]) -> Iterator[Metric]:
+        """The command channel (``stats()["downlink"]``; zeros and no labelled samples when the
+        appliance runs without it)."""
+        yield GaugeMetricFamily(
+            "appliance_downlink_connected",
+            "1 while the command channel is connected to the broker.",
+            int(bool(d.get("connected"))),
+        )
+        for key, doc in (
+            ("received", "Messages received on the command topics."),
+            ("duplicates", "Requests whose id was already answered or under way (not re-run)."),
+            ("replies", "Replies published (resent stored replies included)."),
+            ("restarts", "In-process pipeline restarts (config.apply and its rollbacks)."),
+            ("rollbacks", "config.apply and rules.apply rolled back."),
+        ):
+            yield CounterMetricFamily(f"appliance_downlink_{key}", doc, d.get(key, 0))
+        for name, key, label, doc in (
+            ("commands", "commands", "command", "Requests that passed the checks, per command."),
+            ("replies_by_code", "codes", "code", "Replies made, per result code."),
+            ("refused", "refused", "reason", "Messages refused by the checks, per reason."),
+        ):
+            family = CounterMetricFamily(f"appliance_downlink_{name}", doc, labels=[label])
+            for value, n in sorted(d.get(key, {}).items()):
+                family.add_metric([value], n)
+            yield family
 
     def _api(self) -> Iterator[Metric]:
         by_code, bad = self._api_counters()

@@ -187,6 +187,9 @@ class Appliance:
         self._actions: set[asyncio.Task[None]] = set()
         #: registers alert actions may write (checked at load, and again before each write)
         self.writable = tuple(cfg.alerts.writable)
+        #: the command channel's counters (``stats()["downlink"]``), set by the runner that
+        #: owns the channel (appliance/downlink/runner.py); None: no channel
+        self.downlink_stats: Callable[[], dict[str, Any]] | None = None
 
     # -- wiring -----------------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
@@ -331,14 +334,19 @@ class Appliance:
         log.info("appliance %s running", self.cfg.appliance.id)
         self.notifier.ready(f"running on {self.engine.backend}")
 
-    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+    async def stop(self, drain_timeout_s: float = 10.0, *, restarting: bool = False) -> None:
         """Stop sources first, drain, then sinks. Idempotent; bounded by ``drain_timeout_s``
-        (``appliance run``: ``[appliance] drain_timeout_s``)."""
+        (``appliance run``: ``[appliance] drain_timeout_s``). ``restarting``: a new pipeline
+        follows in this process (``config.apply``): systemd is told ``RELOADING=1``, not
+        ``STOPPING=1``."""
         if not self._started or self._stopped:
             return
         self._stopped = True
         log.info("appliance stopping: acquisition first, then draining")
-        self.notifier.stopping()
+        if restarting:
+            self.notifier.notify("RELOADING=1")
+        else:
+            self.notifier.stopping()
         if self.api is not None:
             await self.api.stop()
         await self.health.stop()
@@ -419,4 +427,5 @@ class Appliance:
             "quality_events": self.quality.stats(),
             "outbox": {**self.outbox.stats(), "append_failures": self.append_failures},
             "uplink": self.uplink.stats(),
+            **({"downlink": self.downlink_stats()} if self.downlink_stats is not None else {}),
         }

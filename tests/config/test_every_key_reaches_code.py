@@ -39,6 +39,8 @@ import numpy as np
 import pytest
 
 from appliance.config import Config, parse_config
+from appliance.downlink.channel import CommandChannel
+from appliance.downlink.runner import DownlinkRunner
 from appliance.runtime import Appliance
 
 REPO = Path(__file__).resolve().parents[2]
@@ -206,6 +208,13 @@ def api(key: str) -> held:
 
 
 API_ON = {"api.enabled": True}
+DOWNLINK_ON = {"downlink.enabled": True}
+
+
+def _channel(app: Appliance) -> CommandChannel:
+    channel = DownlinkRunner(app.cfg).channel
+    assert channel is not None
+    return channel
 
 
 def rule(key: str) -> held:
@@ -410,6 +419,20 @@ PROBES: list[P] = [
     P("api.max_body_bytes", 4096, api("max_body_bytes"), base=API_ON),
     P("api.refresh_ms", 5000, api("refresh_ms"), base=API_ON),
     P("api.token_file", "/etc/appliance/token", api("token_file"), base=API_ON),
+    # the command channel is built by the runner that owns the pipeline (appliance/downlink)
+    P("downlink.enabled", True, lambda a: DownlinkRunner(a.cfg).channel is not None),
+    P(
+        "downlink.max_payload_bytes",
+        4096,
+        held(lambda a: _channel(a)._dl.max_payload_bytes, "appliance/downlink"),
+        base=DOWNLINK_ON,
+    ),
+    P("downlink.dedup_keep", 5, lambda a: _channel(a)._store.keep, base=DOWNLINK_ON),
+    P(
+        "downlink.apply_deadline_s",
+        2.0,
+        held(lambda a: a.cfg.downlink.apply_deadline_s, "appliance/downlink"),
+    ),
     P("engine.precision", "fp16"),
     P("engine.workspace_mb", 256),
     P("alerts.rules[].name", "r2", rule("name")),

@@ -1,0 +1,552 @@
+"""The command channel: MQTT requests in, replies out (docs/mqtt.md, "Commands").
+
+:class:`CommandChannel` has its own paho client (client id ``<client id>-cmd``, persistent
+session, the uplink's TLS and credentials from :mod:`appliance.uplink.tls`, paho on the event
+loop through :mod:`appliance.uplink.paho_loop`). It is owned by
+:class:`~appliance.downlink.runner.DownlinkRunner`, which outlives the pipeline: a
+``config.apply`` stops and restarts the :class:`~appliance.runtime.Appliance` while the channel
+stays connected and answers.
+
+It subscribes ``<prefix>/<appliance>/cmd/+`` at QoS 1. Every message is checked, in this order,
+on the event loop as it arrives (each failure is a refusal counted per reason in
+``stats()["refused"]``, answered with a ``refused`` reply when a request id could be read, and
+never an exception out of the channel):
+
+``too_large``   payload above ``downlink.max_payload_bytes``
+``not_json``    not UTF-8 JSON
+``not_object``  not a JSON object with a ``body`` object (and no other keys than
+                ``request_id`` and ``body``)
+``bad_request_id``  ``request_id`` missing or not ``[A-Za-z0-9._-]{1,64}``
+``bad_response_topic``  an MQTT 5 response topic with a wildcard, or inside this appliance's
+                own topics other than its ``reply/`` subtree
+``unknown_command``  no handler registered for the topic's last level
+``schema``      the request fails ``appliance/schemas/cmd/<command>.request.json``
+``busy``        more than :data:`QUEUE_SIZE` requests waiting for execution
+
+A request that passes is deduplicated by ``request_id`` (:class:`~.store.DedupStore`): an id
+already answered is not executed again, its stored reply is published again (counted in
+``duplicates``); an id waiting or executing is ignored (its reply is on its way). Then it waits
+in a queue and is executed by one worker task, one request at a time, in arrival order: a
+``config.apply`` never overlaps another command. A handler exception becomes an ``error`` reply.
+
+The reply is stored, then published with QoS 1 on ``<prefix>/<appliance>/reply/<request_id>``;
+over MQTT 5 a request's *response topic* is used instead when given, with its *correlation
+data*. Each request and each reply is logged in one line (command, id, code, message: never a
+body, which may hold secrets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from appliance.backoff import backoff_delay_s
+from appliance.config import Config
+from appliance.downlink.base import CommandContext, Handler, Reply, Request
+from appliance.downlink.schemas import request_validator
+from appliance.downlink.store import DedupStore
+from appliance.uplink.paho_loop import PahoOnLoop, paho_logger
+from appliance.uplink.tls import describe_connect_error, read_password, tls_context
+from appliance.uplink.topics import command_topic, reply_topic
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+QUEUE_SIZE = 64
+"""Requests waiting for execution at most; more are refused (``busy``)."""
+REFUSAL_REASONS = (
+    "too_large",
+    "not_json",
+    "not_object",
+    "bad_request_id",
+    "bad_response_topic",
+    "unknown_command",
+    "schema",
+    "busy",
+)
+_MISC_INTERVAL_S = 1.0
+_PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and ±Inf replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.request_id = request_id
+
+
+class CommandChannel(PahoOnLoop):
+    """Receives commands, runs their handlers, publishes the replies (module docstring).
+
+    Construction does no I/O; ``start()``/``stop()`` on the event loop. ``handlers`` maps a
+    command name to its handler (:mod:`appliance.downlink.registry`); ``ctx`` is what they get.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: CommandContext,
+        handlers: Mapping[str, Handler],
+        store: DedupStore,
+        *,
+        rng: Any = random.random,
+        clock: Any = time.time,
+    ) -> None:
+        self._mqtt = cfg.mqtt
+        self._dl = cfg.downlink
+        self.appliance_id = cfg.appliance.id
+        self._prefix = cfg.mqtt.topic_prefix
+        self._own = f"{self._prefix}/{self.appliance_id}/"
+        self._cmd_base = command_topic(self._prefix, self.appliance_id, "")
+        self._ctx = ctx
+        self._handlers = dict(handlers)
+        self._validators = {name: request_validator(name) for name in self._handlers}
+        self._store = store
+        self._rng = rng
+        self._clock = clock
+        self.client_id = f"{cfg.mqtt.client_id or self.appliance_id}-cmd"
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._fd = -1
+        self._sock_closed: asyncio.Event | None = None
+        self._nudge: asyncio.Event | None = None
+        self._halt: asyncio.Event | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._queue: asyncio.Queue[tuple[Request, str | None, bytes | None]] | None = None
+        self._pending: set[str] = set()
+        self._connected = False
+        self._attempt = 0
+        self._fail_logged = ""
+        self._subscribed = asyncio.Event()
+        self.received = 0
+        self.duplicates = 0
+        self.replies = 0
+        self.connects = 0
+        self.by_command: dict[str, int] = {}
+        self.by_code: dict[str, int] = {}
+        self.refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def subscribed(self) -> asyncio.Event:
+        """Set once the broker granted the subscription of the current connection."""
+        return self._subscribed
+
+    def stats(self) -> dict[str, Any]:
+        """``received`` (messages on the command topics) = ``refused_total`` + the sum of
+        ``commands`` (requests that passed the checks, per command: executed, or answered
+        again as ``duplicates``); ``codes`` (replies per code), ``refused`` (per reason),
+        ``duplicates``, ``replies`` (published, resends included), ``connected``,
+        ``connects``, ``queued``."""
+        return {
+            "received": self.received,
+            "commands": dict(self.by_command),
+            "codes": dict(self.by_code),
+            "refused": dict(self.refused),
+            "refused_total": sum(self.refused.values()),
+            "duplicates": self.duplicates,
+            "replies": self.replies,
+            "connected": self._connected,
+            "connects": self.connects,
+            "queued": self._queue.qsize() if self._queue is not None else 0,
+        }
+
+    async def start(self) -> None:
+        """Create the client and connect in the background (retried with backoff)."""
+        if self._loop is not None:
+            raise RuntimeError("CommandChannel.start() called twice")
+        cfg = self._mqtt
+        password = read_password(cfg)
+        ctx = tls_context(cfg) if cfg.tls else None
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._halt = asyncio.Event()
+        self._nudge = asyncio.Event()
+        self._sock_closed = asyncio.Event()
+        self._sock_closed.set()
+        self._subscribed = asyncio.Event()
+        self._queue = asyncio.Queue(QUEUE_SIZE)
+        v5 = cfg.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=_PROTOCOLS[cfg.protocol],
+            clean_session=None if v5 else False,
+        )
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        client.enable_logger(paho_logger(lambda line: log.debug("paho: %s", line)))
+        if cfg.username:
+            client.username_pw_set(cfg.username, password.value if password else None)
+        if ctx is not None:
+            client.tls_set_context(ctx)
+        props: Properties | None = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = cfg.session_expiry_s
+        client.connect_async(
+            cfg.host,
+            cfg.port,
+            keepalive=cfg.keepalive_s,
+            clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+        self._client = client
+        self._store.open()
+        self._connector = asyncio.create_task(self._connect_loop(), name="downlink-connector")
+        self._worker = asyncio.create_task(self._work(), name="downlink-worker")
+        log.info(
+            "downlink: command channel starting: %s:%d, client id %r, commands on %s (%s)",
+            cfg.host,
+            cfg.port,
+            self.client_id,
+            command_topic(self._prefix, self.appliance_id),
+            ", ".join(sorted(self._handlers)),
+        )
+
+    async def stop(self) -> None:
+        """Finish the command under way, disconnect. Idempotent."""
+        client = self._client
+        if client is None or self._halt is None or self._nudge is None:
+            return
+        self._client = None
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._halt.set()
+        self._nudge.set()
+        if self._fd >= 0 and self._sock_closed is not None:
+            client.disconnect()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._sock_closed.wait(), 1.0)
+        if self._connector is not None:
+            await self._connector
+        sock = client.socket()
+        if sock is not None:
+            if self._fd >= 0:
+                self._unwatch(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._connected = False
+        self._store.close()
+        log.info("downlink: command channel stopped (%d request(s) received)", self.received)
+
+    # -- the checks --------------------------------------------------------------------------
+    def _check(self, topic: str, payload: bytes, props: Any) -> tuple[Request, str | None]:
+        """The request in a message, and the response topic to answer on (None: the reply
+        topic); raises :class:`_Refused`."""
+        command = topic[len(self._cmd_base) :] if topic.startswith(self._cmd_base) else ""
+        if len(payload) > self._dl.max_payload_bytes:
+            raise _Refused(
+                "too_large",
+                f"payload of {len(payload)} bytes is above downlink.max_payload_bytes "
+                f"({self._dl.max_payload_bytes})",
+                _peek_request_id(payload[:200]),
+            )
+        try:
+            data = json.loads(payload)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise _Refused("not_json", f"not JSON: {err}") from None
+        rid = data.get("request_id") if isinstance(data, dict) else None
+        readable = rid if isinstance(rid, str) and REQUEST_ID.match(rid) else None
+        if not isinstance(data, dict):
+            raise _Refused("not_object", "a request is a JSON object {request_id, body}")
+        if readable is None:
+            raise _Refused("bad_request_id", "request_id must be a string of 1-64 [A-Za-z0-9._-]")
+        extra = sorted(set(data) - {"request_id", "body"})
+        if not isinstance(data.get("body", {}), dict) or extra:
+            why = f"unknown key(s) {extra}" if extra else "body must be an object"
+            raise _Refused("not_object", f"a request is {{request_id, body}}: {why}", readable)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        if response is not None:
+            own_reply = f"{self._own}reply/"
+            if (
+                not response
+                or "+" in response
+                or "#" in response
+                or (response.startswith(self._own) and not response.startswith(own_reply))
+            ):
+                raise _Refused(
+                    "bad_response_topic",
+                    "the response topic must hold no wildcard and lie outside this "
+                    "appliance's topics (except its reply/ subtree)",
+                    readable,
+                )
+        handler = self._handlers.get(command)
+        if handler is None or "/" in command:
+            raise _Refused(
+                "unknown_command",
+                f"unknown command {command!r} (known: {', '.join(sorted(self._handlers))})",
+                readable,
+            )
+        error = self._validators[command](data)
+        if error is not None:
+            raise _Refused("schema", f"{command}: {error}", readable)
+        body = data.get("body", {})
+        req = Request(command, readable, body, self._clock())
+        return req, response
+
+    # -- paho callbacks (on the loop) --------------------------------------------------------
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._receive(msg.topic, bytes(msg.payload), getattr(msg, "properties", None))
+        except Exception:  # noqa: BLE001 - nothing escapes into paho's read loop
+            log.exception("downlink: unexpected failure while receiving a command")
+
+    def _receive(self, topic: str, payload: bytes, props: Any) -> None:
+        self.received += 1
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        try:
+            req, response = self._check(topic, payload, props)
+        except _Refused as refusal:
+            self.refused[refusal.reason] += 1
+            log.info(
+                "downlink: refused a message on %s (%d bytes, request %s): %s",
+                topic,
+                len(payload),
+                refusal.request_id or "unreadable",
+                refusal.reason,
+            )
+            if refusal.request_id is not None:
+                command = topic.rsplit("/", 1)[-1]
+                reply = Reply("refused", str(refusal))
+                self._publish(command, refusal.request_id, reply, None, correlation, store=False)
+            return
+        if req.request_id in self._pending:
+            self._count(req.command)
+            self.duplicates += 1
+            log.info("downlink: %s %s received again while under way", req.command, req.request_id)
+            return
+        stored = self._store.get(req.request_id)
+        if stored is not None:
+            self._count(req.command)
+            self.duplicates += 1
+            log.info(
+                "downlink: %s %s already answered (%s): reply sent again",
+                req.command,
+                req.request_id,
+                stored.get("code"),
+            )
+            self._send(stored, req.request_id, response, correlation)
+            return
+        assert self._queue is not None
+        try:
+            self._queue.put_nowait((req, response, correlation))
+        except asyncio.QueueFull:
+            self.refused["busy"] += 1
+            reply = Reply("refused", f"busy: {QUEUE_SIZE} requests waiting; send it again later")
+            self._publish(req.command, req.request_id, reply, response, correlation, store=False)
+            return
+        self._pending.add(req.request_id)
+        self._count(req.command)
+        log.info(
+            "downlink: command %s request %s received (%d bytes)",
+            req.command,
+            req.request_id,
+            len(payload),
+        )
+
+    def _count(self, command: str) -> None:
+        self.by_command[command] = self.by_command.get(command, 0) + 1
+
+    async def _work(self) -> None:
+        """Execute queued requests one at a time, in arrival order."""
+        assert self._queue is not None
+        while True:
+            req, response, correlation = await self._queue.get()
+            try:
+                reply = await self._execute(req)
+                self._publish(req.command, req.request_id, reply, response, correlation)
+            except Exception:  # noqa: BLE001 - the channel keeps serving
+                log.exception("downlink: cannot answer %s %s", req.command, req.request_id)
+            finally:
+                self._pending.discard(req.request_id)
+
+    async def _execute(self, req: Request) -> Reply:
+        handler = self._handlers[req.command]
+        try:
+            reply = await handler(self._ctx, req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a failing handler is an error reply
+            log.exception("downlink: %s %s failed", req.command, req.request_id)
+            return Reply("error", f"{req.command} failed: {type(err).__name__}: {err}")
+        if not isinstance(reply, Reply):
+            return Reply("error", f"{req.command}: the handler returned no Reply")
+        return reply
+
+    def _publish(
+        self,
+        command: str,
+        request_id: str,
+        reply: Reply,
+        response: str | None,
+        correlation: bytes | None,
+        *,
+        store: bool = True,
+    ) -> None:
+        doc: dict[str, Any] = {
+            "request_id": request_id,
+            "command": command,
+            "code": reply.code,
+            "message": reply.message,
+            "body": _finite(dict(reply.body)),
+            "ts": self._clock(),
+        }
+        self.by_code[reply.code] = self.by_code.get(reply.code, 0) + 1
+        if store:
+            try:
+                self._store.put(request_id, command, doc)
+            except Exception:  # noqa: BLE001 - the reply still goes out
+                log.exception("downlink: cannot store the reply to %s", request_id)
+        log.info("downlink: reply %s to %s %s: %s", reply.code, command, request_id, reply.message)
+        self._send(doc, request_id, response, correlation)
+
+    def _send(
+        self,
+        doc: dict[str, Any],
+        request_id: str,
+        response: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        client = self._client
+        if client is None:
+            return
+        payload = json.dumps(doc, allow_nan=False, default=str).encode()
+        props: Properties | None = None
+        if self._mqtt.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.PayloadFormatIndicator = 1
+            props.ContentType = "application/json"
+            if correlation is not None:
+                props.CorrelationData = correlation
+        topic = response or reply_topic(self._prefix, self.appliance_id, request_id)
+        client.publish(topic, payload, qos=1, properties=props)
+        self.replies += 1
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Any,
+    ) -> None:
+        if reason.is_failure:
+            self._log_failure(f"refused by the broker: {reason}")
+            return
+        self._connected = True
+        self._attempt = 0
+        self._fail_logged = ""
+        self.connects += 1
+        client.subscribe(command_topic(self._prefix, self.appliance_id), qos=1)
+        log.info(
+            "downlink: command channel connected to %s:%d (session present: %s)",
+            self._mqtt.host,
+            self._mqtt.port,
+            flags.session_present,
+        )
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        if any(getattr(r, "is_failure", False) for r in reasons):
+            log.error("downlink: the broker refused the subscription to the command topics")
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Any,
+    ) -> None:
+        if self._connected:
+            log.warning("downlink: command channel lost its connection (%s)", reason)
+        self._connected = False
+        self._subscribed.clear()
+
+    def _log_failure(self, text: str) -> None:
+        if text != self._fail_logged:
+            self._fail_logged = text
+            log.warning(
+                "downlink: command channel cannot connect to %s:%d (%s); retrying",
+                self._mqtt.host,
+                self._mqtt.port,
+                text,
+            )
+
+    async def _connect_loop(self) -> None:
+        """Connect, run paho's keepalive while the socket is open, back off, again (as the
+        uplink's connector, :mod:`appliance.uplink.mqtt`)."""
+        client, loop = self._client, self._loop
+        halt, nudge = self._halt, self._nudge
+        assert client is not None and loop is not None and halt is not None and nudge is not None
+        while not halt.is_set():
+            try:
+                await loop.run_in_executor(None, client.reconnect)
+            except Exception as err:  # noqa: BLE001 - retried with backoff
+                if not halt.is_set():
+                    self._log_failure(describe_connect_error(err, self._mqtt.host)[1])
+            else:
+                while not halt.is_set() and client.socket() is not None:
+                    nudge.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(nudge.wait(), _MISC_INTERVAL_S)
+                    if not nudge.is_set() and client.socket() is not None:
+                        client.loop_misc()
+            if halt.is_set():
+                return
+            delay = backoff_delay_s(
+                self._attempt, self._mqtt.reconnect_min_s, self._mqtt.reconnect_max_s, self._rng()
+            )
+            self._attempt += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(halt.wait(), delay)
+
+
+def _peek_request_id(head: bytes) -> str | None:
+    """The request id of an oversized request, when its first bytes show one."""
+    m = re.search(rb'"request_id"\s*:\s*"([A-Za-z0-9._-]{1,64})"', head)
+    return m.group(1).decode() if m else None
