@@ -9,8 +9,9 @@ Request body (``appliance/schemas/cmd/backfill.request.json``)::
 It needs ``outbox.keep_delivered_s`` > 0: the outbox then keeps every delivered telemetry
 record that long instead of deleting it at its PUBACK.
 
-The matching records are queued in the outbox in one transaction
-(:meth:`~appliance.outbox.SqliteOutbox.requeue_delivered`) as
+The matching records are queued in the outbox, in transactions of
+:data:`~appliance.outbox.sqlite.BACKFILL_CHUNK` records with the event loop free between
+them (:meth:`~appliance.outbox.SqliteOutbox.requeue_delivered`), as
 :attr:`~appliance.contracts.Priority.BACKFILL` records: byte for byte the stored payloads (same
 ``id``, ``seq``, ``epoch``), which the uplink publishes after every live record, flagged
 ``"historical": true``, at most ``mqtt.backfill_rate_per_s`` per second. So live telemetry and
@@ -19,20 +20,25 @@ after it. The reply is ``accepted`` with ``queued`` (the count) as soon as they 
 uplink's ``backfilled`` counter shows the progress. ``refused`` (counted, nothing queued): a
 bad range (``from`` > ``to``, not finite), retention off, or nothing stored in the range; the
 reply then says what is held (``held``: ``records``, ``oldest_ts``, ``newest_ts``).
-One request queues at most :data:`~appliance.outbox.sqlite.MAX_BACKFILL_RECORDS` records (the
-oldest of the range; ``truncated`` says so, ``last_ts`` where to continue).
+One request queues at most :data:`MAX_RECORDS` records (the oldest of the range; ``truncated``
+says so: ask again for the rest).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import Counter
 from typing import Any
 
 from appliance.downlink.base import CommandContext, Handler, Reply, Request
+from appliance.outbox.sqlite import BACKFILL_CHUNK
 
 log = logging.getLogger(__name__)
+
+MAX_RECORDS = 50_000
+"""Records one ``backfill`` request queues at most (the oldest of its range)."""
 
 COUNTERS: Counter[str] = Counter()
 """Outcomes since the process started: ``accepted``, ``queued`` (records), ``refused`` and
@@ -85,7 +91,19 @@ async def backfill(ctx: CommandContext, request: Request) -> Reply:
             {"held": held},
         )
     wanted = set(streams) | {f"telemetry/{m}" for m in machines}
-    n, truncated = outbox.requeue_delivered(start, end, wanted or None)
+    n = 0
+    cursor: tuple[float, int] | None = None
+    while True:  # in chunks, the loop free in between (acquisition keeps polling)
+        queued, cursor = outbox.requeue_delivered(
+            start, end, wanted or None, limit=min(BACKFILL_CHUNK, MAX_RECORDS - n), after=cursor
+        )
+        n += queued
+        if queued:
+            ctx.appliance.uplink.notify()
+        if cursor is None or n >= MAX_RECORDS:
+            break
+        await asyncio.sleep(0)
+    truncated = cursor is not None
     if not n:
         return _refused(
             "nothing_stored",
@@ -95,7 +113,6 @@ async def backfill(ctx: CommandContext, request: Request) -> Reply:
             f"{held['newest_ts']}",
             {"held": held},
         )
-    ctx.appliance.uplink.notify()
     COUNTERS["accepted"] += 1
     COUNTERS["queued"] += n
     reply: dict[str, Any] = {"queued": n, "from": start, "to": end, "truncated": truncated}

@@ -84,7 +84,7 @@ def test_without_retention_settle_deletes_as_before_and_a_kept_table_is_dropped(
         ob.append([telemetry("cnc-1", T0 + 9)])
         deliver_all(ob)
         assert ob.stats()["delivered"] == 0
-        assert ob.requeue_delivered(T0, T0 + 10) == (0, False)
+        assert ob.requeue_delivered(T0, T0 + 10) == (0, None)
     db = sqlite3.connect(tmp_path / "o.sqlite")
     tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
@@ -113,8 +113,7 @@ def test_requeue_queues_exactly_the_range_after_every_live_record_with_the_same_
         sent = {r.id: r for r in ob.take(1000)}
         ob.settle(list(sent))
         by_ts = {(r.stream, msgspec.json.decode(r.payload)["ts"]): r.payload for r in sent.values()}
-        n, truncated = ob.requeue_delivered(T0 + 3, T0 + 6, ["telemetry/cnc-2"])
-        assert (n, truncated) == (4, False)
+        assert ob.requeue_delivered(T0 + 3, T0 + 6, ["telemetry/cnc-2"]) == (4, None)
         ob.append([telemetry("cnc-1", T0 + 20), alert("cnc-1", T0 + 20)])  # live, after
         taken = ob.take(100)
         assert [r.priority for r in taken] == [Priority.ALERT, Priority.TELEMETRY] + [
@@ -132,7 +131,7 @@ def test_requeue_queues_exactly_the_range_after_every_live_record_with_the_same_
         assert ob.stats()["backfill_queued"] == 4 and ob.pending == 6
         ob.settle([r.id for r in taken])
         assert ob.pending == 0 and ob.stats()["delivered"] == 21  # copies are not kept twice
-        assert ob.requeue_delivered(T0 + 100, T0 + 200) == (0, False)
+        assert ob.requeue_delivered(T0 + 100, T0 + 200) == (0, None)
 
 
 def test_over_budget_delivered_copies_go_before_any_undelivered_record(tmp_path: Path) -> None:
@@ -173,3 +172,23 @@ def test_on_a_full_disk_delivered_copies_are_deleted_before_undelivered_records(
         assert stats["delivered_evicted"] > 0 and stats["evicted"] == 0
         assert stats["delivered"] == 200 - stats["delivered_evicted"]
         assert ob.pending == 100
+
+
+def test_requeue_in_chunks_queues_the_same_records_as_one_call(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with outbox(tmp_path, clock) as ob:
+        ob.append([telemetry(m, T0 + i) for i in range(10) for m in ("cnc-1", "cnc-2")])
+        deliver_all(ob)
+        whole, cursor = ob.requeue_delivered(T0 + 2, T0 + 8)
+        assert (whole, cursor) == (14, None)
+        one = [r.payload for r in ob.take(100)]
+        ob.settle([r.id for r in ob.take(100)])
+        chunks, cursor, calls = [], None, 0
+        while True:
+            n, cursor = ob.requeue_delivered(T0 + 2, T0 + 8, limit=3, after=cursor)
+            chunks.append(n)
+            calls += 1
+            if cursor is None:
+                break
+        assert sum(chunks) == 14 and max(chunks) == 3 and calls >= 5
+        assert [r.payload for r in ob.take(100)] == one  # the same records, in the same order
