@@ -279,7 +279,7 @@ or at the end of its ``telemetry.interval_s``); the payload's ``ts`` decides."""
 BACKFILL_CHUNK = 1000
 """Records one ``requeue_delivered`` call queues at most by default, in one transaction: ~25 ms
 of CPU for 1.6 KB records on the 2-core development VM (20 000 records in 0.5 s CPU, load
-average 5; ``requeue`` timing in the s2-dl-ops report), so the event loop is held briefly."""
+average 5, timing ``requeue_delivered`` over 20 chunks), so the event loop is held briefly."""
 
 _UPSERT_STREAM = (
     "INSERT INTO streams (stream, seq) VALUES (?, ?) "
