@@ -432,6 +432,7 @@ class SqliteOutbox(DiskBudget):
         self.coarsen_windows = coarsen_windows
         self.keep_delivered_s = keep_delivered_s
         self._delivered = 0  # rows in the delivered table (kept for backfill)
+        self._backfill_n = 0  # the next n of a BACKFILL record id is at least this
         self._prune_due = 0.0
         self._clock = clock
         self._payloads = PayloadEncoder(appliance_id)
@@ -1080,7 +1081,9 @@ class SqliteOutbox(DiskBudget):
         wanted = set(streams) if streams is not None else None
         rows: list[OutboxRecord] = []
         created = self._clock()
-        n = self._next_n
+        # Its own counter, never lowered within the process (a BACKFILL id is never reused
+        # while one may be in flight); at open, _next_n is above every stored id of any class.
+        n = max(self._next_n, self._backfill_n)
         shift = int(Priority.BACKFILL) << CLASS_SHIFT
         cursor: tuple[float, int] | None = None
         lo = start_ts - BACKFILL_EARLY_S
@@ -1122,7 +1125,7 @@ class SqliteOutbox(DiskBudget):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        self._next_n = n
+        self._backfill_n = n
         self._pending += len(rows)
         self._counters["backfill_queued"] += len(rows)
         self._count_copies(freed)

@@ -192,3 +192,21 @@ def test_requeue_in_chunks_queues_the_same_records_as_one_call(tmp_path: Path) -
                 break
         assert sum(chunks) == 14 and max(chunks) == 3 and calls >= 5
         assert [r.payload for r in ob.take(100)] == one  # the same records, in the same order
+
+
+def test_backfill_records_get_fresh_ids_across_requeues_appends_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    with outbox(tmp_path, clock) as ob:
+        ob.append([telemetry("cnc-1", T0 + i) for i in range(5)])
+        deliver_all(ob)
+        ob.requeue_delivered(T0, T0 + 4)
+        ob.append([telemetry("cnc-1", T0 + 9)])
+        ob.requeue_delivered(T0, T0 + 4)
+        first = [r.id for r in ob.take(100)]
+    with outbox(tmp_path, clock) as ob:  # the queued copies survive; new ones come after
+        assert ob.pending == 11
+        ob.requeue_delivered(T0, T0 + 4)
+        ids = [r.id for r in ob.take(100)]
+    assert ids[:11] == first and len(set(ids)) == 16 and ids == sorted(ids)
