@@ -297,20 +297,13 @@ class CommandChannel(PahoOnLoop):
             why = f"unknown key(s) {extra}" if extra else "body must be an object"
             raise _Refused("not_object", f"a request is {{request_id, body}}: {why}", readable)
         response = getattr(props, "ResponseTopic", None) if props is not None else None
-        if response is not None:
-            own_reply = f"{self._own}reply/"
-            if (
-                not response
-                or "+" in response
-                or "#" in response
-                or (response.startswith(self._own) and not response.startswith(own_reply))
-            ):
-                raise _Refused(
-                    "bad_response_topic",
-                    "the response topic must hold no wildcard and lie outside this "
-                    "appliance's topics (except its reply/ subtree)",
-                    readable,
-                )
+        if response is not None and not self._response_ok(response):
+            raise _Refused(
+                "bad_response_topic",
+                "the response topic must hold no wildcard and lie outside this "
+                "appliance's topics (except its reply/ subtree)",
+                readable,
+            )
         handler = self._handlers.get(command)
         if handler is None or "/" in command:
             raise _Refused(
@@ -324,6 +317,12 @@ class CommandChannel(PahoOnLoop):
         body = data.get("body", {})
         req = Request(command, readable, body, self._clock())
         return req, response
+
+    def _response_ok(self, topic: str) -> bool:
+        """An MQTT 5 response topic the appliance may publish a reply on."""
+        if not topic or "+" in topic or "#" in topic:
+            return False
+        return not topic.startswith(self._own) or topic.startswith(f"{self._own}reply/")
 
     # -- paho callbacks (on the loop) --------------------------------------------------------
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -349,7 +348,12 @@ class CommandChannel(PahoOnLoop):
             if refusal.request_id is not None:
                 command = topic.rsplit("/", 1)[-1]
                 reply = Reply("refused", str(refusal))
-                self._publish(command, refusal.request_id, reply, None, correlation, store=False)
+                response = getattr(props, "ResponseTopic", None) if props is not None else None
+                if response is not None and not self._response_ok(response):
+                    response = None  # refused for it: answered on the reply topic
+                self._publish(
+                    command, refusal.request_id, reply, response, correlation, store=False
+                )
             return
         if req.request_id in self._pending:
             self._count(req.command)

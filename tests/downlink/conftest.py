@@ -13,10 +13,16 @@ import pytest
 from dlhelp import DownlinkCell, base_config, deep_merge
 
 from appliance.config import load_config
-from appliance.demo.mosquitto import MosquittoProcess, free_port
+from appliance.demo.mosquitto import MosquittoProcess, free_port, wait_port
 from appliance.downlink.runner import DownlinkRunner
 from appliance.downlink.tomlfile import dumps
 from appliance.simulate.cell import SimulatedCell
+
+# Test modules elsewhere do `from conftest import free_port, wait_port, Mosquitto` (the names of
+# tests/conftest.py). Test folders are not packages, so once this file is loaded it may be the
+# module named `conftest` that such an import finds: it offers the same names.
+Mosquitto = MosquittoProcess
+__all__ = ["Mosquitto", "free_port", "wait_port"]
 
 
 @pytest.fixture

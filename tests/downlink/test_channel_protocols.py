@@ -68,6 +68,14 @@ def test_mqtt5_response_topic_and_correlation_data_are_honoured(
     jsonschema.validate(reply, load_cmd_schema("reply"))
 
 
+def test_a_refusal_also_goes_to_the_response_topic(downlink_cell: DownlinkCell) -> None:
+    reply, corr, topic = _request_v5(
+        downlink_cell, "alerts.ack", {"alert_id": 5}, "ops/responses/c2", "ops/responses/#"
+    )
+    assert topic == "ops/responses/c2" and corr == b"\x00corr-42"
+    assert reply["code"] == "refused" and "alert_id" in reply["message"]
+
+
 def test_a_response_topic_inside_the_appliances_own_topics_is_refused(
     downlink_cell: DownlinkCell,
 ) -> None:
