@@ -1,10 +1,11 @@
 """``device.write`` end to end through the command channel and a real Mosquitto, against the
 simulator: an allowlisted write changes the simulator's register; writes outside the allowlist
 (another address, a value out of range, another device) are refused and the registers stay as
-they were."""
+they were; a write the machine refuses is an error carrying its exception."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -61,6 +62,18 @@ def test_only_allowlisted_writes_reach_the_simulator(
         "unknown_device": "unknown_device",
     }
     assert registers(one) == [0, 7] and registers(two) == [0, 0]  # untouched
+
+    # the machine answers every request with exception 4 for 2 s: an error with its reply
+    cell.on_loop(lambda: cell.sim.inject(0, "exception", 2.0))
+    err = cell.send(
+        "device.write", {"device": "cnc-1", "address": FAULT_DURATION_REGISTER, "value": 9}
+    )
+    assert err["code"] == "error", err
+    assert err["body"]["reply"]["function_code"] == 0x86
+    assert err["body"]["reply"]["exception_code"] == 4
+    assert err["body"]["reply"]["exception"] == "server device failure"
+    time.sleep(2.5)
+    assert registers(one) == [0, 7]
 
     bad = cell.send("device.write", {"device": "cnc-1", "value": 1})  # schema: no target
     assert bad["code"] == "refused"
