@@ -18,8 +18,8 @@ them (:meth:`~appliance.outbox.SqliteOutbox.requeue_delivered`), as
 alerts are never delayed behind a backfill, and a backfill still queued at a restart is sent
 after it. The reply is ``accepted`` with ``queued`` (the count) as soon as they are queued; the
 uplink's ``backfilled`` counter shows the progress. ``refused`` (counted, nothing queued): a
-bad range (``from`` > ``to``, not finite), retention off, or nothing stored in the range; the
-reply then says what is held (``held``: ``records``, ``oldest_ts``, ``newest_ts``).
+bad range (``from`` > ``to``, not finite), retention off, or nothing stored in the range; every
+refusal says what is held (``held``: ``records``, ``oldest_ts``, ``newest_ts``).
 One request queues at most :data:`MAX_RECORDS` records (the oldest of the range; ``truncated``
 says so: ask again for the rest).
 """
@@ -76,14 +76,20 @@ async def backfill(ctx: CommandContext, request: Request) -> Reply:
     body = request.body if isinstance(request.body, dict) else {}
     start, end = _time(body.get("from")), _time(body.get("to"))
     machines, streams = _names(body.get("machines")), _names(body.get("streams"))
-    if start is None or end is None:
-        return _refused("bad_request", "`from` and `to` must be finite numbers (epoch seconds)")
-    if start > end:
-        return _refused("bad_request", f"`from` ({start}) is after `to` ({end})")
-    if machines is None or streams is None:
-        return _refused("bad_request", "`machines` and `streams` must be lists of names")
     outbox = ctx.appliance.outbox
     held = outbox.delivered_summary()
+    if start is None or end is None:
+        return _refused(
+            "bad_request",
+            "`from` and `to` must be finite numbers (epoch seconds)",
+            {"held": held},
+        )
+    if start > end:
+        return _refused("bad_request", f"`from` ({start}) is after `to` ({end})", {"held": held})
+    if machines is None or streams is None:
+        return _refused(
+            "bad_request", "`machines` and `streams` must be lists of names", {"held": held}
+        )
     if held["keep_delivered_s"] <= 0:
         return _refused(
             "retention_off",

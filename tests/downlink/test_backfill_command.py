@@ -103,6 +103,7 @@ def test_a_backfill_resends_exactly_the_stored_windows_of_the_range_while_live_g
     assert none["code"] == "refused" and none["body"]["reason"] == "nothing_stored"
     assert none["body"]["held"]["records"] > 0 and none["body"]["held"]["oldest_ts"] <= lo
     assert bad["code"] == "refused" and bad["body"]["reason"] == "bad_request"
+    assert bad["body"]["held"]["records"] > 0
 
     got = rec.telemetry()
     original = {m["id"]: raw for _, raw, m in got if not m.get("historical")}
