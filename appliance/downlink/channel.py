@@ -46,7 +46,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -60,13 +60,14 @@ from appliance.config import Config
 from appliance.downlink.base import CommandContext, Handler, Reply, Request
 from appliance.downlink.schemas import request_validator
 from appliance.downlink.store import DedupStore
+from appliance.errors import ConfigError
 from appliance.uplink.paho_loop import PahoOnLoop, paho_logger
 from appliance.uplink.tls import describe_connect_error, read_password, tls_context
 from appliance.uplink.topics import command_topic, reply_topic
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # used with fullmatch (no trailing newline)
 QUEUE_SIZE = 64
 """Requests waiting for execution at most; more are refused (``busy``)."""
 REFUSAL_REASONS = (
@@ -126,7 +127,7 @@ class CommandChannel(PahoOnLoop):
         self._cmd_base = command_topic(self._prefix, self.appliance_id, "")
         self._ctx = ctx
         self._handlers = dict(handlers)
-        self._validators = {name: request_validator(name) for name in self._handlers}
+        self._validators: dict[str, Callable[[dict[str, Any]], str | None]] = {}
         self._store = store
         self._rng = rng
         self._clock = clock
@@ -140,6 +141,8 @@ class CommandChannel(PahoOnLoop):
         self._halt: asyncio.Event | None = None
         self._connector: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[Reply] | None = None  # the handler under way
+        self._closing = False
         self._queue: asyncio.Queue[tuple[Request, str | None, bytes | None]] | None = None
         self._pending: set[str] = set()
         self._connected = False
@@ -190,6 +193,7 @@ class CommandChannel(PahoOnLoop):
         cfg = self._mqtt
         password = read_password(cfg)
         ctx = tls_context(cfg) if cfg.tls else None
+        self._validators = {name: request_validator(name) for name in self._handlers}
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._halt = asyncio.Event()
@@ -205,6 +209,7 @@ class CommandChannel(PahoOnLoop):
             protocol=_PROTOCOLS[cfg.protocol],
             clean_session=None if v5 else False,
         )
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -222,6 +227,7 @@ class CommandChannel(PahoOnLoop):
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s
+            props.MaximumPacketSize = max_packet_bytes(self._dl.max_payload_bytes)
         client.connect_async(
             cfg.host,
             cfg.port,
@@ -243,15 +249,26 @@ class CommandChannel(PahoOnLoop):
         )
 
     async def stop(self) -> None:
-        """Finish the command under way, disconnect. Idempotent."""
+        """Let the command under way finish and answer (bounded: twice
+        ``downlink.apply_deadline_s`` + 30 s; then it is cancelled), drop the queued ones (already
+        acknowledged to the broker: their senders get no reply and may send them again),
+        disconnect. Idempotent."""
         client = self._client
         if client is None or self._halt is None or self._nudge is None:
             return
+        self._closing = True
+        running, worker = self._running, self._worker
+        if worker is not None and running is not None and not running.done():
+            limit = 2 * self._dl.apply_deadline_s + 30.0  # config.apply: two restarts at worst
+            log.info("downlink: waiting for the command under way (up to %.0f s)", limit)
+            await asyncio.wait({worker}, timeout=limit)  # it ends after publishing the reply
         self._client = None
-        if self._worker is not None:
-            self._worker.cancel()
+        if running is not None and not running.done():
+            running.cancel()
+        if worker is not None:
+            worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await worker
         self._halt.set()
         self._nudge.set()
         if self._fd >= 0 and self._sock_closed is not None:
@@ -287,7 +304,7 @@ class CommandChannel(PahoOnLoop):
         except (UnicodeDecodeError, ValueError) as err:
             raise _Refused("not_json", f"not JSON: {err}") from None
         rid = data.get("request_id") if isinstance(data, dict) else None
-        readable = rid if isinstance(rid, str) and REQUEST_ID.match(rid) else None
+        readable = rid if isinstance(rid, str) and REQUEST_ID.fullmatch(rid) else None
         if not isinstance(data, dict):
             raise _Refused("not_object", "a request is a JSON object {request_id, body}")
         if readable is None:
@@ -395,10 +412,11 @@ class CommandChannel(PahoOnLoop):
     async def _work(self) -> None:
         """Execute queued requests one at a time, in arrival order."""
         assert self._queue is not None
-        while True:
+        while not self._closing:
             req, response, correlation = await self._queue.get()
             try:
-                reply = await self._execute(req)
+                self._running = asyncio.ensure_future(self._execute(req))
+                reply = await asyncio.shield(self._running)
                 self._publish(req.command, req.request_id, reply, response, correlation)
             except Exception:  # noqa: BLE001 - the channel keeps serving
                 log.exception("downlink: cannot answer %s %s", req.command, req.request_id)
@@ -466,6 +484,19 @@ class CommandChannel(PahoOnLoop):
         topic = response or reply_topic(self._prefix, self.appliance_id, request_id)
         client.publish(topic, payload, qos=1, properties=props)
         self.replies += 1
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        """Re-read ``mqtt.password_file`` before each attempt, as the uplink does (in the
+        connection worker thread)."""
+        if not self._mqtt.password_file:
+            return
+        try:
+            password = read_password(self._mqtt)
+        except ConfigError as err:
+            self._on_loop(self._log_failure, f"{err}; keeping the previous password")
+            return
+        if password is not None:
+            client.username_pw_set(self._mqtt.username, password.value)
 
     def _on_connect(
         self,
@@ -548,6 +579,13 @@ class CommandChannel(PahoOnLoop):
             self._attempt += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(halt.wait(), delay)
+
+
+def max_packet_bytes(max_payload_bytes: int) -> int:
+    """The MQTT 5 *Maximum Packet Size* the channel announces: twice the payload limit plus
+    64 KiB. Requests up to it arrive and are refused (and counted) as ``too_large``; the
+    broker drops larger ones for this client, so they never take the appliance's memory."""
+    return min(2 * max_payload_bytes + 65536, 268_435_455)
 
 
 def _peek_request_id(head: bytes) -> str | None:

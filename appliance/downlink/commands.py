@@ -163,18 +163,22 @@ async def rules_apply(ctx: CommandContext, req: Request) -> Reply:
     try:
         app.alerts.set_rules(new.alerts.rules)
         await asyncio.to_thread(_backup, ctx, path)
+        # last step, atomic: when it raises, the file is still the previous one
         await asyncio.to_thread(write_atomically, path, text)
     except Exception as err:  # noqa: BLE001 - rolled back, reported
         log.exception("rules.apply %s failed: rolling back", req.request_id)
         try:
             app.alerts.set_rules(old_rules)
-            await asyncio.to_thread(write_atomically, path, old_text)
         except Exception:  # noqa: BLE001
-            log.exception("rules.apply %s: rolling back failed too", req.request_id)
-            return Reply("error", f"applying failed ({err}) and so did rolling back")
+            log.exception("rules.apply %s: restoring the previous rules failed", req.request_id)
+            return Reply("error", f"applying failed ({err}) and so did restoring the rules")
         ctx.replace_config(old_cfg)
         ctx.rollbacks += 1
-        return Reply("rolled_back", f"applying the rules failed ({type(err).__name__}: {err})")
+        return Reply(
+            "rolled_back",
+            f"applying the rules failed ({type(err).__name__}: {err}); the previous rules are "
+            "in force and the file is unchanged",
+        )
     ctx.replace_config(new)
     names = [r.name for r in new.alerts.rules]
     return Reply("ok", f"{len(names)} alert rule(s) in force", {"rules": names})

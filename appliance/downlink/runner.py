@@ -95,7 +95,8 @@ class DownlinkRunner:
             await self.channel.start()
 
     async def stop(self) -> None:
-        """Stop the channel (the command under way is cancelled), then the pipeline."""
+        """Stop the channel (the command under way finishes first, within a bound), then the
+        pipeline."""
         if self._stopped:
             return
         self._stopped = True

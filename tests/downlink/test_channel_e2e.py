@@ -4,8 +4,10 @@ a requester (``appliance cmd``'s client)."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -15,6 +17,7 @@ from dlhelp import DownlinkCell
 from appliance.config import load_config
 from appliance.demo.mosquitto import free_port
 from appliance.demo.subscriber import DemoSubscriber
+from appliance.downlink import commands
 from appliance.downlink.runner import DownlinkRunner
 from appliance.downlink.schemas import load_cmd_schema
 from appliance.downlink.tomlfile import dumps
@@ -201,3 +204,42 @@ def test_a_request_id_answered_before_a_process_restart_is_not_executed_after_it
     assert again == first
     dl = downlink_cell.stats()["downlink"]
     assert dl["duplicates"] == 1 and dl["codes"] == {}
+
+
+def test_rules_apply_rolls_back_when_writing_the_file_fails(
+    downlink_cell: DownlinkCell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(path: Path, text: str) -> None:  # fault injection: the file cannot be written
+        raise OSError(28, "No space left on device")
+
+    before = downlink_cell.config_path.read_text()
+    monkeypatch.setattr(commands, "write_atomically", disk_full)
+    rules = [{"name": "other", "channel": "spindle_temp", "above": 90.0}]
+    reply = downlink_cell.send("rules.apply", {"rules": rules})
+    assert reply["code"] == "rolled_back" and "No space left" in reply["message"], reply
+    monkeypatch.undo()
+    assert downlink_cell.config_path.read_text() == before
+    names = downlink_cell.on_loop(lambda: [r.name for r in downlink_cell.app.alerts.rules])
+    assert names == ["spindle_overtemp"]  # the running rules were restored
+
+
+def test_stopping_lets_the_command_under_way_finish_and_answer(
+    downlink_cell: DownlinkCell,
+) -> None:
+    before = downlink_cell.config_path.read_text()
+    doc = tomllib.loads(before)
+    doc["mqtt"]["port"] = free_port()  # never ready: rolls back after apply_deadline_s (5 s)
+    replies: list[dict[str, Any]] = []
+    sender = threading.Thread(
+        target=lambda: replies.append(
+            downlink_cell.send("config.apply", {"config": doc}, timeout_s=60)
+        )
+    )
+    sender.start()
+    channel = downlink_cell.runner.channel
+    assert channel is not None
+    downlink_cell.wait_for(lambda: channel._running is not None, 20, "config.apply under way")
+    downlink_cell.call(downlink_cell.runner.stop())
+    sender.join(60)
+    assert replies and replies[0]["code"] == "rolled_back", replies
+    assert downlink_cell.config_path.read_text() == before

@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry, generate_latest
 
 from appliance.api.metrics import ApplianceCollector
+from appliance.downlink.client import CommandTimeout
 from appliance.downlink.schemas import load_cmd_schema
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
@@ -103,3 +104,17 @@ def test_commands_work_over_mqtt_3_1_1(downlink_cell_factory: Any) -> None:
     assert 'appliance_downlink_refused_total{reason="unknown_command"} 1.0' in text
     assert 'appliance_downlink_commands_total{command="status"} 1.0' in text
     assert "appliance_downlink_connected 1.0" in text
+
+
+def test_a_request_far_above_the_limit_never_reaches_the_appliance_over_mqtt5(
+    downlink_cell: DownlinkCell,
+) -> None:
+    huge = b'{"request_id": "huge-1", "body": {"config": "' + b"x" * 1_200_000 + b'"}}'
+    with pytest.raises(CommandTimeout):
+        downlink_cell.send("config.apply", payload=huge, request_id="huge-1", timeout_s=3)
+    big = b'{"request_id": "big-1", "body": {"config": "' + b"x" * 300_000 + b'"}}'
+    reply = downlink_cell.send("config.apply", payload=big, request_id="big-1")
+    assert reply["code"] == "refused" and "max_payload_bytes" in reply["message"]
+    dl = downlink_cell.stats()["downlink"]
+    assert dl["received"] == 1 and dl["refused"]["too_large"] == 1
+    assert downlink_cell.send("status", {})["code"] == "ok"

@@ -38,7 +38,7 @@ def _case(rng: random.Random, i: int) -> tuple[str, bytes, str]:
         value = rng.choice([1, "s", [1, 2], None, True, 3.5])
         return "status", json.dumps(value).encode(), "not_object"
     if kind == 3:  # bad request ids
-        bad = rng.choice(["", "x" * 65, "a/b", "sp ace", 123, None, ["l"], "ü"])
+        bad = rng.choice(["", "x" * 65, "a/b", "sp ace", 123, None, ["l"], "ü", "nl\n"])
         return "status", json.dumps({"request_id": bad, "body": {}}).encode(), "bad_request_id"
     if kind == 4:  # body of the wrong type / unknown top-level keys
         if rng.random() < 0.5:
