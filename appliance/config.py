@@ -630,6 +630,8 @@ class OutboxSection(_Section, frozen=True):
     synchronous: Literal["NORMAL", "FULL"] = "FULL"
     disk_budget_mb: PositiveFloat = 256.0
     coarsen_windows: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 10
+    #: seconds delivered telemetry is kept for ``backfill`` (0: deleted on PUBACK, as before)
+    keep_delivered_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
     def __post_init__(self) -> None:
         least = outbox_min_budget_bytes()
@@ -673,6 +675,8 @@ class MqttSection(_Section, frozen=True):
     password_env: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")] = ""
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
     backlog_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: messages per second a ``backfill`` command re-publishes at most (docs/mqtt.md)
+    backfill_rate_per_s: PositiveFloat = 20.0
     historical_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     max_packet_bytes: Annotated[int, msgspec.Meta(ge=0, le=268_435_455)] = 0
     #: "json" (docs/mqtt.md) or "sparkplug_b" (Sparkplug B edge node, protobuf payloads)
@@ -705,6 +709,32 @@ class MqttSection(_Section, frozen=True):
             raise ValueError("mqtt: give password_file or password_env, not both")
         if (self.password_file or self.password_env) and not self.username:
             raise ValueError("mqtt.username is required with password_file / password_env")
+
+
+class DownlinkWrite(_Section, frozen=True):
+    """One entry of the ``device.write`` allowlist (``[[downlink.writes]]``, docs/mqtt.md).
+
+    ``device`` names a Modbus device; the target is either ``register`` (a register name of
+    the device's map: a coil or a 16-bit holding register; values in its engineering unit,
+    its scale/offset/convert undone as for alert actions) or ``address`` (raw, in ``table``
+    ``holding`` (``type`` ``uint16``/``int16``) or ``coil``). ``min``/``max`` bound the value
+    (engineering units for a register, raw for an address), inclusive."""
+
+    device: Name
+    min: float
+    max: float
+    register: str = ""
+    address: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    table: Literal["holding", "coil"] | None = None
+    type: Literal["uint16", "int16"] | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.register) == (self.address is not None):
+            raise ValueError("give `register` (a register name) or `address`, exactly one")
+        if self.register and (self.table is not None or self.type is not None):
+            raise ValueError("`table`/`type` go with `address`; a `register` has its own")
+        if not self.min <= self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
 
 
 class ApiSection(_Section, frozen=True):
@@ -748,6 +778,8 @@ class DownlinkSection(_Section, frozen=True):
     max_payload_bytes: Annotated[int, msgspec.Meta(ge=1024, le=268_435_455)] = 256 * 1024
     dedup_keep: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
     apply_deadline_s: PositiveFloat = 30.0
+    #: the ``device.write`` allowlist (``[[downlink.writes]]``); empty: every write is refused
+    writes: tuple[DownlinkWrite, ...] = ()
     model_keys: tuple[str, ...] = ()
     max_model_bytes: Annotated[int, msgspec.Meta(ge=1024, le=4 * 1024**3)] = 64 * 1024 * 1024
     keep_models: Annotated[int, msgspec.Meta(ge=2, le=100)] = 3
@@ -863,6 +895,8 @@ def _cross_checks(cfg: Config, base_dir: Path | None = None) -> Config:
             if m not in names:
                 raise ValueError(f"{where}.machines: {m!r} is not a configured device")
     alerts = msgspec.structs.replace(cfg.alerts, rules=tuple(rules))
+    for i, entry in enumerate(cfg.downlink.writes):
+        _check_write(entry, f"downlink.writes[{i}] ({entry.device})", devices)
     return msgspec.structs.replace(cfg, devices=tuple(devices), alerts=alerts)
 
 
@@ -919,6 +953,46 @@ def _check_action(
                     action_raw(reg, value)
                 except ValueError as err:
                     raise ValueError(f"{where}.{key}: {dev.name}.{reg.name}: {err}") from None
+
+
+def write_target(
+    entry: DownlinkWrite, devices: tuple[DeviceConfig, ...] | list[DeviceConfig]
+) -> tuple[str, int, str]:
+    """``(table, address, type)`` a ``[[downlink.writes]]`` entry writes (``type`` ``bool``
+    for a coil). Raises ``ValueError`` naming what is wrong (unknown device or register, a
+    device that is not Modbus, a register that is not a coil or a 16-bit holding register)."""
+    dev = next((d for d in devices if d.name == entry.device), None)
+    if dev is None:
+        raise ValueError(f"device {entry.device!r} is not a configured device")
+    if not isinstance(dev, _ModbusBase):
+        raise ValueError(f"device {entry.device!r} is not a Modbus device")
+    if entry.address is not None:
+        table = entry.table or "holding"
+        return table, entry.address, "bool" if table == "coil" else entry.type or "uint16"
+    reg = next((r for r in dev.registers if r.name == entry.register), None)
+    if reg is None:
+        raise ValueError(f"device {dev.name} has no register {entry.register!r}")
+    if not (reg.table == "coil" or (reg.table == "holding" and reg.type in ACTION_TYPES)):
+        raise ValueError(
+            f"{dev.name}.{reg.name} is {reg.table} {reg.type}; a write goes to a coil or a "
+            "16-bit holding register (int16/uint16)"
+        )
+    return reg.table, reg.address, "bool" if reg.table == "coil" else reg.type
+
+
+def _check_write(entry: DownlinkWrite, where: str, devices: list[DeviceConfig]) -> None:
+    try:
+        table, _, type_ = write_target(entry, devices)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if entry.address is not None:
+        low, high = (0, 1) if table == "coil" else ACTION_TYPES[type_]
+        for key in ("min", "max"):
+            value = getattr(entry, key)
+            if value != int(value) or not low <= value <= high:
+                raise ValueError(
+                    f"{where}.{key}: {value} is not a raw {type_} value ({low}..{high})"
+                )
 
 
 def _rule_in_channel_unit(

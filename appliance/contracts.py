@@ -93,6 +93,10 @@ class Priority(enum.IntEnum):
     ALERT = 0
     STATUS = 1
     TELEMETRY = 2
+    BACKFILL = 3
+    """Delivered telemetry queued again by the ``backfill`` command (the outbox's
+    ``requeue_delivered``): drained after all live records, at ``mqtt.backfill_rate_per_s``,
+    always flagged ``historical``. Producers never append it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,10 @@ _OUTBOX_COUNTERS = (
     ("disk_full_failed", "Appends that still failed after eviction and one retry."),
     ("recovered_corrupt", "Unusable outbox files moved aside and replaced."),
     ("append_failures", "Envelopes lost because the outbox could not store them."),
+    ("delivered_kept", "Delivered telemetry records kept for backfill."),
+    ("delivered_pruned", "Kept delivered records deleted by age (outbox.keep_delivered_s)."),
+    ("delivered_evicted", "Kept delivered records deleted by the disk budget."),
+    ("backfill_queued", "Delivered records queued again by backfill commands."),
 )
 _UPLINK_COUNTERS = (
     ("published", "Records published and acknowledged (accepted or rejected)."),
@@ -57,6 +61,7 @@ _UPLINK_COUNTERS = (
     ("short_connections", "Connections dropped within 10 s of being established."),
     ("quota_retries", "PUBACKs with quota exceeded (0x97): the record is retried."),
     ("historical", "Records published with historical: true (backlog)."),
+    ("backfilled", "Records re-published for backfill commands."),
 )
 
 
@@ -224,6 +229,11 @@ class ApplianceCollector(Collector):
             yield CounterMetricFamily(f"appliance_outbox_{key}", doc, o.get(key, 0))
         yield GaugeMetricFamily(
             "appliance_outbox_pending", "Records not yet settled.", o["pending"]
+        )
+        yield GaugeMetricFamily(
+            "appliance_outbox_delivered",
+            "Delivered telemetry records held for backfill.",
+            o.get("delivered", 0),
         )
         yield GaugeMetricFamily(
             "appliance_outbox_oldest_age_seconds",

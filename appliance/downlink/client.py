@@ -126,6 +126,8 @@ other handler modules (model.release, model.rollback, device.write, backfill). T
 command's request body (appliance/schemas/cmd/<command>.request.json), e.g.
   appliance cmd -c appliance.toml alerts.ack --body '{"alert_id": "overtemp:cnc-1:1700000000000"}'
   appliance cmd -c appliance.toml config.apply --body-file new.json
+  appliance cmd -c appliance.toml device.write --body '{"device":"cnc-1","address":40,"value":8}'
+  appliance cmd -c appliance.toml backfill --body '{"from": 1700000000, "to": 1700003600}'
 A signed model bundle (appliance model sign) is sent with --bundle instead of a body: split
 into chunks of --chunk-bytes, one model.release request each; the last reply is printed:
   appliance cmd -c appliance.toml model.release --bundle ./cnc_anomaly-1.1.0

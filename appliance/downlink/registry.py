@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from appliance.downlink import commands, model_release
+from appliance.downlink import backfill, commands, device_write, model_release
 from appliance.downlink.base import Handler
 
-_MODULES: tuple[Mapping[str, Handler], ...] = (commands.COMMANDS, model_release.COMMANDS)
+_MODULES: tuple[Mapping[str, Handler], ...] = (
+    commands.COMMANDS,
+    model_release.COMMANDS,
+    device_write.COMMANDS,
+    backfill.COMMANDS,
+)
 
 
 def merge(*tables: Mapping[str, Handler]) -> dict[str, Handler]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from appliance.api.views import readiness
 from appliance.config import Config
+from appliance.downlink import backfill, device_write
 from appliance.downlink.base import Handler
 from appliance.downlink.channel import CommandChannel
 from appliance.downlink.store import DedupStore
@@ -129,6 +130,8 @@ class DownlinkRunner:
             out.update(self.channel.stats())
         out["restarts"] = self.restarts
         out["rollbacks"] = self.rollbacks
+        out["device_write"] = device_write.stats()  # outcomes and refusals per reason
+        out["backfill"] = backfill.stats()
         return out
 
     # -- used by the handlers ----------------------------------------------------------------

@@ -30,6 +30,7 @@ _MIN_EVICT_ROWS = 16
 _MAX_EVICT_ROUNDS = 64
 _COARSEN_SCAN_ROWS = 512  # telemetry rows read per step of a coarsening scan
 MAX_COARSEN_WINDOWS = 10_000  # a merge deletes as many rows in one statement (SQLite: 32766)
+_COPY_EVICT_ROWS = 256  # delivered/backfill rows deleted per step before re-measuring
 _COARSENED_WINDOWS = re.compile(rb'"coarsened":\{"windows":(\d+)')
 
 
@@ -48,6 +49,8 @@ class Freed(NamedTuple):
     merged: int = 0  # telemetry records merged into others (coarsening)
     evicted_windows: int = 0  # telemetry windows in the deleted records
     coarsened_windows: int = 0  # windows merged for the first time (sent coarse from now on)
+    delivered: int = 0  # delivered telemetry kept for backfill, deleted
+    backfill: int = 0  # queued backfill copies (Priority.BACKFILL records), deleted
 
 
 class _Run:
@@ -71,6 +74,8 @@ class DiskBudget:
 
     disk_budget_bytes: int
     coarsen_windows: int
+    keep_delivered_s: float
+    _delivered: int
     _taken: set[int]
     _coarse_from: int
     _pending: int
@@ -95,6 +100,8 @@ class DiskBudget:
         and the number merged away.
         """
         target = self.disk_budget_bytes * _EVICT_TARGET
+        delivered, backfill = self._evict_copies(db, target)
+        pending -= backfill
         evicted: dict[int, int] = {}
         merged = windows = coarse = 0
         can_coarsen = self.coarsen_windows > 0
@@ -141,7 +148,38 @@ class DiskBudget:
                     want -= n
                     if priority != Priority.ALERT:
                         break  # re-measure before touching a more important class
-        return Freed(evicted, merged, windows, coarse)
+        return Freed(evicted, merged, windows, coarse, delivered, backfill)
+
+    def _evict_copies(self, db: sqlite3.Connection, target: float) -> tuple[int, int]:
+        """Delete the delivered telemetry kept for backfill, then the queued backfill copies,
+        oldest first, until the used size is at most ``target`` bytes: copies of what was
+        delivered go before anything undelivered. Inside the caller's transaction. Returns
+        the number of each deleted."""
+        deleted = [0, 0]
+        steps = (
+            (
+                "DELETE FROM delivered WHERE id IN (SELECT id FROM delivered ORDER BY id LIMIT ?)",
+                (),
+            ),
+            (
+                "DELETE FROM records WHERE id IN (SELECT id FROM records "
+                "WHERE id >= ? AND id < ? ORDER BY id LIMIT ?)",
+                class_range(int(Priority.BACKFILL)),
+            ),
+        )
+        for i, (sql, bounds) in enumerate(steps):
+            if i == 0 and (self.keep_delivered_s <= 0 or not self._delivered):
+                continue
+            while True:
+                used = self._used_bytes(db)
+                if used <= target:
+                    return deleted[0], deleted[1]
+                cur = db.execute(sql, (*bounds, _COPY_EVICT_ROWS))
+                n = max(cur.rowcount, 0)
+                if not n:
+                    break
+                deleted[i] += n
+        return deleted[0], deleted[1]
 
     def _coarsen(self, db: sqlite3.Connection, want: int) -> tuple[int, int]:
         """Merge runs of consecutive telemetry records of a stream, oldest first, until ``want``
@@ -235,6 +273,23 @@ class DiskBudget:
         """Delete the oldest records, least important class first, until their payloads add up
         to ``need`` bytes (or nothing is left). Inside the caller's transaction."""
         evicted: dict[int, int] = {}
+        if self.keep_delivered_s > 0 and self._delivered:  # delivered copies go first
+            cutoff, n = None, 0
+            cur = db.execute(
+                "SELECT id, length(payload) + length(topic) + length(stream) + 32 "
+                "FROM delivered ORDER BY id"
+            )
+            try:
+                for rid, size in cur:
+                    cutoff, n, need = rid, n + 1, need - size
+                    if need <= 0:
+                        break
+            finally:
+                cur.close()
+            if cutoff is not None:
+                db.execute("DELETE FROM delivered WHERE id <= ?", (cutoff,))
+                self._delivered -= n
+                self._counters["delivered_evicted"] += n
         for priority in reversed(CLASSES):
             if need <= 0:
                 break

@@ -90,6 +90,8 @@ class DeliveryPolicy:
     _by_reason: dict[str, int]
     _tokens: float
     _tokens_at: float
+    _backfill_tokens: float
+    _backfill_tokens_at: float
     _hold_until: float
     _quota_attempt: int
     _sparkplug: SparkplugFormat | None
@@ -164,10 +166,17 @@ class DeliveryPolicy:
             alert = rec.priority == Priority.ALERT
             if not alert and len(self._inflight) >= bulk_limit:
                 break
-            historical = (
+            backfill = rec.priority == Priority.BACKFILL
+            historical = backfill or (
                 rec.created < self._link_up_wall or wall - rec.created > cfg.historical_after_s
             )
-            if historical and not alert and rate > 0:
+            if backfill:  # after every live record (drain order), at its own rate
+                wait = self._take_backfill_token(now)
+                if wait:
+                    delay = wait
+                    break
+                self._counters["backfilled"] += 1
+            elif historical and not alert and rate > 0:
                 if self._tokens < 1.0:
                     delay = max(_MIN_RATE_WAIT_S, (1.0 - self._tokens) / rate)
                     break
@@ -207,6 +216,20 @@ class DeliveryPolicy:
             if historical:
                 self._counters["historical"] += 1
         return delay
+
+    def _take_backfill_token(self, now: float) -> float:
+        """Take a token of the ``backfill`` bucket (``mqtt.backfill_rate_per_s``, burst 50 ms
+        worth): 0.0 when taken, else the seconds until one is due."""
+        rate = self._cfg.backfill_rate_per_s
+        cap = max(1.0, rate * BURST_S)
+        self._backfill_tokens = min(
+            cap, self._backfill_tokens + (now - self._backfill_tokens_at) * rate
+        )
+        self._backfill_tokens_at = now
+        if self._backfill_tokens < 1.0:
+            return max(_MIN_RATE_WAIT_S, (1.0 - self._backfill_tokens) / rate)
+        self._backfill_tokens -= 1.0
+        return 0.0
 
     def _publish_sparkplug(
         self, client: mqtt.Client, rid: int, topic: str, payload: bytes, historical: bool

@@ -100,6 +100,12 @@ the bytes first handed to it. Historical records other than alerts are published
 ``backlog_rate_per_s`` per second (token bucket, burst 50 ms worth; 0 = unlimited); alerts are
 never rate-limited and one slot of the in-flight window is kept for them (when ``max_inflight``
 > 1), so a live alert appended during a long backlog drain goes out at once.
+
+Records queued by the ``backfill`` command (:attr:`~appliance.contracts.Priority.BACKFILL`,
+copies of delivered telemetry) come after every live record in the drain order, so they are
+taken only when nothing live waits, are always flagged ``historical``, and are published at
+most ``backfill_rate_per_s`` per second (their own token bucket, burst 50 ms worth, starting
+empty), counted as ``backfilled``.
 """
 
 from __future__ import annotations
@@ -217,10 +223,13 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
             "tls_failures": 0,
             "connect_failures": 0,
             "short_connections": 0,
+            "backfilled": 0,
         }
         self._by_reason: dict[str, int] = {}
         self._tokens = max(1.0, cfg.backlog_rate_per_s * BURST_S)
         self._tokens_at = 0.0
+        self._backfill_tokens = 0.0
+        self._backfill_tokens_at = 0.0
         self._hold_until = 0.0  # loop time before which nothing is published (0x97 pause)
         self._quota_attempt = 0
         self._attempt = 0  # reconnect attempts since the last stable connection
@@ -256,8 +265,9 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         broker), ``quota_retries`` (0x97 PUBACKs, record kept), ``historical`` (records
         published with ``historical: true``), ``connects``, ``disconnects``, refused or failed
         connection attempts (``auth_failures``, ``tls_failures``, ``connect_failures``),
-        ``short_connections`` (dropped within 10 s of being established) and ``in_flight``
-        (records awaiting a PUBACK).
+        ``short_connections`` (dropped within 10 s of being established), ``backfilled``
+        (records re-published for a ``backfill`` command) and ``in_flight`` (records awaiting
+        a PUBACK).
         """
         return {**self._counters, "in_flight": len(self._inflight)}
 

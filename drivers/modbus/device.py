@@ -35,7 +35,7 @@ import numpy as np
 from drivers.errors import DeviceException
 from drivers.modbus.codec import decode
 from drivers.modbus.plan import Block, Decoder, ReadRequest, plan_reads
-from drivers.modbus.registers import Register
+from drivers.modbus.registers import Register, Table
 from drivers.quality import ReadResult
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,13 @@ class ModbusDevice:
             else:
                 self.strings[reg.name] = ""
         return dict(self.strings)
+
+    async def read_raw(self, table: Table, address: int, count: int = 1) -> list[int]:
+        """One read of ``count`` raw words (bits as 0/1 for ``coil``/``discrete``) of ``table``
+        from ``address``, outside the poll plan (e.g. a write's read-back). Raises
+        ``DeviceException`` if refused, ``DeviceUnavailable`` if the transport fails."""
+        block = await self._read_block(ReadRequest(table, address, count, ()))
+        return [int(v) for v in block[:count]]  # bits come in whole bytes
 
     async def write_register(self, address: int, value: int) -> None:
         """FC 6: write one 16-bit register. Raises ``DeviceException`` if refused."""

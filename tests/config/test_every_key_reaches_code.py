@@ -226,6 +226,20 @@ STUCK = {"alerts.rules[].kind": "stuck", "alerts.rules[].above": DELETE}
 
 
 TLS = {"mqtt.tls": True}
+
+
+def write(key: str) -> held:
+    return held(lambda a: getattr(a.cfg.downlink.writes[0], key), "appliance/downlink")
+
+
+WRITE_REG = {"downlink.writes": [{"device": "m", "register": "b", "min": 0, "max": 10}]}
+WRITE_ADDR = {"downlink.writes": [{"device": "m", "address": 4, "min": 0, "max": 10}]}
+TWO_DEVICES = {
+    "devices": [
+        copy.deepcopy(DEVICES["modbus_tcp"]),
+        {**copy.deepcopy(DEVICES["modbus_tcp"]), "name": "m2", "port": 1503},
+    ]
+}
 DEV_COMMON = [
     ("name", "other"),
     ("poll_interval_ms", 250),
@@ -552,6 +566,7 @@ PROBES: list[P] = [
     P("outbox.synchronous", "NORMAL"),
     P("outbox.disk_budget_mb", 1.0),
     P("outbox.coarsen_windows", 0),
+    P("outbox.keep_delivered_s", 600.0),
     P("mqtt.format", "sparkplug_b", uplink("format")),
     P("mqtt.sparkplug_group_id", "plant", uplink("sparkplug_group_id")),
     P("mqtt.host", "broker", uplink("host")),
@@ -573,8 +588,22 @@ PROBES: list[P] = [
     P("mqtt.password_env", "PW", uplink("password_env"), base={"mqtt.username": "u"}),
     P("mqtt.session_expiry_s", 60, uplink("session_expiry_s")),
     P("mqtt.backlog_rate_per_s", 50.0),
+    P("mqtt.backfill_rate_per_s", 5.0, uplink("backfill_rate_per_s")),
     P("mqtt.historical_after_s", 1.0, uplink("historical_after_s")),
     P("mqtt.max_packet_bytes", 4096, uplink("max_packet_bytes")),
+    P("downlink.writes[].device", "m2", write("device"), base={**TWO_DEVICES, **WRITE_REG}),
+    P("downlink.writes[].register", "d", write("register"), base=WRITE_REG),
+    P("downlink.writes[].address", 5, write("address"), base=WRITE_ADDR),
+    P(
+        "downlink.writes[].table",
+        "coil",
+        write("table"),
+        base=WRITE_ADDR,
+        also={"downlink.writes[].max": 1},
+    ),
+    P("downlink.writes[].type", "int16", write("type"), base=WRITE_ADDR),
+    P("downlink.writes[].min", 1, write("min"), base=WRITE_REG),
+    P("downlink.writes[].max", 5, write("max"), base=WRITE_REG),
 ]
 
 

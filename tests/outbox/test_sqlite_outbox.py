@@ -244,7 +244,13 @@ def test_settle_deletes_accepted_and_rejected_and_counts_them(
             "recovered_corrupt": 0,
             "disk_full": 0,
             "disk_full_failed": 0,
+            "delivered_kept": 0,
+            "delivered_pruned": 0,
+            "delivered_evicted": 0,
+            "backfill_queued": 0,
+            "backfill_evicted": 0,
             "pending": 1,
+            "delivered": 0,
             "oldest_age_s": 7.5,
         }
         ob.settle([recs[1].id])

@@ -95,6 +95,7 @@ def test_appended_records_reach_a_subscriber_once_in_order_and_leave_the_outbox_
         "tls_failures": 0,
         "connect_failures": 0,
         "short_connections": 0,  # stop() is not a drop
+        "backfilled": 0,
         "in_flight": 0,
     }
 
