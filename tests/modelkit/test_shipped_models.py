@@ -3,6 +3,8 @@ from the simulator, their graphs pass the operator check and reproduce their gol
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -59,3 +61,20 @@ def test_a_shipped_model_raises_on_a_fault_of_an_unseen_machine_and_not_on_its_h
     faulty, healthy = runs
     assert healthy == []
     assert faulty and 100.0 < faulty[0] <= 250.0
+
+
+def test_cnc_process_serves_a_machine_without_the_vibration_waveform(tmp_path: Path) -> None:
+    from appliance.config import parse_config
+    from appliance.runtime.checks import served_models
+
+    dev = {"name": "cnc-1", "host": "127.0.0.1", "profile": "cnc-sim"}  # no [devices.waveform]
+    cfg = parse_config(
+        {
+            "devices": [dev],
+            "models": [{"name": "process", "model": "cnc_process"}],
+            "outbox": {"path": "o.sqlite"},
+        },
+        base_dir=tmp_path,
+    )
+    served_models(cfg)  # raises ConfigError listing missing channels
+    assert all(f.channel != "vibration_wave" for f in load_bundle("cnc_process").features)
