@@ -1,16 +1,19 @@
-"""Train and export the CNC process-drift model: a conditional Gaussian score over the scalar
-channels only (deterministic; no vibration waveform needed).
+"""Train and export the CNC process-drift model: a bank of conditional Gaussian scores over the
+scalar channels only (deterministic; no vibration waveform needed).
 
     python -m models.cnc_process.export [--out DIR] [--seed N] [--machines K] [--minutes M]
 
 Features (``FEATURES``): the operating point (spindle speed and load means, ``GIVEN``) and the
 slow process quantities at it: spindle and coolant temperature means and trends (least-squares
-slope over the window) and the vibration RMS register's mean. Model, training data, condition
-and threshold rule are those of ``models/cnc_condition`` (``fit_conditional_gaussian``: the
-residuals of these quantities from their regression on speed and load; 1.0 = the larger of the
-training windows' 99.99th percentile and 1.1 × the highest score of 32 held-out machines).
-Few features, all slow process drifts, so a coolant loss, a dulling tool or an overheating
-spindle is not averaged away by the waveform features that find the rotating faults.
+slope over the window) and the vibration RMS register's mean. Model
+(``appliance.modelkit.gaussian.fit_gaussian_bank``): one conditional Gaussian per ``PARTS``
+entry (vibration; coolant temperature and trend; spindle temperature and trend), each the
+Mahalanobis distance of its quantities' residuals from their regression on speed and load, each
+with its own threshold; the score is the largest of the three, so a dulling tool (vibration),
+a coolant loss or an overheating spindle is not averaged away by the quantities it leaves
+alone. Training data, condition and threshold rule (per part) are those of
+``models/cnc_condition``: 1.0 = the larger of the training windows' 99.99th percentile and 1.1 ×
+the highest score of 32 held-out machines.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from appliance.contracts import FeatureSpec
 from appliance.features.samples import features_from_frames
 from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
-from appliance.modelkit.gaussian import GaussianModel, fit_conditional_gaussian
+from appliance.modelkit.gaussian import GaussianBank, fit_gaussian_bank
 from appliance.simulate.dataset import EPOCH_S, FaultEvent, simulate_frames
 from models.cnc_condition.export import (
     CALIB_MACHINES,
@@ -47,6 +50,8 @@ FEATURES: tuple[FeatureSpec, ...] = (
 )
 #: Columns of ``FEATURES`` the score is conditioned on (spindle speed and load means).
 GIVEN = (0, 1)
+#: The bank's parts: the columns each scores given ``GIVEN`` (vibration, coolant, spindle).
+PARTS: tuple[tuple[int, ...], ...] = ((6,), (4, 5), (2, 3))
 
 
 def windows(
@@ -73,13 +78,13 @@ def main() -> None:
     train = np.vstack(
         [windows(args.seed, i, args.minutes * 60)[1] for i in range(args.machines)]
     ).astype(np.float64)
-    model = fit_conditional_gaussian(train, GIVEN, QUANTILE)
+    model = fit_gaussian_bank(train, [(GIVEN, part) for part in PARTS], QUANTILE)
     calib = np.vstack(
         [windows(args.seed + 500, i, CALIB_MINUTES * 60)[1] for i in range(CALIB_MACHINES)]
     ).astype(np.float64)
-    d_calib = model.score(calib) * model.s_ref
-    s_ref = max(model.s_ref, MARGIN * float(d_calib.max()))
-    model = GaussianModel(model.mean, model.whiten, s_ref)
+    d_calib = model.part_scores(calib) * model.s_ref
+    s_ref = np.maximum(model.s_ref, MARGIN * d_calib.max(axis=0))
+    model = GaussianBank(model.mean, model.whiten, model.pool, s_ref)
     onnx_bytes = finish_model(model.onnx_graph(NAME))
     _, hold = windows(args.seed + 1, 0, 300)
     t_bad, bad = windows(args.seed + 2, 1, 300, (FaultEvent(100, "coolant_loss", 150),))
@@ -91,8 +96,9 @@ def main() -> None:
         name=NAME,
         version=VERSION,
         description=(
-            "conditional Mahalanobis score of temperatures, their trends and vibration RMS "
-            "given spindle speed and load; 1.0 = alert threshold"
+            "largest of three conditional Mahalanobis scores given spindle speed and load "
+            "(vibration RMS; coolant temperature and trend; spindle temperature and trend); "
+            "1.0 = alert threshold"
         ),
         onnx_bytes=onnx_bytes,
         features=FEATURES,
@@ -101,8 +107,9 @@ def main() -> None:
         golden_outputs=golden_out,
         threshold=1.0,
         extra={
-            "kind": "gaussian",
+            "kind": "gaussian_bank",
             "given": [FEATURES[j].channel + ":" + FEATURES[j].stat for j in GIVEN],
+            "parts": [[FEATURES[j].channel + ":" + FEATURES[j].stat for j in p] for p in PARTS],
             "condition": condition_manifest(CONDITION),
             "training": {
                 "seed": args.seed,

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from appliance.modelkit.export import finish_model, operator_check
-from appliance.modelkit.gaussian import fit_conditional_gaussian, fit_gaussian
+from appliance.modelkit.gaussian import fit_conditional_gaussian, fit_gaussian, fit_gaussian_bank
 
 
 def _normal(n: int = 4000) -> np.ndarray:
@@ -49,3 +49,30 @@ def test_given_must_leave_something_to_score() -> None:
     for bad in ([], [0, 1, 2], [3]):
         with pytest.raises(ValueError, match="given"):
             fit_conditional_gaussian(x, given=bad)
+
+
+def test_a_bank_scores_the_worst_of_its_parts_and_its_graph_reproduces_it() -> None:
+    x = _normal()
+    bank = fit_gaussian_bank(x, [([0], [1]), ([0], [2])], quantile=0.999)
+    assert bank.whiten.shape == (3, 2) and bank.pool.shape == (2, 2)
+    # vibration off its line only: part 0 fires, and the bank with it
+    off = np.array([[4000.0, 0.2 + 0.13e-3 * 10000.0, 30.0 + 2e-3 * 4000.0]])
+    parts = bank.part_scores(off)[0]
+    assert parts[0] > 3.0 > 1.0 > parts[1]
+    assert bank.score(off)[0] == parts[0]
+    # one vibration feature is not averaged with the temperature: the bank sees more of it
+    whole = fit_conditional_gaussian(x, given=[0], quantile=0.999)
+    assert bank.score(off)[0] > whole.score(off)[0]
+    np.testing.assert_allclose(bank.part_scores(x).max(axis=0) > 1.0, [True, True])
+    blob = finish_model(bank.onnx_graph("bank"))
+    assert operator_check(onnx.load_from_string(blob)) == []
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"features": np.vstack([x[:63], off]).astype(np.float32)})[0]
+    np.testing.assert_allclose(got, bank.score(np.vstack([x[:63], off])), rtol=1e-4, atol=1e-4)
+
+
+def test_a_bank_part_must_name_distinct_existing_columns() -> None:
+    x = _normal(200)
+    for parts in ([], [([0], [])], [([0], [0])], [([0], [3])]):
+        with pytest.raises(ValueError):
+            fit_gaussian_bank(x, parts)
