@@ -167,14 +167,22 @@ SAMPLE_FEATURE_STATS = (
     "nonharmonic_frac",
 )
 """Statistics computed from a window's raw samples (``appliance.features.extract``); also
-``band:LO-HI`` (mean-square in the band LO..HI Hz, dB). A manifest naming any statistic outside
+``band:LO-HI`` (mean-square in the band LO..HI Hz, dB) and ``order_frac:K`` (share of the power
+at K times the rotation frequency). A manifest naming any statistic outside
 :data:`FEATURE_STATS` is served from raw samples."""
 
 
 def is_sample_feature_stat(stat: str) -> bool:
-    """Whether ``stat`` is one of :data:`SAMPLE_FEATURE_STATS` or a well-formed ``band:LO-HI``."""
+    """Whether ``stat`` is one of :data:`SAMPLE_FEATURE_STATS`, a well-formed ``band:LO-HI``
+    or ``order_frac:K`` (K a positive rotation order, e.g. a bearing's ``order_frac:3.58``)."""
     if stat in SAMPLE_FEATURE_STATS:
         return True
+    if stat.startswith("order_frac:"):
+        try:
+            k = float(stat[11:])
+        except ValueError:
+            return False
+        return 0.0 < k < float("inf")
     if not stat.startswith("band:"):
         return False
     lo, sep, hi = stat[5:].partition("-")

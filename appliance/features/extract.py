@@ -20,6 +20,12 @@ with the dominant frequency f0 taken as the shaft's (the fundamental dominates a
 spindle): ``order1_frac`` is the share of the power within :data:`ORDER_BW_HZ` of f0 (imbalance
 raises it) and ``nonharmonic_frac`` the share outside that distance of f0, 2·f0 and 3·f0 (folded
 at the Nyquist frequency): bearing tones and chatter raise it, whatever the speed.
+``order_frac:K`` is the share of the power within :data:`ORDER_BW_HZ` of K·f0 (folded likewise)
+and, for K other than 1, 2 and 3, not that close to f0, 2·f0 or 3·f0 (a tone aliased onto a
+harmonic cannot be told from it): for a component at a known rotation order K. A bearing
+defect's tone at the bearing's ball-pass frequency (e.g. ``order_frac:3.58``, the outer race of
+a typical spindle bearing) takes a few percent of the power there, where a healthy spindle has
+only noise.
 
 A channel without a sample in the window gives NaN for all its features (the caller does not
 score such a window).
@@ -113,11 +119,22 @@ def _spectral(ts: F64, x: F64, stats: Sequence[str]) -> dict[str, float]:
     f0 = float(freq[int(np.argmax(power))]) if total > 0 else 0.0
     fs = 1.0 / dt
     near: list[npt.NDArray[np.bool_]] = []
-    for k in (1, 2, 3):
+
+    def at_order(k: float) -> npt.NDArray[np.bool_]:
         fk = abs(((k * f0 + fs / 2.0) % fs) - fs / 2.0)  # aliased into [0, fs/2]
-        near.append(np.abs(freq - fk) <= ORDER_BW_HZ)
+        at: npt.NDArray[np.bool_] = np.abs(freq - fk) <= ORDER_BW_HZ
+        return at
+
+    for h in (1.0, 2.0, 3.0):
+        near.append(at_order(h))
     for s in stats:
-        if s == "order1_frac":
+        if s.startswith("order_frac:"):
+            order = float(s[11:])
+            band = at_order(order)
+            if order not in (1.0, 2.0, 3.0):  # a tone aliased onto a harmonic cannot be told apart
+                band &= ~(near[0] | near[1] | near[2])
+            out[s] = float(power[band].sum() / total) if total > 0 else 0.0
+        elif s == "order1_frac":
             out[s] = float(power[near[0]].sum() / total) if total > 0 else 0.0
         elif s == "nonharmonic_frac":
             harmonic = near[0] | near[1] | near[2]
@@ -165,7 +182,9 @@ def window_features(
     scalar = _scalar_stats(tt, xs, counts) if wanted else {}
     spectral_stats: dict[int, list[str]] = {}
     for f in features:
-        if f.channel in pos and (f.stat in _SPECTRAL or f.stat.startswith("band:")):
+        if f.channel in pos and (
+            f.stat in _SPECTRAL or f.stat.startswith(("band:", "order_frac:"))
+        ):
             spectral_stats.setdefault(pos[f.channel], []).append(f.stat)
     spectral = {
         c: _spectral(tt[row[c], : counts[row[c]]], xs[row[c], : counts[row[c]]], stats)

@@ -191,3 +191,127 @@ def fit_context_gaussian(
     if labels is not None:
         info["labels"] = list(labels)
     return ContextGaussianModel(values[keep], models, fallback), info
+
+
+def fit_conditional_gaussian(
+    x: npt.ArrayLike, given: Sequence[int], quantile: float = 0.999, ridge: float = 1e-3
+) -> GaussianModel:
+    """Fit on normal windows ``x`` [W, F] a Gaussian of the other features *given* the columns
+    ``given`` (the operating point, e.g. spindle speed and load): each other feature's residual
+    from its linear regression on ``given`` (standardised units), whitened by the residuals'
+    covariance. The score is the Mahalanobis distance of the residuals only, so a window is not
+    anomalous for running at an unusual speed or load, only for what it shows at that speed and
+    load. Same graph as :func:`fit_gaussian` (``whiten`` is [F, F - len(given)]: the regression
+    is folded into it); the threshold (score 1.0) at ``quantile``."""
+    xx = np.asarray(x, dtype=np.float64)
+    f = xx.shape[1]
+    g = sorted(set(given))
+    if not g or g[0] < 0 or g[-1] >= f or len(g) == f:
+        raise ValueError(f"given must name some but not all of the {f} columns, got {given}")
+    t = [j for j in range(f) if j not in g]
+    mean = xx.mean(axis=0)
+    std = xx.std(axis=0)
+    std = np.maximum(std, 1e-6 * np.abs(mean) + 1e-9)
+    z = (xx - mean) / std
+    cov = np.cov(z, rowvar=False) + ridge * np.eye(f)
+    b = np.linalg.solve(cov[np.ix_(g, g)], cov[np.ix_(g, t)])  # [G, T] regression
+    a = np.zeros((f, len(t)))  # z @ a = the residuals
+    a[t, np.arange(len(t))] = 1.0
+    a[g, :] = -b
+    r = z @ a
+    cov_r = np.cov(r, rowvar=False).reshape(len(t), len(t)) + ridge * np.eye(len(t))
+    chol = np.linalg.cholesky(np.linalg.inv(cov_r))
+    w = (a / std[:, None]) @ chol
+    d = np.sqrt(np.mean(((xx - mean) @ w) ** 2, axis=1))
+    s_ref = float(np.quantile(d, quantile))
+    return GaussianModel(mean, w, s_ref)
+
+
+@dataclass(frozen=True)
+class GaussianBank:
+    """Several Gaussian scores over one feature vector, each over its own columns and with its
+    own threshold; the score is the largest of them (each already divided by its ``s_ref``, so
+    1.0 is every part's threshold). A fault that moves one part's few features is then not
+    averaged away by the others' (a Mahalanobis distance over all features would)."""
+
+    mean: F64  # [F]
+    whiten: F64  # [F, T]: the parts' whitening matrices side by side, zero rows where unused
+    pool: F64  # [T, K]: 1 / T_k where column t belongs to part k
+    s_ref: F64  # [K]
+
+    def part_scores(self, x: npt.ArrayLike) -> F64:
+        """[N, K] score of each part (NumPy reference of the graph, float64)."""
+        xx = np.asarray(x, dtype=np.float64)
+        d: F64 = np.sqrt((((xx - self.mean) @ self.whiten) ** 2) @ self.pool) / self.s_ref
+        return d
+
+    def score(self, x: npt.ArrayLike) -> F64:
+        out: F64 = self.part_scores(x).max(axis=1)
+        return out
+
+    def onnx_graph(self, name: str) -> object:
+        from onnx import TensorProto, helper, numpy_helper
+
+        f = len(self.mean)
+        inits = [
+            numpy_helper.from_array(self.mean.astype(np.float32), "mean"),
+            numpy_helper.from_array(self.whiten.astype(np.float32), "whiten"),
+            numpy_helper.from_array(self.pool.astype(np.float32), "pool"),
+            numpy_helper.from_array((1.0 / self.s_ref).astype(np.float32), "inv_sref"),
+        ]
+        nodes = [
+            helper.make_node("Sub", ["features", "mean"], ["centred"]),
+            helper.make_node("MatMul", ["centred", "whiten"], ["y"]),
+            helper.make_node("Mul", ["y", "y"], ["y2"]),
+            helper.make_node("MatMul", ["y2", "pool"], ["msq"]),
+            helper.make_node("Sqrt", ["msq"], ["dist"]),
+            helper.make_node("Mul", ["dist", "inv_sref"], ["parts"]),
+            helper.make_node("ReduceMax", ["parts"], ["score"], axes=[1], keepdims=0),
+        ]
+        return helper.make_graph(
+            nodes,
+            name,
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f])],
+            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
+            initializer=inits,
+        )
+
+
+def fit_gaussian_bank(
+    x: npt.ArrayLike,
+    parts: Sequence[tuple[Sequence[int], Sequence[int]]],
+    quantile: float = 0.999,
+    ridge: float = 1e-3,
+) -> GaussianBank:
+    """A :class:`GaussianBank` of conditional Gaussians: part k scores columns ``targets``
+    given columns ``given`` (:func:`fit_conditional_gaussian` on those columns; no ``given``:
+    :func:`fit_gaussian`), each with its threshold at ``quantile`` of the normal windows."""
+    xx = np.asarray(x, dtype=np.float64)
+    f = xx.shape[1]
+    if not parts:
+        raise ValueError("a bank needs at least one part")
+    blocks: list[F64] = []
+    sizes: list[int] = []
+    refs: list[float] = []
+    for given, targets in parts:
+        cols = [*given, *targets]
+        if len(set(cols)) != len(cols) or not targets or min(cols) < 0 or max(cols) >= f:
+            raise ValueError(f"part (given {list(given)}, targets {list(targets)}) of {f} columns")
+        sub = xx[:, cols]
+        g = (
+            fit_conditional_gaussian(sub, range(len(given)), quantile, ridge)
+            if given
+            else (fit_gaussian(sub, quantile, ridge))
+        )
+        w = np.zeros((f, g.whiten.shape[1]))
+        w[cols, :] = g.whiten
+        blocks.append(w)
+        sizes.append(g.whiten.shape[1])
+        refs.append(g.s_ref)
+    whiten = np.hstack(blocks)
+    pool = np.zeros((whiten.shape[1], len(parts)))
+    start = 0
+    for k, n in enumerate(sizes):
+        pool[start : start + n, k] = 1.0 / n
+        start += n
+    return GaussianBank(xx.mean(axis=0), whiten, pool, np.asarray(refs, dtype=np.float64))

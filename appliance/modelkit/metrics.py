@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -56,3 +58,39 @@ def detection_delay_s(
     t = np.asarray(t_rel)
     hit = np.flatnonzero((t > fault_at_s) & (np.asarray(score) > threshold))
     return float(t[hit[0]] - fault_at_s) if hit.size else float("nan")
+
+
+def debounced_raises(
+    t: npt.ArrayLike,
+    score: npt.ArrayLike,
+    threshold: float,
+    debounce_k: int = 1,
+    debounce_n: int = 1,
+    clear_below: float | None = None,
+) -> list[float]:
+    """Times (``t`` of the window) at which a score alert rule raises: ``above = threshold``,
+    ``debounce_k`` of the last ``debounce_n`` scored windows, ``clear_below`` (default the
+    threshold). Feed the scored windows of one machine in time order, as the alert engine gets
+    them; the rule is the engine's own (:class:`appliance.alerts.lifecycle.Lifecycle`)."""
+    from appliance.alerts.kinds import judge_level
+    from appliance.alerts.lifecycle import Lifecycle
+    from appliance.config import ThresholdRule
+
+    rule = ThresholdRule(
+        name="score",
+        source="score",
+        above=threshold,
+        clear_below=clear_below,
+        debounce_k=debounce_k,
+        debounce_n=debounce_n,
+    )
+    life = Lifecycle(rule)
+    st = life.new_state("m")
+    out: list[float] = []
+    for ts, v in zip(np.asarray(t, np.float64).tolist(), np.asarray(score).tolist(), strict=True):
+        if not math.isfinite(v):
+            continue
+        raise_c, clear_c, value = judge_level(rule, v)
+        if life.observe(st, ts, raise_c, clear_c, value) == "raised":
+            out.append(ts)
+    return out

@@ -4,7 +4,7 @@
 
 Needs the ``train`` extra (PyTorch, CPU). Same windows, features and condition as
 ``models/cnc_condition`` (``FEATURES``, ``CONDITION``: spindle turning steadily), same training
-and calibration machines; model: ``appliance.modelkit.autoencoder`` (13 → 32 → 4 → 32 → 13,
+and calibration machines; model: ``appliance.modelkit.autoencoder`` (12 → 32 → 4 → 32 → 12,
 ReLU), score = mean squared reconstruction error of the standardised features over its
 reference, with the threshold rule of cnc_condition (the training windows' 99.99th percentile
 or 1.1 × the highest score of 32 held-out machines, whichever is larger). Deterministic.
@@ -32,15 +32,15 @@ from models.cnc_condition.export import (
 )
 
 NAME = "cnc_autoencoder"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--machines", type=int, default=8)
-    ap.add_argument("--minutes", type=float, default=30.0, help="normal data per machine")
+    ap.add_argument("--machines", type=int, default=32)
+    ap.add_argument("--minutes", type=float, default=8.0, help="normal data per machine")
     args = ap.parse_args()
 
     train = np.vstack(

@@ -1,15 +1,21 @@
-"""Train and export the CNC condition model: a Gaussian score over sample features (deterministic).
+"""Train and export the CNC condition model: a conditional Gaussian score over sample features
+(deterministic).
 
-    python -m models.cnc_condition.export [--out DIR] [--seed N] [--minutes M]
+    python -m models.cnc_condition.export [--out DIR] [--seed N] [--machines K] [--minutes M]
 
-Features (``FEATURES``): process channel means, and for the vibration waveform RMS, kurtosis,
-the 1× rotation share, the non-harmonic share and the chatter band's energy, all computed by
+Features (``FEATURES``): the operating point (spindle speed and load means, ``GIVEN``) and what
+the machine shows at it: spindle and coolant temperature means, the coolant's trend, vibration
+RMS (register and waveform), and the waveform's kurtosis, 1× rotation share, non-harmonic share,
+chatter band energy and bearing ball-pass order share (``order_frac:3.58``), all computed by
 ``appliance.features.extract.window_features`` from windows built by
 ``appliance.features.samples.SampleFeatureBuilder`` over frames of
-``appliance.simulate.dataset.simulate_frames`` (what serving computes). Model: the Mahalanobis
-score of ``appliance.modelkit.gaussian``; 1.0 is the threshold: the 99.99th percentile of the
-normal training windows or 1.1 × the highest score of 32 held-out machines, whichever is larger.
-Windows outside ``CONDITION`` (spindle stopped or changing speed) are not scored.
+``appliance.simulate.dataset.simulate_frames`` (what serving computes). Model: the conditional
+Mahalanobis score of ``appliance.modelkit.gaussian.fit_conditional_gaussian``: the other
+features' residuals from their linear regression on ``GIVEN``, so an unusual speed or load is
+not an anomaly, an unusual vibration or temperature *at* that speed and load is. 1.0 is the
+threshold: the 99.99th percentile of the normal training windows or 1.1 × the highest score of
+32 held-out machines, whichever is larger. Windows outside ``CONDITION`` (spindle stopped or
+changing speed) are not scored.
 """
 
 from __future__ import annotations
@@ -22,31 +28,34 @@ import numpy as np
 from appliance.contracts import FeatureSpec
 from appliance.features.samples import features_from_frames
 from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
-from appliance.modelkit.gaussian import GaussianModel, fit_gaussian
+from appliance.modelkit.gaussian import GaussianModel, fit_conditional_gaussian
 from appliance.simulate.dataset import WAVE_CHANNEL, FaultEvent, simulate_frames
+from appliance.simulate.machine import BEARING_BPFO_ORDER
 
 NAME = "cnc_condition"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 WINDOW_S = 1.0
 QUANTILE = 0.9999
 CALIB_MACHINES, CALIB_MINUTES, MARGIN = 32, 10.0, 1.1
-#: Features: the process channels' window means and the waveform's shape, spectrum and
-#: rotation-order shares (``appliance.features.extract``).
+#: Features: the operating point (the first ``len(GIVEN)``), then the process channels' window
+#: means and trend and the waveform's shape, spectrum and rotation-order shares
+#: (``appliance.features.extract``).
 FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("spindle_speed", "mean"),
     FeatureSpec("spindle_load", "mean"),
-    FeatureSpec("spindle_load", "max"),
-    FeatureSpec("axis_load_x", "mean"),
-    FeatureSpec("axis_load_z", "mean"),
     FeatureSpec("spindle_temp", "mean"),
     FeatureSpec("coolant_temp", "mean"),
+    FeatureSpec("coolant_temp", "slope"),
     FeatureSpec("vibration_rms", "mean"),
     FeatureSpec(WAVE_CHANNEL, "rms"),
     FeatureSpec(WAVE_CHANNEL, "kurtosis"),
     FeatureSpec(WAVE_CHANNEL, "order1_frac"),
     FeatureSpec(WAVE_CHANNEL, "nonharmonic_frac"),
     FeatureSpec(WAVE_CHANNEL, "band:360-440"),
+    FeatureSpec(WAVE_CHANNEL, f"order_frac:{BEARING_BPFO_ORDER:g}"),
 )
+#: Columns of ``FEATURES`` the score is conditioned on (spindle speed and load means).
+GIVEN = (0, 1)
 #: Scored only while the spindle turns at a steady speed (above 1000 rpm all window, speed
 #: standard deviation below 20 rpm): idle, tool changes and ramps are not scored.
 CONDITION = (
@@ -71,14 +80,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--machines", type=int, default=8)
-    ap.add_argument("--minutes", type=float, default=30.0, help="normal data per machine")
+    ap.add_argument("--machines", type=int, default=32)
+    ap.add_argument("--minutes", type=float, default=8.0, help="normal data per machine")
     args = ap.parse_args()
 
     train = np.vstack(
         [windows(args.seed, i, args.minutes * 60)[1] for i in range(args.machines)]
     ).astype(np.float64)
-    model = fit_gaussian(train, QUANTILE)
+    model = fit_conditional_gaussian(train, GIVEN, QUANTILE)
     # The threshold must hold on machines the fit never saw (other programs, set points):
     # the reference distance is the larger of the training windows' QUANTILE and MARGIN times
     # the largest distance over CALIB_MACHINES held-out machines (another seed).
@@ -98,7 +107,10 @@ def main() -> None:
         args.out,
         name=NAME,
         version=VERSION,
-        description="Mahalanobis score over sample features; 1.0 = alert threshold",
+        description=(
+            "conditional Mahalanobis score over sample features given spindle speed and load; "
+            "1.0 = alert threshold"
+        ),
         onnx_bytes=onnx_bytes,
         features=FEATURES,
         window_s=WINDOW_S,
@@ -107,6 +119,7 @@ def main() -> None:
         threshold=1.0,
         extra={
             "kind": "gaussian",
+            "given": [FEATURES[j].channel + ":" + FEATURES[j].stat for j in GIVEN],
             "condition": condition_manifest(CONDITION),
             "training": {
                 "seed": args.seed,

@@ -61,6 +61,44 @@ def test_spectral_features_find_a_tone() -> None:
     assert got[3] < -60.0
 
 
+def test_order_frac_is_the_power_share_at_a_rotation_order_and_folds_at_nyquist() -> None:
+    n, rate = 1000, 1000.0
+    ts = np.arange(n) / rate
+    shaft = np.sin(2 * np.pi * 100.0 * ts)  # f0 = 100 Hz dominates: power 0.5
+    feats = (FeatureSpec("w", "order_frac:3.58"), FeatureSpec("w", "order_frac:1"))
+    healthy = window_features(feats, ("w",), ts, np.zeros(n, np.int32), shaft)
+    assert healthy[0] == pytest.approx(0.0, abs=1e-6)
+    assert healthy[1] == pytest.approx(1.0)
+    tone = 0.5 * np.sin(2 * np.pi * 358.0 * ts)  # power 0.125: a fifth of the total
+    got = window_features(feats, ("w",), ts, np.zeros(n, np.int32), shaft + tone)
+    assert got[0] == pytest.approx(0.2, abs=1e-3)
+    # at f0 = 150 Hz the order-3.58 tone (537 Hz) is sampled at 463 Hz: it is found there
+    shaft150 = np.sin(2 * np.pi * 150.0 * ts)
+    alias = 0.5 * np.sin(2 * np.pi * 537.0 * ts)
+    got = window_features(feats, ("w",), ts, np.zeros(n, np.int32), shaft150 + alias)
+    assert got[0] == pytest.approx(0.2, abs=1e-3)
+
+
+def test_order_frac_leaves_out_a_tone_aliased_onto_a_harmonic() -> None:
+    """At f0 = 152 Hz, order 3.58 (544 Hz) folds to 456 Hz, 0 Hz from 3·f0: a harmonic there
+    is not counted as the tone (a healthy spindle would look faulty at that speed)."""
+    n, rate = 1000, 1000.0
+    ts = np.arange(n) / rate
+    x = np.sin(2 * np.pi * 152.0 * ts) + 0.25 * np.sin(2 * np.pi * 456.0 * ts)
+    got = window_features(
+        (FeatureSpec("w", "order_frac:3.58"),), ("w",), ts, np.zeros(n, np.int32), x
+    )
+    assert got[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_malformed_order_is_not_a_statistic() -> None:
+    from appliance.contracts import is_sample_feature_stat
+
+    assert is_sample_feature_stat("order_frac:3.58")
+    for bad in ("order_frac:", "order_frac:x", "order_frac:-1", "order_frac:0", "order_frac:inf"):
+        assert not is_sample_feature_stat(bad), bad
+
+
 def test_a_missing_channel_gives_nan_and_the_window_is_not_scored() -> None:
     rows: list[FeatureRow] = []
     specs = (FeatureSpec("a", "mean"), FeatureSpec("b", "std"))

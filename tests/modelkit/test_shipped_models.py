@@ -3,6 +3,8 @@ from the simulator, their graphs pass the operator check and reproduce their gol
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -14,7 +16,7 @@ from appliance.modelkit.export import operator_check
 from appliance.simulate.dataset import simulate_frames
 
 
-@pytest.mark.parametrize("name", ["cnc_condition", "cnc_autoencoder"])
+@pytest.mark.parametrize("name", ["cnc_condition", "cnc_autoencoder", "cnc_process"])
 def test_a_shipped_model_is_served_exactly_the_features_it_was_trained_on(name: str) -> None:
     b = load_bundle(name)
     assert b.needs_samples and b.condition
@@ -27,3 +29,52 @@ def test_a_shipped_model_is_served_exactly_the_features_it_was_trained_on(name: 
     np.testing.assert_allclose(got, b.golden_outputs, rtol=b.golden_rtol, atol=b.golden_atol)
     assert operator_check(onnx.load(str(b.onnx_path))) == []
     assert b.golden_outputs[:8].max() < b.threshold  # healthy windows; 8: are in a fault
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "seed", "index"),
+    [
+        ("cnc_condition", "bearing_defect", 7003, 3),  # version 1 never raised on a bearing
+        ("cnc_process", "coolant_loss", 7001, 1),  # nor cnc_condition 1 on a coolant loss
+        ("cnc_process", "temp_ramp", 7002, 2),
+    ],
+)
+def test_a_shipped_model_raises_on_a_fault_of_an_unseen_machine_and_not_on_its_healthy_twin(
+    name: str, kind: str, seed: int, index: int
+) -> None:
+    """The score alert rule of image/config/appliance.toml (2 of 3 windows above the
+    threshold) raises during a 150 s fault, and never on the same machine without it."""
+    from appliance.modelkit.metrics import debounced_raises
+    from appliance.simulate.dataset import EPOCH_S, FaultEvent
+
+    b = load_bundle(name)
+    runs = []
+    for faults in ((FaultEvent(100.0, kind, 150.0),), ()):
+        ends, x, _ = features_from_frames(
+            simulate_frames(seed, index, 250, faults),
+            b.features,
+            b.window_s,
+            condition=b.condition,
+        )
+        t = ends - EPOCH_S
+        runs.append(debounced_raises(t, score_windows(b, x), b.threshold, 2, 3))
+    faulty, healthy = runs
+    assert healthy == []
+    assert faulty and 100.0 < faulty[0] <= 250.0
+
+
+def test_cnc_process_serves_a_machine_without_the_vibration_waveform(tmp_path: Path) -> None:
+    from appliance.config import parse_config
+    from appliance.runtime.checks import served_models
+
+    dev = {"name": "cnc-1", "host": "127.0.0.1", "profile": "cnc-sim"}  # no [devices.waveform]
+    cfg = parse_config(
+        {
+            "devices": [dev],
+            "models": [{"name": "process", "model": "cnc_process"}],
+            "outbox": {"path": "o.sqlite"},
+        },
+        base_dir=tmp_path,
+    )
+    served_models(cfg)  # raises ConfigError listing missing channels
+    assert all(f.channel != "vibration_wave" for f in load_bundle("cnc_process").features)
