@@ -165,3 +165,23 @@ def test_serving_computes_exactly_what_training_computed_from_the_simulator() ->
     sel = k == first
     want = window_features(feats, frames[0].channels, ts[sel], ch[sel], val[sel])
     np.testing.assert_array_equal(x[0], want)
+
+
+def test_opencv_is_imported_only_for_an_image_and_its_absence_names_the_package(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, appliance.features.samples, appliance.infer.bundle as b; "
+        "b.load_bundle('cnc_condition'); assert 'cv2' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import appliance.features.spectrogram as sg
+
+    monkeypatch.setattr(sg, "_cv2", None)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # what `import cv2` sees when not installed
+    ts, x = _tone(100.0)
+    with pytest.raises(ImportError, match="pip install opencv-python-headless"):
+        spectrogram_image(ts, x, SPEC)
