@@ -10,7 +10,10 @@ fault (the simulator is deterministic, so the twin differs only by the fault's e
 fault run's windows inside the fault are positives, the twin's windows over the same span are
 negatives, so the figures measure the fault, not the machine's warm-up. With a bundle that has a
 ``condition`` (e.g. spindle turning), the AUCs (threshold and model alike) are over the windows
-inside it; unscored windows count as score 0 for false alarms. The threshold
+inside it; unscored windows count as score 0 for false alarms. For a classifier (a manifest
+with ``classes``; its graph's second output holds the class probabilities) it also prints the
+confusion matrix of those windows: true class (the healthy twins, each fault kind's windows
+inside the fault) against the most probable class. The threshold
 baseline takes, for every continuous channel's window mean and max and the
 waveform's RMS, the better direction's AUC and reports the best channel. Prints a Markdown table.
 """
@@ -90,6 +93,9 @@ def main() -> None:
         return ok
 
     score_fn = None
+    classify_fn = None
+    classes: list[str] = list(bundle.manifest.get("classes", ())) if bundle else []
+    confusion: dict[str, np.ndarray] = {}
     if bundle is not None:
         import onnxruntime as ort
 
@@ -98,8 +104,15 @@ def main() -> None:
 
         def score_fn(x: np.ndarray) -> np.ndarray:
             xm = x[:, nb : nb + nm].astype(np.float32)
-            out = sess.run(None, {bundle.input_name: xm})[0]
+            out = sess.run([bundle.output_name], {bundle.input_name: xm})[0]
             return np.asarray(out, np.float64)
+
+        if classes:  # a classifier: its second output is the per-class probabilities
+
+            def classify_fn(x: np.ndarray) -> np.ndarray:
+                xm = x[:, nb : nb + nm].astype(np.float32)
+                probs = sess.run([sess.get_outputs()[1].name], {bundle.input_name: xm})[0]
+                return np.asarray(np.argmax(probs, axis=1))
 
     # normal operation, unseen seeds: false alarms per shift
     normal_scores = []
@@ -124,6 +137,13 @@ def main() -> None:
                 pos_m.append(s[lab == 1])
                 run = t < 1e6  # the fault run, not its twin
                 delays.append(detection_delay_s(t[run], s[run], threshold, AT_S))
+            if classify_fn is not None:
+                pred = classify_fn(x)
+                # the twins are the same healthy runs for every kind: count them once
+                first = kind == FAULT_KINDS[0]
+                for true, sel in (("healthy", (lab == 0) & first), (kind, lab == 1)):
+                    counts = np.bincount(pred[sel], minlength=len(classes))
+                    confusion[true] = confusion.get(true, np.zeros(len(classes), int)) + counts
         nb_all, pb_all = np.vstack(neg_b), np.vstack(pos_b)
         aucs = [best_direction_auc(nb_all[:, j], pb_all[:, j]) for j in range(nb)]
         j = int(np.nanargmax(aucs))
@@ -156,8 +176,19 @@ def main() -> None:
         )
     if fa is not None:
         print(f"\nfalse alarms per 8-hour shift on normal data at threshold {threshold}: {fa:.2f}")
+    if confusion:
+        print("\nconfusion matrix (windows; rows: true, columns: predicted class):\n")
+        print("| true \\ predicted | " + " | ".join(f"`{c}`" for c in classes) + " |")
+        print("|---|" + "---:|" * len(classes))
+        for true in ("healthy", *FAULT_KINDS):
+            if true in confusion:
+                print(f"| `{true}` | " + " | ".join(str(int(v)) for v in confusion[true]) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "false_alarms_per_shift": fa}, indent=2))
+        out = {"rows": rows, "false_alarms_per_shift": fa}
+        if confusion:
+            out["classes"] = classes
+            out["confusion"] = {k: v.tolist() for k, v in confusion.items()}
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
