@@ -18,7 +18,7 @@ only by the fault); elsewhere (e.g. imbalance at low speed, which grows with spe
 is left out rather than taught as healthy or faulty. Pixels are normalised with the healthy
 training windows' mean and standard deviation (written into the manifest's feature entry).
 
-Model: ``appliance.modelkit.cnn`` (3 convolutions, about 4.7 k weights), the healthy class
+Model: ``appliance.modelkit.cnn`` (3 convolutions, about 4.9 k weights), the healthy class
 weighted ``HEALTHY_WEIGHT`` times. Served output ``score`` = (1 − P(healthy)) / p_ref, where
 p_ref (score 1.0, the threshold) is the largest of ``P_REF_MIN`` (the model 99 % sure), the
 healthy training windows' 99.99th percentile and the highest value over 32 held-out healthy
