@@ -177,6 +177,8 @@ def is_sample_feature_stat(stat: str) -> bool:
     or ``order_frac:K`` (K a positive rotation order, e.g. a bearing's ``order_frac:3.58``)."""
     if stat in SAMPLE_FEATURE_STATS:
         return True
+    if stat.startswith("spectrogram("):
+        return parse_spectrogram_stat(stat) is not None
     if stat.startswith("order_frac:"):
         try:
             k = float(stat[11:])
@@ -190,6 +192,137 @@ def is_sample_feature_stat(stat: str) -> bool:
         return bool(sep) and 0.0 <= float(lo) < float(hi)
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class SpectrogramSpec:
+    """A log-spectrogram image of a waveform channel as model input (``appliance.features.
+    spectrogram`` computes it). One manifest entry ``{"channel": ..., "stat": "spectrogram",
+    "shape": [height, width], "nperseg", "hop", "rate_hz", "min_samples", "offset_db",
+    "scale_db"}`` stands for ``height × width`` feature columns (row-major, row 0 = lowest
+    frequency), each a :class:`FeatureSpec` whose ``stat`` is :meth:`stat` of its index."""
+
+    height: int  # frequency rows, 0 … rate_hz / 2
+    width: int  # time columns across the window
+    nperseg: int  # STFT segment length (samples, Hann window)
+    hop: int  # samples between segment starts
+    rate_hz: float  # the waveform's sample rate the image is made for (±2 %)
+    min_samples: int  # fewer samples in a window: not scored (incomplete)
+    offset_db: float  # normalised pixel = (dB − offset_db) / scale_db
+    scale_db: float
+
+    def __post_init__(self) -> None:
+        if not (self.height > 0 and self.width > 0 and self.hop > 0 and self.nperseg >= 4):
+            raise ValueError("shape, nperseg (≥ 4) and hop must be positive")
+        if not (self.rate_hz > 0 and self.scale_db > 0 and np.isfinite(self.offset_db)):
+            raise ValueError("rate_hz and scale_db must be > 0 and offset_db finite")
+        if self.min_samples < self.nperseg:
+            raise ValueError(f"min_samples {self.min_samples} < nperseg {self.nperseg}")
+
+    @property
+    def size(self) -> int:
+        return self.height * self.width
+
+    def stat(self, index: int) -> str:
+        """The :class:`FeatureSpec` statistic of pixel ``index`` (row-major)."""
+        return (
+            f"spectrogram({self.height}x{self.width},nperseg={self.nperseg},hop={self.hop},"
+            f"rate_hz={self.rate_hz!r},min_samples={self.min_samples},"
+            f"offset_db={self.offset_db!r},scale_db={self.scale_db!r})[{index}]"
+        )
+
+    def columns(self, channel: str) -> tuple[FeatureSpec, ...]:
+        return tuple(FeatureSpec(channel, self.stat(k)) for k in range(self.size))
+
+    def manifest_entry(self, channel: str) -> dict[str, Any]:
+        return {
+            "channel": channel,
+            "stat": "spectrogram",
+            "shape": [self.height, self.width],
+            "nperseg": self.nperseg,
+            "hop": self.hop,
+            "rate_hz": self.rate_hz,
+            "min_samples": self.min_samples,
+            "offset_db": self.offset_db,
+            "scale_db": self.scale_db,
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> SpectrogramSpec:
+        """From a manifest entry; ``KeyError``/``ValueError``/``TypeError`` when malformed."""
+        h, w = entry["shape"]
+        return cls(
+            height=int(h),
+            width=int(w),
+            nperseg=int(entry["nperseg"]),
+            hop=int(entry["hop"]),
+            rate_hz=float(entry["rate_hz"]),
+            min_samples=int(entry.get("min_samples", entry["nperseg"])),
+            offset_db=float(entry["offset_db"]),
+            scale_db=float(entry["scale_db"]),
+        )
+
+
+def parse_spectrogram_stat(stat: str) -> tuple[SpectrogramSpec, int] | None:
+    """``(spec, pixel index)`` of a :meth:`SpectrogramSpec.stat` string; None if it is not one."""
+    head, sep, tail = stat.partition(")[")
+    if not (sep and head.startswith("spectrogram(") and tail.endswith("]")):
+        return None
+    try:
+        shape, *pairs = head[len("spectrogram(") :].split(",")
+        h, w = shape.split("x")
+        kv = dict(p.split("=", 1) for p in pairs)
+        spec = SpectrogramSpec(
+            int(h),
+            int(w),
+            int(kv["nperseg"]),
+            int(kv["hop"]),
+            float(kv["rate_hz"]),
+            int(kv["min_samples"]),
+            float(kv["offset_db"]),
+            float(kv["scale_db"]),
+        )
+        index = int(tail[:-1])
+    except (KeyError, ValueError):
+        return None
+    return (spec, index) if 0 <= index < spec.size and spec.stat(index) == stat else None
+
+
+def features_from_manifest(entries: Sequence[dict[str, Any]]) -> tuple[FeatureSpec, ...]:
+    """A manifest's ``features`` list as one :class:`FeatureSpec` per input column (a
+    spectrogram entry becomes its ``height × width`` columns). Raises ``ValueError`` naming the
+    entry (``features[3]``) when one is malformed."""
+    out: list[FeatureSpec] = []
+    for i, e in enumerate(entries):
+        try:
+            if e["stat"] == "spectrogram":
+                out.extend(SpectrogramSpec.from_manifest(e).columns(str(e["channel"])))
+            else:
+                out.append(FeatureSpec(str(e["channel"]), str(e["stat"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"features[{i}] ({e!r}): {err!r}") from None
+    return tuple(out)
+
+
+def features_to_manifest(features: Sequence[FeatureSpec]) -> list[dict[str, Any]]:
+    """The inverse of :func:`features_from_manifest`: one entry per column, one per
+    spectrogram image. Raises ``ValueError`` for an image whose columns are not complete and
+    in order."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(features):
+        f = features[i]
+        parsed = parse_spectrogram_stat(f.stat)
+        if parsed is None:
+            out.append({"channel": f.channel, "stat": f.stat})
+            i += 1
+            continue
+        spec = parsed[0]
+        if tuple(features[i : i + spec.size]) != spec.columns(f.channel):
+            raise ValueError(f"feature {i}: spectrogram columns of {f.channel} incomplete")
+        out.append(spec.manifest_entry(f.channel))
+        i += spec.size
+    return out
 
 
 class PolledDevice(Protocol):

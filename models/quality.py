@@ -31,6 +31,10 @@ raises inside the fault; delay = median seconds from the fault's start to the ra
 ``--normal-machines`` machines of another unseen seed (7998: machines 0, 1, … with their own
 programs, speeds and set points), as raises per machine per 8-hour shift.
 
+For a classifier (a manifest with ``classes``; its graph's second output holds the class
+probabilities) it also prints the confusion matrix of the scored windows inside the fault (and
+of the healthy twins over the same span): true class against the most probable class.
+
 Prints Markdown tables; ``--json`` writes the same figures.
 """
 
@@ -95,6 +99,9 @@ class Scorer:
         self.cols = [col[f] for f in bundle.features]
         self.cond = [(col[f], lo, hi) for f, lo, hi in bundle.condition]
         self.sess = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+        self.classes: list[str] = list(bundle.manifest.get("classes", ()))
+        #: a classifier's confusion matrix: true class -> windows per predicted class
+        self.confusion: dict[str, np.ndarray] = {}
 
     def scored(self, x: np.ndarray) -> np.ndarray:
         ok = np.all(np.isfinite(x[:, self.cols]), axis=1)
@@ -106,8 +113,17 @@ class Scorer:
         if not len(x):
             return np.zeros(0)
         xm = x[:, self.cols].astype(np.float32)
-        out = self.sess.run(None, {self.bundle.input_name: xm})[0]
+        out = self.sess.run([self.bundle.output_name], {self.bundle.input_name: xm})[0]
         return np.asarray(out, np.float64)
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        """A classifier's most probable class per row (its graph's second output holds the
+        class probabilities, manifest ``classes``)."""
+        if not len(x):
+            return np.zeros(0, np.intp)
+        xm = x[:, self.cols].astype(np.float32)
+        probs = self.sess.run([self.sess.get_outputs()[1].name], {self.bundle.input_name: xm})[0]
+        return np.asarray(np.argmax(probs, axis=1))
 
 
 def main() -> None:
@@ -165,6 +181,18 @@ def main() -> None:
                 raises = debounced_raises(t[m][after], s[after], sc.threshold, deb_k, deb_n)
                 hit = [r for r in raises if r <= AT_S + DURATION_S]
                 acc["delay"].append(hit[0] - AT_S if hit else float("nan"))
+                if sc.classes:
+                    # the twins are the same healthy runs for every kind: count them once
+                    first = kind == FAULT_KINDS[0]
+                    for true, pred in (
+                        ("healthy", sc.classify(x0[m0 & inside0]) if first else None),
+                        (kind, sc.classify(x[m & inside])),
+                    ):
+                        if pred is None:
+                            continue
+                        counts = np.bincount(pred, minlength=len(sc.classes))
+                        prev = sc.confusion.get(true, np.zeros(len(sc.classes), int))
+                        sc.confusion[true] = prev + counts
         nb_all, pb_all = np.vstack(neg_b), np.vstack(pos_b)
         aucs = [best_direction_auc(nb_all[:, j], pb_all[:, j]) for j in range(nb)]
         j = int(np.nanargmax(aucs))
@@ -234,8 +262,22 @@ def main() -> None:
                 f"{fa['per_machine_shift']:.2f} per machine per 8-hour shift "
                 f"({fa['undebounced_per_machine_shift']:.2f} without debounce)"
             )
+    for sc in scorers:
+        if sc.confusion:
+            print(f"\n`{sc.name}` confusion matrix (windows; rows: true, columns: predicted):\n")
+            print("| true \\ predicted | " + " | ".join(f"`{c}`" for c in sc.classes) + " |")
+            print("|---|" + "---:|" * len(sc.classes))
+            for true in ("healthy", *FAULT_KINDS):
+                if true in sc.confusion:
+                    cells = " | ".join(str(int(v)) for v in sc.confusion[true])
+                    print(f"| `{true}` | {cells} |")
     if args.json:
         out = {
+            "confusion": {
+                sc.name: {"classes": sc.classes, **{k: v.tolist() for k, v in sc.confusion.items()}}
+                for sc in scorers
+                if sc.confusion
+            },
             "rows": rows,
             "false_alarms": false_alarms,
             "debounce": [deb_k, deb_n],

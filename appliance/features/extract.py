@@ -27,6 +27,10 @@ defect's tone at the bearing's ball-pass frequency (e.g. ``order_frac:3.58``, th
 a typical spindle bearing) takes a few percent of the power there, where a healthy spindle has
 only noise.
 
+``spectrogram(…)[k]`` (one column per pixel of a :class:`~appliance.contracts.SpectrogramSpec`
+image; a manifest names the image once) is pixel *k* of the window's log-spectrogram image
+(:mod:`appliance.features.spectrogram`), computed once per image.
+
 A channel without a sample in the window gives NaN for all its features (the caller does not
 score such a window).
 """
@@ -34,11 +38,19 @@ score such a window).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
 
-from appliance.contracts import FeatureSpec, is_sample_feature_stat
+from appliance.contracts import (
+    FeatureSpec,
+    SpectrogramSpec,
+    features_to_manifest,
+    is_sample_feature_stat,
+    parse_spectrogram_stat,
+)
+from appliance.features.spectrogram import spectrogram_image
 
 F64 = npt.NDArray[np.float64]
 
@@ -48,10 +60,35 @@ ORDER_BW_HZ = 3.0
 
 
 def check_specs(features: Sequence[FeatureSpec]) -> None:
-    """Raise ``ValueError`` naming the first feature whose statistic is unknown."""
+    """Raise ``ValueError`` naming the first feature whose statistic is unknown (or a
+    spectrogram image whose columns are not all there, in order)."""
     for f in features:
         if not is_sample_feature_stat(f.stat):
             raise ValueError(f"feature {f.channel}:{f.stat}: unknown statistic {f.stat!r}")
+    features_to_manifest(features)
+
+
+@lru_cache(maxsize=64)
+def _image_spec(stat: str) -> SpectrogramSpec:
+    parsed = parse_spectrogram_stat(stat)
+    if parsed is None:
+        raise ValueError(f"not a spectrogram statistic: {stat!r}")
+    return parsed[0]
+
+
+def _images(features: Sequence[FeatureSpec]) -> list[tuple[int, str, SpectrogramSpec]]:
+    """(first column, channel, spec) of each spectrogram image among ``features``."""
+    out: list[tuple[int, str, SpectrogramSpec]] = []
+    i = 0
+    while i < len(features):
+        f = features[i]
+        if f.stat.startswith("spectrogram("):
+            spec = _image_spec(f.stat)
+            out.append((i, f.channel, spec))
+            i += spec.size
+        else:
+            i += 1
+    return out
 
 
 def _band(stat: str) -> tuple[float, float]:
@@ -191,7 +228,19 @@ def window_features(
         for c, stats in spectral_stats.items()
     }
     out = np.empty(len(features), dtype=np.float32)
+    images = _images(features)
+    in_image = np.zeros(len(features), dtype=bool)
+    for start, name, spec in images:
+        in_image[start : start + spec.size] = True
+        c = pos.get(name)
+        if c is None:
+            out[start : start + spec.size] = np.nan
+        else:
+            k, m = row[c], counts[row[c]]
+            out[start : start + spec.size] = spectrogram_image(tt[k, :m], xs[k, :m], spec).ravel()
     for i, f in enumerate(features):
+        if in_image[i]:
+            continue
         c = pos.get(f.channel)
         if c is None:
             out[i] = np.nan

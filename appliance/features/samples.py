@@ -132,7 +132,8 @@ class SampleFeatureBuilder:
                 why = (
                     f"device lacks channels the model needs: {', '.join(missing)}"
                     if missing
-                    else "a channel had no good sample in the window"
+                    else "a channel had no good sample in the window (or, for a spectrogram, "
+                    "too few samples or another sample rate than the model's)"
                 )
                 log.warning("machine %s: window not scored: %s", machine, why)
             return

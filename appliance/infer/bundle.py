@@ -6,7 +6,8 @@ Layout of a model directory (``models/<name>/``)::
                     golden_atol / golden_rtol (parity tolerances), fp16 (may TensorRT use FP16),
                     threshold (alert level of the score), condition (feature ranges outside
                     which a window is not scored); the contract is docs/models.md
-    model.onnx      the graph; input [N, F] float32, output [N] float32
+    model.onnx      the graph; input [N, F] float32, output [N] float32 (a graph may have
+                    further outputs, e.g. a classifier's per-class probabilities: not served)
     golden.npz      arrays ``inputs`` [G, F] and ``outputs`` [G] the engine must reproduce
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from appliance.contracts import FEATURE_STATS as STATS
-from appliance.contracts import FeatureSpec, is_sample_feature_stat
+from appliance.contracts import FeatureSpec, features_from_manifest, is_sample_feature_stat
 from appliance.errors import ModelError
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
@@ -92,7 +93,7 @@ def load_bundle(model: str) -> ModelBundle:
         raise ModelError(f"model {model!r}: unreadable manifest {manifest_path}: {err}") from None
     try:
         onnx_path = d / m["onnx"]
-        features = tuple(FeatureSpec(f["channel"], f["stat"]) for f in m["features"])
+        features = features_from_manifest(m["features"])  # a spectrogram: its pixel columns
         for f in features:
             if not is_sample_feature_stat(f.stat):
                 raise ModelError(f"{manifest_path}: feature {f.channel}: unknown stat {f.stat!r}")

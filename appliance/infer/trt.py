@@ -201,6 +201,9 @@ class TrtEngine(Engine):
                 f"{self.bundle.onnx_path}: graph I/O {names_in}→{names_out} does not match the "
                 f"manifest's {self.bundle.input_name}→{self.bundle.output_name}"
             )
+        for tensor in [network.get_output(i) for i in range(network.num_outputs)]:
+            if tensor.name != self.bundle.output_name:
+                network.unmark_output(tensor)  # not served (e.g. a classifier's class_probs)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_mb << 20)
         if key.precision == "fp16":

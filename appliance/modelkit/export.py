@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from appliance.contracts import FeatureSpec
+from appliance.contracts import FeatureSpec, features_to_manifest
 from appliance.errors import ModelError
 
 #: ONNX opset and IR version of every export: onnxruntime ≥ 1.17 and TensorRT 10.3 load both.
@@ -111,7 +111,7 @@ def write_bundle(
         "input": "features",
         "output": "score",
         "window_s": window_s,
-        "features": [{"channel": f.channel, "stat": f.stat} for f in features],
+        "features": features_to_manifest(features),
         "threshold": threshold,
         "golden": "golden.npz",
         "golden_atol": golden_atol,

@@ -124,6 +124,18 @@ def test_engine_is_built_once_then_loaded_from_the_cache(
     assert row["size"] == meta["size"] and row["model"] == "cnc_anomaly"
 
 
+def test_a_classifier_engine_is_built_with_only_its_served_output(
+    fake_trt: ModuleType, tmp_path: Path
+) -> None:
+    bundle = load_bundle("cnc_spectrogram")  # outputs score and class_probs
+    engine = make_engine(tmp_path, bundle, max_batch=64, opt_batch=8)
+    engine.start()  # builds, then passes the golden parity check
+    assert fake_trt.FAKE.builds[-1]["outputs"] == ["score"]
+    x = bundle.golden_inputs
+    np.testing.assert_allclose(engine.infer(x), cpu_scores(bundle, x), rtol=1e-5, atol=1e-6)
+    engine.close()
+
+
 def test_build_then_start_reuses_the_built_engine(fake_trt: ModuleType, tmp_path: Path) -> None:
     engine = make_engine(tmp_path, max_batch=64)
     engine.build()  # what the serving chain runs in a background thread

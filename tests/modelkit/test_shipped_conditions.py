@@ -15,7 +15,9 @@ from appliance.modelkit.export import condition_manifest
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-@pytest.mark.parametrize("name", ["cnc_condition", "cnc_autoencoder", "cnc_process"])
+@pytest.mark.parametrize(
+    "name", ["cnc_condition", "cnc_autoencoder", "cnc_process", "cnc_spectrogram"]
+)
 def test_the_shipped_condition_matches_the_export_script(name: str) -> None:
     script = importlib.import_module(f"models.{name}.export")
     manifest = json.loads((MODELS / name / "manifest.json").read_text(encoding="utf-8"))

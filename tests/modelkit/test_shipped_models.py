@@ -16,7 +16,9 @@ from appliance.modelkit.export import operator_check
 from appliance.simulate.dataset import simulate_frames
 
 
-@pytest.mark.parametrize("name", ["cnc_condition", "cnc_autoencoder", "cnc_process"])
+@pytest.mark.parametrize(
+    "name", ["cnc_condition", "cnc_autoencoder", "cnc_process", "cnc_spectrogram"]
+)
 def test_a_shipped_model_is_served_exactly_the_features_it_was_trained_on(name: str) -> None:
     b = load_bundle(name)
     assert b.needs_samples and b.condition
@@ -78,3 +80,27 @@ def test_cnc_process_serves_a_machine_without_the_vibration_waveform(tmp_path: P
     )
     served_models(cfg)  # raises ConfigError listing missing channels
     assert all(f.channel != "vibration_wave" for f in load_bundle("cnc_process").features)
+
+
+def test_the_spectrogram_classifier_names_its_image_once_and_its_classes() -> None:
+    import json
+
+    import onnxruntime as ort
+
+    b = load_bundle("cnc_spectrogram")
+    m = json.loads((b.directory / "manifest.json").read_text(encoding="utf-8"))
+    (entry,) = m["features"]
+    assert entry["stat"] == "spectrogram" and entry["channel"] == "vibration_wave"
+    h, w = entry["shape"]
+    assert b.n_features == h * w == b.golden_inputs.shape[1]
+    assert m["classes"][0] == "healthy" and "bearing_defect" in m["classes"]
+    assert b.onnx_path.stat().st_size < 1 << 20
+    sess = ort.InferenceSession(str(b.onnx_path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["score", "class_probs"]
+    score, probs = sess.run(None, {b.input_name: b.golden_inputs})
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    p_ref = m["training"]["p_ref"]
+    np.testing.assert_allclose(score, (1.0 - probs[:, 0]) / p_ref, rtol=1e-4, atol=1e-5)
+    # golden rows 8-15 are windows inside a bearing defect (export.py)
+    assert (np.argmax(probs[8:], axis=1) == m["classes"].index("bearing_defect")).mean() >= 0.75
+    assert (np.argmax(probs[:8], axis=1) == 0).all()

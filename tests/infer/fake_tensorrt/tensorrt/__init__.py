@@ -91,6 +91,9 @@ class INetworkDefinition:
     def get_output(self, i: int) -> _Tensor:
         return self.outputs[i]
 
+    def unmark_output(self, tensor: _Tensor) -> None:
+        self.outputs = [t for t in self.outputs if t.name != tensor.name]
+
 
 def _dims(shape: Any) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else -1 for d in shape)
