@@ -29,15 +29,11 @@ from appliance.downlink.base import Handler
 from appliance.downlink.channel import CommandChannel
 from appliance.downlink.store import DedupStore
 from appliance.runtime import Appliance
+from appliance.runtime.supervisor import state_dir
 
 log = logging.getLogger(__name__)
 
 DEDUP_FILE = "downlink.sqlite"
-
-
-def state_dir_of(cfg: Config) -> Path:
-    """The appliance's state directory: the outbox's folder."""
-    return Path(cfg.outbox.path).parent
 
 
 class DownlinkRunner:
@@ -59,7 +55,7 @@ class DownlinkRunner:
             handlers = COMMANDS
         self._cfg = cfg
         self._config_path = Path(config_path).resolve() if config_path is not None else None
-        self._state_dir = state_dir_of(cfg)
+        self._state_dir = state_dir(cfg)
         self._app = Appliance(cfg)
         self.channel: CommandChannel | None = None
         if cfg.downlink.enabled:

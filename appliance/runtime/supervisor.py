@@ -52,9 +52,7 @@ log = logging.getLogger(__name__)
 
 def state_dir(cfg: Config) -> Path:
     """The appliance's state directory: the folder of the outbox file (released models,
-    ``<state_dir>/models/``, docs/models.md); the same folder as the command channel's
-    ``appliance.downlink.runner.state_dir_of``, which cannot be imported here (it imports this
-    module)."""
+    ``<state_dir>/models/``, docs/models.md; the command channel's request-id store)."""
     return Path(cfg.outbox.path).parent
 
 
