@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sqlite3
@@ -181,6 +182,7 @@ class Appliance:
         self._append_failing = False
         self._pending_appends: list[Envelope] = []
         self._store_task: asyncio.Task[None] | None = None
+        self._froze_gc = False
         self.started_at = 0.0
         self._started = False
         self._stopped = False
@@ -366,6 +368,13 @@ class Appliance:
                 m.engine.backend,
                 m.engine.summary(),
             )
+        # What start built (modules, config, engines, buffers) lives as long as the process:
+        # collected once, then moved out of the cyclic collector's generations, so that a full
+        # collection scans only what the pipeline allocates since. At 100 devices x 50 registers
+        # a full collection held the loop 50-60 ms of CPU (every ~7 s: overruns); now ~4-13 ms.
+        gc.collect()
+        gc.freeze()
+        self._froze_gc = True
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
@@ -404,6 +413,9 @@ class Appliance:
         self.outbox.close()
         self.alerts.close()
         await self.notifier.close()
+        if self._froze_gc:  # what start froze may be garbage now (tests run many appliances)
+            self._froze_gc = False
+            gc.unfreeze()
         log.info("appliance stopped")
 
     async def run_until_signal(self, duration_s: float | None = None) -> None:
