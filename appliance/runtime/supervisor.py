@@ -369,10 +369,11 @@ class Appliance:
                 m.engine.summary(),
             )
         # What start built (modules, config, engines, buffers) lives as long as the process:
-        # collected once, then moved out of the cyclic collector's generations, so that a full
-        # collection scans only what the pipeline allocates since. At 100 devices x 50 registers
-        # a full collection held the loop 50-60 ms of CPU (every ~7 s: overruns); now ~4-13 ms.
-        gc.collect()
+        # moved out of the cyclic collector's generations, so that a full collection scans only
+        # what the pipeline allocates since. At 100 devices x 50 registers a full collection
+        # held the loop 50-60 ms of CPU (every ~7 s: overruns); now ~4-13 ms. No collection
+        # first: it would run the finalizers of whatever garbage the process holds (a test's
+        # unclosed socket) inside start; what is frozen is unfrozen at stop.
         gc.freeze()
         self._froze_gc = True
         await self.acquisition.start()
