@@ -330,6 +330,44 @@ class _Batch(NamedTuple):
     gen: int  # the file generation they were numbered for
 
 
+class _Statements(NamedTuple):
+    """A batch as a few multi-row statements for the writer thread."""
+
+    steps: list[tuple[str, list[Any]]]
+    gen: int
+
+
+#: Rows per multi-row statement of the writer thread (x 8 parameters: far below SQLite's limit
+#: of 32766); the statements of every size up to it stay in the connection's statement cache.
+_ROWS_PER_STATEMENT = 64
+_INSERT_ROWS = (
+    "INSERT INTO records (id, stream, seq, topic, priority, payload, created, crc) VALUES "
+)
+_UPSERT_TAIL = " ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq"
+
+
+def _multirow_statements(batch: _Batch) -> _Statements:
+    """The batch's INSERTs (with each payload's CRC32 computed here, as ``crc32(payload)`` does
+    in :data:`~appliance.outbox.layout.INSERT`) and stream upserts as multi-row statements."""
+    steps: list[tuple[str, list[Any]]] = []
+    crc32 = zlib.crc32
+    rows = batch.rows
+    for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[i : i + _ROWS_PER_STATEMENT]
+        params: list[Any] = []
+        for r in chunk:
+            params.extend(r)
+            params.append(crc32(r.payload))
+        steps.append((_INSERT_ROWS + ",".join(["(?,?,?,?,?,?,?,?)"] * len(chunk)), params))
+    seqs = list(batch.seqs.items())
+    for i in range(0, len(seqs), _ROWS_PER_STATEMENT):
+        chunk_s = seqs[i : i + _ROWS_PER_STATEMENT]
+        params = [v for pair in chunk_s for v in pair]
+        sql = "INSERT INTO streams (stream, seq) VALUES " + ",".join(["(?,?)"] * len(chunk_s))
+        steps.append((sql + _UPSERT_TAIL, params))
+    return _Statements(steps, batch.gen)
+
+
 class SqliteOutbox(DiskBudget):
     """Durable, ordered, budgeted store of outgoing messages (see the module docstring).
 
@@ -752,31 +790,38 @@ class SqliteOutbox(DiskBudget):
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
+        statements = _multirow_statements(batch)  # built on the loop: the thread runs C only
         try:
-            done = await loop.run_in_executor(self._writer, self._write_in_thread, batch)
+            done = await loop.run_in_executor(self._writer, self._write_in_thread, statements)
         except sqlite3.Error as err:
             log.debug("outbox %s: writer thread failed (%s), appending on the loop", self.path, err)
             done = False
-        if not done or batch.gen != self._file_gen:
+        if not done or statements.gen != self._file_gen:
             return self.append(envelopes)
         self._fits_again()
         return self._stored(batch, Freed({}))
 
-    def _write_in_thread(self, batch: _Batch) -> bool:
-        """In the writer thread: insert ``batch`` and commit; False (rolled back) when it would
-        take the database over its budget or the file was replaced since it was prepared."""
-        if batch.gen != self._file_gen:
+    def _write_in_thread(self, statements: _Statements) -> bool:
+        """In the writer thread: run the batch's inserts and commit; False (rolled back) when it
+        would take the database over its budget or the file was replaced since it was prepared.
+
+        Few statements, each over many rows: the sqlite3 module releases the GIL around every
+        step and takes it back after, so ``executemany`` of 100 rows (and a Python ``crc32``
+        called per row) would hand the GIL back and forth with the event loop 100-200 times
+        per commit."""
+        gen = statements.gen
+        if gen != self._file_gen:
             return False
         db = self._writer_db
-        if db is None or self._writer_gen != batch.gen:
+        if db is None or self._writer_gen != gen:
             self._close_writer_db()
             db = sqlite3.connect(self.path, isolation_level=None)
             self._configure(db)
-            self._writer_db, self._writer_gen = db, batch.gen
+            self._writer_db, self._writer_gen = db, gen
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(INSERT, batch.rows)
-            db.executemany(_UPSERT_STREAM, batch.seqs.items())
+            for sql, params in statements.steps:
+                db.execute(sql, params)
             if self._used_bytes(db) > self.disk_budget_bytes:
                 db.execute("ROLLBACK")
                 return False

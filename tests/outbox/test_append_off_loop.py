@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def test_off_loop_and_loop_appends_share_one_sequence_per_stream_across_a_reopen
 
     async def scenario() -> None:
         await box.append_off_loop([telemetry("m1", 1.0), telemetry("m1", 2.0)])
+        await box.append_off_loop([telemetry(f"m{i}", 1.0) for i in range(2, 150)])  # 3 INSERTs
         box.append([telemetry("m1", 3.0)])
         await box.append_off_loop([telemetry("m1", 4.0)])
 
@@ -84,9 +86,12 @@ def test_off_loop_and_loop_appends_share_one_sequence_per_stream_across_a_reopen
     box.close()
     again = SqliteOutbox(path, appliance_id=APP)
     again.open()
-    assert [r.seq for r in again.take(100)] == [1, 2, 3, 4]
+    assert [r.seq for r in again.take(1000) if r.stream == "telemetry/m1"] == [1, 2, 3, 4]
+    assert again.pending == 152 and len(again.take(1000)) == 152  # every CRC32 checked by take
+    crcs = again._conn.execute("SELECT crc, payload FROM records").fetchall()
+    assert len(crcs) == 152 and all(crc == zlib.crc32(payload) for crc, payload in crcs)
     again.append([telemetry("m1", 5.0)])
-    assert [r.seq for r in again.take(100)][-1] == 5
+    assert [r.seq for r in again.take(1000) if r.stream == "telemetry/m1"][-1] == 5
     again.close()
 
 
