@@ -261,11 +261,9 @@ class DevicePoller(LinkTask):
         6; ``bus`` (RTU): the shared bus's counters (:meth:`RtuBus.stats`).
         """
         jitter = np.fromiter(self._jitter, dtype=np.float64, count=len(self._jitter))
-        p50, p99 = (
-            (float(np.percentile(jitter, 50)), float(np.percentile(jitter, 99)))
-            if len(jitter)
-            else (0.0, 0.0)
-        )
+        p50, p99 = 0.0, 0.0
+        if len(jitter):  # one call for both: 137 -> 68 us per device (issue 11)
+            p50, p99 = (float(p) for p in np.percentile(jitter, [50.0, 99.0]))
         out: dict[str, Any] = {
             "device": self.name,
             "state": self._state,
