@@ -14,7 +14,9 @@ named after the model's channels, every window scored, as the ``hotpath`` scenar
 
 Prints the appliance's CPU (% of one core, all threads), the poll jitter from its own stats,
 the number of callbacks over the threshold and over 5 ms, the collections per generation, and
-the callbacks over the threshold grouped by name (count, p50, max). ``--cprofile`` adds a
+the callbacks over the threshold grouped by name (count, p50, max). ``--wall-ms`` also lists
+the callbacks that held the loop longer than that in wall time, with their CPU (much wall and
+little CPU: the thread was descheduled or waited for the GIL or a lock). ``--cprofile`` adds a
 cProfile of everything the loop ran (slower: the figures above then include its overhead).
 """
 
@@ -61,6 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--threshold-ms", type=float, default=2.0)
     p.add_argument("--profile", choices=("hotpath", "cnc-sim"), default="hotpath")
+    p.add_argument(
+        "--wall-ms",
+        type=float,
+        default=0.0,
+        help="also list callbacks that held the loop longer than this in wall time, with "
+        "their CPU (0: off)",
+    )
     p.add_argument("--cprofile", action="store_true")
     args = p.parse_args(argv)
 
@@ -69,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     measuring = [False]
     prof = cProfile.Profile() if args.cprofile else None
     threshold_s = args.threshold_ms / 1000.0
+    wall_s = args.wall_ms / 1000.0
+    held: list[tuple[float, float, str]] = []
     run = asyncio.events.Handle._run
 
     def timed_run(self: asyncio.events.Handle) -> None:
@@ -76,14 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(self)
             return
         t = time.thread_time()
+        w = time.perf_counter()
         if prof is not None:
             prof.enable()
         run(self)
         if prof is not None:
             prof.disable()
         spent = time.thread_time() - t
+        wall = time.perf_counter() - w
         if spent > threshold_s:
             slow[callback_name(self)].append(spent * 1000.0)
+        if wall_s and wall > wall_s:
+            held.append((wall * 1000.0, spent * 1000.0, callback_name(self)))
 
     gc_started = [0.0]
 
@@ -142,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spent.sort()
         p50 = spent[len(spent) // 2]
         print(f"{len(spent):5d} x p50 {p50:6.1f} ms max {spent[-1]:6.1f} ms  {name}")
+    if wall_s:
+        print(f"loop held over {args.wall_ms:g} ms of wall time: {len(held)}")
+        for wall_ms, cpu_ms, name in sorted(held, reverse=True)[:15]:
+            print(f"  {wall_ms:6.1f} ms wall, {cpu_ms:6.1f} ms CPU  {name}")
     if prof is not None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     return 0
