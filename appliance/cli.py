@@ -95,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     setup_logging(args.log_level or cfg.appliance.log_level)
-    app = Appliance(cfg)
+    app = Appliance(cfg, freeze_gc=True)
     try:
         asyncio.run(app.run_until_signal(args.duration))
     finally:

@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path = rig.write_config(10.0, 100, str(hotpath_profile(Path(tmp))), HOTPATH_RULES)
             else:
                 path = rig.write_config(10.0, 100)
-            app = Appliance(load_config(path))
+            app = Appliance(load_config(path), freeze_gc=True)  # as `appliance run` does
 
             async def go() -> tuple[float, dict[str, Any]]:
                 await app.start()

@@ -114,10 +114,17 @@ class _Model:
 
 
 class Appliance:
-    """The whole pipeline. Construction does no I/O; ``start()`` acquires everything."""
+    """The whole pipeline. Construction does no I/O; ``start()`` acquires everything.
 
-    def __init__(self, cfg: Config) -> None:
+    ``freeze_gc`` (``appliance run`` sets it): ``start()`` moves everything the process holds by
+    then out of the cyclic garbage collector's generations (``gc.freeze()``, undone by
+    ``stop()``). Off by default, because it is process-wide: in a process that runs several
+    appliances one after the other (the test suite), garbage frozen while one runs is only
+    collected after its stop, inside whatever runs next."""
+
+    def __init__(self, cfg: Config, *, freeze_gc: bool = False) -> None:
         self.cfg = cfg
+        self.freeze_gc = freeze_gc
         aid = cfg.appliance.id
         prefix = cfg.mqtt.topic_prefix
         served = served_models(cfg)
@@ -374,8 +381,9 @@ class Appliance:
         # held the loop 50-60 ms of CPU (every ~7 s: overruns); now ~4-13 ms. No collection
         # first: it would run the finalizers of whatever garbage the process holds (a test's
         # unclosed socket) inside start; what is frozen is unfrozen at stop.
-        gc.freeze()
-        self._froze_gc = True
+        if self.freeze_gc:
+            gc.freeze()
+            self._froze_gc = True
         await self.acquisition.start()
         self.health.start()
         log.info("appliance %s running", self.cfg.appliance.id)
