@@ -99,5 +99,6 @@ def test_the_health_line_reads_the_same_counts_as_stats_without_computing_them(
     poller.polls, poller.errors, poller.overruns = 12, 3, 2
     app.windows.windows_closed = 5
     assert HealthLog(1, app.health_stats).line() == HealthLog(1, app.stats).line()
-    assert HealthLog(1, app.health_stats).line().startswith("health: 12 polls, 3 errors, 2 overruns")
+    line = HealthLog(1, app.health_stats).line()
+    assert line.startswith("health: 12 polls, 3 errors, 2 overruns")
     app.outbox.close()
