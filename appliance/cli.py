@@ -104,9 +104,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if cfg.downlink.enabled:  # the command channel outlives the pipeline (config.apply)
         from appliance.downlink.runner import DownlinkRunner
 
-        app: Appliance | DownlinkRunner = DownlinkRunner(cfg, args.config)
+        app: Appliance | DownlinkRunner = DownlinkRunner(cfg, args.config, freeze_gc=True)
     else:
-        app = Appliance(cfg)
+        app = Appliance(cfg, freeze_gc=True)
     try:
         asyncio.run(app.run_until_signal(args.duration))
     finally:

@@ -50,7 +50,7 @@ from benchmarks.procs import (
     stop_proc,
 )
 
-SCENARIOS = ("ingest", "bandwidth", "alert", "outage", "crash", "inference")
+SCENARIOS = ("ingest", "bandwidth", "alert", "outage", "crash", "inference", "hotpath")
 DEFAULT_SET = ("ingest", "alert", "outage", "crash", "inference")
 PREFIX = "edge"
 APPLIANCE_ID = "bench-cell"
@@ -78,6 +78,9 @@ class Scale:
     max_inflight: int = 100
     inference_seconds: float = 0.3
     inference_batches: tuple[int, ...] = (1, 32, 256)
+    hotpath_machines: int = 100
+    hotpath_s: float = 30.0
+    hotpath_warmup_s: float = 5.0
 
 
 SCALES = {
@@ -98,6 +101,9 @@ SCALES = {
         crash_gap_s=(1.5, 2.5),
         inference_seconds=0.05,
         inference_batches=(1, 32),
+        hotpath_machines=3,
+        hotpath_s=3.0,
+        hotpath_warmup_s=1.5,
     ),
     "large": Scale(
         ingest_machines=100,
@@ -290,10 +296,14 @@ class Rig:
         stop_proc(self.cell)
         self.broker.stop()
 
-    def write_config(self, rate_hz: float, max_inflight: int) -> Path:
+    def write_config(
+        self, rate_hz: float, max_inflight: int, profile: str | None = None, rules: str = ""
+    ) -> Path:
+        """The appliance's config; ``profile`` (a profile name or .toml path) and ``rules``
+        replace the rig's profile and its threshold rules in the devices' entries."""
         devices = "\n".join(
             DEVICE_TEMPLATE.format(
-                n=i + 1, port=port, profile=self.profile, interval_ms=1000.0 / rate_hz
+                n=i + 1, port=port, profile=profile or self.profile, interval_ms=1000.0 / rate_hz
             )
             for i, port in enumerate(self.ports)
         )
@@ -304,7 +314,7 @@ class Rig:
             mqtt_port=self.mqtt_port,
             prefix=PREFIX,
             max_inflight=max_inflight,
-            channel_rules=CHANNEL_RULES[self.profile],
+            channel_rules=rules or CHANNEL_RULES[self.profile],
         )
         path = self.workdir / f"appliance{self.tag}.toml"
         path.write_text(text)
@@ -364,8 +374,10 @@ class Measured:
         return [pair for log in self.logs for pair in log.backlog]
 
 
-def appliance_proc(rig: Rig, rate_hz: float, max_inflight: int) -> Measured:
-    cfg = rig.write_config(rate_hz, max_inflight)
+def appliance_proc(
+    rig: Rig, rate_hz: float, max_inflight: int, profile: str | None = None, rules: str = ""
+) -> Measured:
+    cfg = rig.write_config(rate_hz, max_inflight, profile, rules)
     stats = rig.workdir / f"stats{rig.tag}.json"
     argv = ["-m", "appliance", "run", "-c", str(cfg), "--stats-json", str(stats)]
     m = Measured(argv + ["--log-level", "info"], stats)
@@ -748,6 +760,141 @@ def scenario_inference(scale: Scale, progress: Progress) -> dict[str, Any]:
     return {"absent": {n: why for n, why in avail.items() if why}, "rows": rows}
 
 
+#: Issue 11's targets for the ``hotpath`` scenario (100 machines × 50 registers at 10 Hz, the
+#: whole appliance with the durable outbox, ``synchronous = FULL``, on one core).
+HOTPATH_TARGETS = {
+    "cpu_us_per_value_max": 20.0,
+    "peak_rss_mib_max": 150.0,
+    "poll_jitter_ms_p99_max": 5.0,
+    "overruns_max": 0,
+}
+
+
+#: The model channels the ``hotpath`` scenario gives the first registers of its bench-50
+#: machines, so that every window is scored by the shipped ``cnc_anomaly`` model.
+HOTPATH_MODEL_CHANNELS = (
+    "spindle_speed",
+    "spindle_load",
+    "axis_load_x",
+    "axis_load_y",
+    "axis_load_z",
+    "spindle_temp",
+    "coolant_temp",
+    "vibration_rms",
+)
+
+HOTPATH_RULES = """\
+[[alerts.rules]]
+name = "r10_high"
+channel = "r10"
+above = 65000.0
+clear_below = 60000.0
+severity = "warning"
+"""
+
+
+def hotpath_profile(workdir: Path) -> Path:
+    """The bench-50 register map (50 contiguous uint16 holding registers, one read per poll)
+    with the first registers named after the model's channels: ``hotpath-50.toml``."""
+    lines = ['description = "bench-50 with the cnc_anomaly channels first (appliance bench)"']
+    for i in range(50):
+        name = HOTPATH_MODEL_CHANNELS[i] if i < len(HOTPATH_MODEL_CHANNELS) else f"r{i:02d}"
+        lines += ["", "[[registers]]", f'name = "{name}"', 'table = "holding"']
+        lines += [f"address = {i}", 'type = "uint16"']
+    path = workdir / "hotpath-50.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def scenario_hotpath(scale: Scale, workdir: Path, seed: int, progress: Progress) -> dict[str, Any]:
+    """Issue 11: the whole appliance (windows, model scoring, telemetry, alerts, the outbox with
+    ``synchronous = FULL``) at ``hotpath_machines`` × 50 registers at 10 Hz against the bench-50
+    servers (``benchmarks/acquisition.py --serve``) in their own process; no baseline. The
+    machines' first registers carry the model's channel names (:func:`hotpath_profile`), so
+    every window is scored (the servers' registers are constant: the scores mean nothing, the
+    work is the real one); a threshold rule watches ``r10``. CPU from /proc over the measured
+    window; poll jitter and overruns from the appliance's own counters (``--stats-json``: each
+    device's last :data:`~appliance.acquire.poller.JITTER_WINDOW` polls, warm-up included when
+    the run is shorter; overruns also from the health lines inside the measured window); loss
+    and duplicates from what the subscriber received."""
+    machines, rate = scale.hotpath_machines, 10.0
+    with Rig(workdir, machines, seed, "bench-50", tag="-hotpath") as rig:
+        m = appliance_proc(
+            rig, rate, scale.max_inflight, str(hotpath_profile(workdir)), HOTPATH_RULES
+        )
+        m.start()
+        assert m.proc is not None and m.log is not None
+        progress.wait(scale.hotpath_warmup_s, "hotpath: warm-up")
+        m.check()
+        load_a = os.getloadavg()[0]
+        t_a, cpu_a = time.monotonic(), proc_cpu_s(m.proc.pid) or 0.0
+        progress.wait(
+            scale.hotpath_s,
+            f"hotpath: {machines} machines at {rate:g} Hz",
+            lambda: f"{len(rig.received())} messages",
+        )
+        t_b, cpu_b = time.monotonic(), proc_cpu_s(m.proc.pid) or 0.0
+        load_b = os.getloadavg()[0]
+        polls = [n for t, n in m.log.polls if t_a < t <= t_b]
+        overruns_window = sum(n for t, n in m.log.overruns if t_a < t <= t_b)
+        covered = [t for t, _ in m.log.polls if t_a < t <= t_b]
+        stats = m.stop()
+        time.sleep(0.5)
+        got = [r for r in rig.received() if r.kind != "status"]
+    n_values = values_per_poll("bench-50")
+    elapsed = t_b - t_a
+    # polls per second from the health lines inside the window (each counts since the previous)
+    span = covered[-1] - covered[0] if len(covered) > 1 else 0.0
+    values_per_s = sum(polls[1:]) * n_values / span if span else 0.0
+    cpu_pct = 100 * (cpu_b - cpu_a) / elapsed if elapsed else 0.0
+    cpu_us = 1e4 * cpu_pct / values_per_s if values_per_s else None
+    devices = [d for d in stats.get("acquisition", []) if d.get("jitter_ms_p99") is not None]
+    p50 = [float(d["jitter_ms_p50"]) for d in devices]
+    p99 = [float(d["jitter_ms_p99"]) for d in devices]
+    jmax = [float(d.get("jitter_ms_max", d["jitter_ms_p99"])) for d in devices]
+    overruns_run = sum(int(d.get("overruns", 0)) for d in stats.get("acquisition", []))
+    counts = loss_and_duplicates(got)
+    out: dict[str, Any] = {
+        "machines": machines,
+        "profile": "bench-50 (first 8 registers named after the model's channels)",
+        "values_per_poll": n_values,
+        "rate_hz": rate,
+        "seconds": elapsed,
+        "loadavg_1min": [load_a, load_b],
+        "values_per_s": values_per_s,
+        "configured_values_per_s": machines * n_values * rate,
+        "cpu_pct_of_one_core": cpu_pct,
+        "cpu_us_per_value": cpu_us,
+        "peak_rss_mib": m.sampler.peak_rss_mib,
+        "poll_jitter_ms_p50_median_device": percentile(p50, 0.5),
+        "poll_jitter_ms_p50_worst_device": max(p50, default=None),
+        "poll_jitter_ms_p99_median_device": percentile(p99, 0.5),
+        "poll_jitter_ms_p99_worst_device": max(p99, default=None),
+        "poll_jitter_ms_max": max(jmax, default=None),
+        "overruns_in_window": overruns_window,
+        "overruns_whole_run": overruns_run,
+        "windows_closed": stats.get("windows_closed"),
+        "feature_rows": stats.get("feature_rows"),
+        "incomplete_windows": stats.get("incomplete_windows"),
+        "alerts": (stats.get("alerts") or {}).get("raised"),
+        "telemetry_messages": stats.get("telemetry_messages"),
+        "outbox": stats.get("outbox"),
+        "messages_received": len(got),
+        **counts,
+        "targets": HOTPATH_TARGETS,
+        "cpu_rss_series": _cpu_series(m),
+    }
+    t = HOTPATH_TARGETS
+    out["met"] = {
+        "cpu_us_per_value": cpu_us is not None and cpu_us <= t["cpu_us_per_value_max"],
+        "peak_rss_mib": out["peak_rss_mib"] <= t["peak_rss_mib_max"],
+        "poll_jitter_ms_p99": bool(p99) and max(p99) <= t["poll_jitter_ms_p99_max"],
+        "overruns": overruns_window <= t["overruns_max"],
+        "nothing_lost": counts["lost"] == 0,
+    }
+    return out
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -872,6 +1019,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sc["crash"] = scenario_crash(scale, workdir, args.seed, progress)
             elif name == "inference":
                 sc["inference"] = scenario_inference(scale, progress)
+            elif name == "hotpath":
+                sc["hotpath"] = scenario_hotpath(scale, workdir, args.seed, progress)
             sc.setdefault(name, {})["wall_s"] = time.monotonic() - t
     results["wall_s"] = time.monotonic() - started
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())

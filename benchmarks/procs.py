@@ -127,14 +127,18 @@ class Sampler:
 
 class LogReader:
     """Reads a child's stderr in a thread: keeps the tail, and every ``outbox pending N`` of the
-    appliance's health line with the time it arrived (``backlog``: (t monotonic, N))."""
+    appliance's health line with the time it arrived (``backlog``: (t monotonic, N)), and the
+    line's polls and overruns (``polls``, ``overruns``: (t monotonic, count since the last
+    line))."""
 
     HEALTH = re.compile(r"health: (\d+) polls.*outbox pending (\d+)")
+    OVERRUNS = re.compile(r"(\d+) overruns")
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.tail: list[str] = []
         self.backlog: list[tuple[float, int]] = []
         self.polls: list[tuple[float, int]] = []
+        self.overruns: list[tuple[float, int]] = []
         self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -147,6 +151,8 @@ class LogReader:
                 now = time.monotonic()
                 self.polls.append((now, int(m.group(1))))
                 self.backlog.append((now, int(m.group(2))))
+                o = self.OVERRUNS.search(line)
+                self.overruns.append((now, int(o.group(1)) if o else 0))
 
 
 def spawn(args: list[str], **kw: Any) -> subprocess.Popen[bytes]:

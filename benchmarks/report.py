@@ -180,6 +180,39 @@ def markdown(r: dict[str, Any], plots: list[str]) -> str:
             )
         for name, why in inf["absent"].items():
             lines.append(f"\n{name}: absent ({why})")
+    if "hotpath" in sc:
+        h = sc["hotpath"]
+        t, met = h["targets"], h["met"]
+
+        def ok(key: str) -> str:
+            return "met" if met[key] else "**not met**"
+
+        lines += [
+            "",
+            f"## Hot path (issue 11): {h['machines']} machines × {h['values_per_poll']} registers "
+            f"at {h['rate_hz']:g} Hz, the whole appliance, outbox `synchronous = FULL`",
+            "",
+            f"Measured {h['seconds']:.0f} s; 1-minute load average "
+            f"{h['loadavg_1min'][0]:.2f} → {h['loadavg_1min'][1]:.2f}.",
+            "",
+            "| figure | measured | target | |",
+            "|---|---:|---:|---|",
+            f"| values/s | {_f(h['values_per_s'])} | {_f(h['configured_values_per_s'])} | |",
+            f"| CPU µs per value (% of one core) | {_f(h['cpu_us_per_value'])} "
+            f"({_f(h['cpu_pct_of_one_core'])} %) | ≤ {t['cpu_us_per_value_max']:g} | "
+            f"{ok('cpu_us_per_value')} |",
+            f"| peak RSS MiB | {_f(h['peak_rss_mib'])} | ≤ {t['peak_rss_mib_max']:g} | "
+            f"{ok('peak_rss_mib')} |",
+            "| poll jitter p50 / p99 ms (worst device) | "
+            f"{_f(h['poll_jitter_ms_p50_worst_device'])} / "
+            f"{_f(h['poll_jitter_ms_p99_worst_device'])} | p99 ≤ "
+            f"{t['poll_jitter_ms_p99_max']:g} | {ok('poll_jitter_ms_p99')} |",
+            f"| poll jitter p99 ms (median device); max ms | "
+            f"{_f(h['poll_jitter_ms_p99_median_device'])}; {_f(h['poll_jitter_ms_max'])} | | |",
+            f"| overruns in the measured window (whole run) | {h['overruns_in_window']} "
+            f"({h['overruns_whole_run']}) | {t['overruns_max']} | {ok('overruns')} |",
+            f"| lost / duplicates | {h['lost']} / {h['duplicates']} | 0 | {ok('nothing_lost')} |",
+        ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -249,11 +249,11 @@ class DevicePoller(LinkTask):
         ``errors``: transport failures (connects and polls); ``reconnects``: reconnect attempts;
         ``exception_responses``: requests the device refused or garbled; ``overruns``: skipped
         deadlines; ``stale_values``/``bad_values``: values sent STALE/BAD; ``last_jitter_ms``:
-        how late the last poll started; ``jitter_ms_p50``/``jitter_ms_p99``: over the last
-        :data:`JITTER_WINDOW` polls; ``jitter_ms_histogram``: every poll since construction,
-        per bucket of :data:`JITTER_BUCKETS_MS` (``counts`` has one more entry, above the last
-        bound; not cumulative) and the ``sum`` in ms; ``last_poll_ts``: epoch seconds of the last
-        poll;
+        how late the last poll started; ``jitter_ms_p50``/``jitter_ms_p99``/``jitter_ms_max``:
+        over the last :data:`JITTER_WINDOW` polls; ``jitter_ms_histogram``: every poll since
+        construction, per bucket of :data:`JITTER_BUCKETS_MS` (``counts`` has one more entry,
+        above the last bound; not cumulative) and the ``sum`` in ms; ``last_poll_ts``: epoch
+        seconds of the last poll;
         ``phase_ms``: each group's grid phase; ``waveform``: the waveform reader's counters
         (:meth:`WaveformPoller.stats`, only for devices with a ``waveform`` table);
         ``strings``: string registers read at connect (text, not channels); ``frame_errors``
@@ -261,11 +261,9 @@ class DevicePoller(LinkTask):
         6; ``bus`` (RTU): the shared bus's counters (:meth:`RtuBus.stats`).
         """
         jitter = np.fromiter(self._jitter, dtype=np.float64, count=len(self._jitter))
-        p50, p99 = (
-            (float(np.percentile(jitter, 50)), float(np.percentile(jitter, 99)))
-            if len(jitter)
-            else (0.0, 0.0)
-        )
+        p50, p99 = 0.0, 0.0
+        if len(jitter):  # one call for both: 137 -> 68 us per device (issue 11)
+            p50, p99 = (float(p) for p in np.percentile(jitter, [50.0, 99.0]))
         out: dict[str, Any] = {
             "device": self.name,
             "state": self._state,
@@ -279,6 +277,7 @@ class DevicePoller(LinkTask):
             "last_jitter_ms": self.last_jitter_ms,
             "jitter_ms_p50": p50,
             "jitter_ms_p99": p99,
+            "jitter_ms_max": float(jitter.max()) if len(jitter) else 0.0,
             "jitter_ms_histogram": {
                 "le": list(JITTER_BUCKETS_MS),
                 "counts": list(self._jitter_counts),

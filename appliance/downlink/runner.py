@@ -48,6 +48,7 @@ class DownlinkRunner:
         config_path: str | Path | None = None,
         *,
         handlers: Mapping[str, Handler] | None = None,
+        freeze_gc: bool = False,
     ) -> None:
         if handlers is None:
             from appliance.downlink.registry import COMMANDS
@@ -56,7 +57,8 @@ class DownlinkRunner:
         self._cfg = cfg
         self._config_path = Path(config_path).resolve() if config_path is not None else None
         self._state_dir = state_dir(cfg)
-        self._app = Appliance(cfg)
+        self._freeze_gc = freeze_gc  # passed to every pipeline it builds (Appliance)
+        self._app = Appliance(cfg, freeze_gc=freeze_gc)
         self.channel: CommandChannel | None = None
         if cfg.downlink.enabled:
             store = DedupStore(self._state_dir / DEDUP_FILE, cfg.downlink.dedup_keep)
@@ -149,7 +151,7 @@ class DownlinkRunner:
             log.exception("downlink: stopping the running pipeline failed; starting the next")
         self.restarts += 1
         try:
-            app = Appliance(cfg)
+            app = Appliance(cfg, freeze_gc=self._freeze_gc)
         except Exception as err:  # noqa: BLE001 - reported to the caller, who rolls back
             return [f"cannot build the pipeline: {type(err).__name__}: {err}"]
         app.downlink_stats = self.downlink_stats

@@ -179,13 +179,22 @@ full disk deletes delivered records first as well. With ``keep_delivered_s`` 0 t
 created (and one left by an earlier configuration is dropped at ``open``), and ``settle`` is
 unchanged. The table is optional in the format (``user_version`` stays 2).
 
-Threading: one process, one connection, used from the thread that called ``open()`` (the event
-loop). The outbox caches the next id and per-stream sequence numbers, so it must be the file's
-only writer.
+Threading: one process. The connection opened by ``open()`` is used from that thread (the event
+loop) for everything but :meth:`SqliteOutbox.append_off_loop`, whose transaction (insert,
+commit, fsync, and the WAL checkpoint a commit may trigger) runs in the outbox's one writer
+thread on a second connection, so that an fsync (8-30 ms on the development VM's disk under
+load) does not stall polling (issue 11). The records of such an append are numbered and encoded
+on the loop and count as stored only once its commit has returned in the thread, as for
+``append``; the loop's connection does not see them before (``take`` returns only committed
+records). One such append runs at a time; an append that would go over the disk budget, meet a
+full disk or fail in any other way is rolled back in the thread and done again by ``append`` on
+the loop. The outbox caches the next id and per-stream sequence numbers (assigned on the loop
+only), so this object must be the file's only writer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -194,8 +203,9 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -379,6 +389,53 @@ def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+class _Batch(NamedTuple):
+    """Envelopes numbered and encoded for one transaction (:meth:`SqliteOutbox._prepare`)."""
+
+    rows: list[OutboxRecord]
+    seqs: dict[str, int]
+    next_n: int
+    gen: int  # the file generation they were numbered for
+
+
+class _Statements(NamedTuple):
+    """A batch as a few multi-row statements for the writer thread."""
+
+    steps: list[tuple[str, list[Any]]]
+    gen: int
+
+
+#: Rows per multi-row statement of the writer thread (x 8 parameters: far below SQLite's limit
+#: of 32766); the statements of every size up to it stay in the connection's statement cache.
+_ROWS_PER_STATEMENT = 64
+_INSERT_ROWS = (
+    "INSERT INTO records (id, stream, seq, topic, priority, payload, created, crc) VALUES "
+)
+_UPSERT_TAIL = " ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq"
+
+
+def _multirow_statements(batch: _Batch) -> _Statements:
+    """The batch's INSERTs (with each payload's CRC32 computed here, as ``crc32(payload)`` does
+    in :data:`~appliance.outbox.layout.INSERT`) and stream upserts as multi-row statements."""
+    steps: list[tuple[str, list[Any]]] = []
+    crc32 = zlib.crc32
+    rows = batch.rows
+    for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[i : i + _ROWS_PER_STATEMENT]
+        params: list[Any] = []
+        for r in chunk:
+            params.extend(r)
+            params.append(crc32(r.payload))
+        steps.append((_INSERT_ROWS + ",".join(["(?,?,?,?,?,?,?,?)"] * len(chunk)), params))
+    seqs = list(batch.seqs.items())
+    for i in range(0, len(seqs), _ROWS_PER_STATEMENT):
+        chunk_s = seqs[i : i + _ROWS_PER_STATEMENT]
+        params = [v for pair in chunk_s for v in pair]
+        sql = "INSERT INTO streams (stream, seq) VALUES " + ",".join(["(?,?)"] * len(chunk_s))
+        steps.append((sql + _UPSERT_TAIL, params))
+    return _Statements(steps, batch.gen)
+
+
 class SqliteOutbox(DiskBudget):
     """Durable, ordered, budgeted store of outgoing messages (see the module docstring).
 
@@ -437,6 +494,10 @@ class SqliteOutbox(DiskBudget):
         self._clock = clock
         self._payloads = PayloadEncoder(appliance_id)
         self._db: sqlite3.Connection | None = None
+        self._file_gen = 0  # +1 whenever the file is (re)opened: the writer thread reconnects
+        self._writer: ThreadPoolExecutor | None = None
+        self._writer_db: sqlite3.Connection | None = None
+        self._writer_gen = -1
         self._next_n = 1
         self._take_sql: dict[int, str] = {}
         self._seqs: dict[str, int] = {}
@@ -523,6 +584,7 @@ class SqliteOutbox(DiskBudget):
                 self._epoch,
             )
         self._db = db
+        self._file_gen += 1
         log.info(
             "outbox %s open (synchronous=%s, budget %.1f MiB): %d pending record(s)",
             self.path,
@@ -610,19 +672,7 @@ class SqliteOutbox(DiskBudget):
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL mode (got {mode!r})")
-        db.execute(f"PRAGMA synchronous={self.synchronous}")
-        db.execute("PRAGMA busy_timeout=5000")
-        # Debian/Ubuntu build SQLite with SECURE_DELETE on: every deleted record would be
-        # zeroed and every freed page written again (flash wear; the records deleted are
-        # messages already delivered, nothing secret).
-        db.execute("PRAGMA secure_delete=OFF")
-        page = int(db.execute("PRAGMA page_size").fetchone()[0])
-        frame = page + OUTBOX_WAL_FRAME_BYTES
-        threshold = max(1, (self.wal_bytes - OUTBOX_BATCH_BYTES) // frame)
-        db.execute(f"PRAGMA wal_autocheckpoint={threshold}")
-        db.execute(f"PRAGMA journal_size_limit={self.wal_bytes}")
-        db.execute("PRAGMA cache_size=-16384")
-        db.create_function("crc32", 1, zlib.crc32, deterministic=True)
+        self._configure(db)
         db.executescript(_SCHEMA)
         if "crc" not in [c[1] for c in db.execute("PRAGMA table_info(records)")]:
             db.execute("ALTER TABLE records ADD COLUMN crc INTEGER")  # version 1: NULL, unchecked
@@ -658,6 +708,22 @@ class SqliteOutbox(DiskBudget):
         self._next_n = last_n + 1
         self._pending = db.execute("SELECT count(*) FROM records").fetchone()[0]
 
+    def _configure(self, db: sqlite3.Connection) -> None:
+        """The per-connection settings (the loop's connection and the writer thread's)."""
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=5000")
+        # Debian/Ubuntu build SQLite with SECURE_DELETE on: every deleted record would be
+        # zeroed and every freed page written again (flash wear; the records deleted are
+        # messages already delivered, nothing secret).
+        db.execute("PRAGMA secure_delete=OFF")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        frame = page + OUTBOX_WAL_FRAME_BYTES
+        threshold = max(1, (self.wal_bytes - OUTBOX_BATCH_BYTES) // frame)
+        db.execute(f"PRAGMA wal_autocheckpoint={threshold}")
+        db.execute(f"PRAGMA journal_size_limit={self.wal_bytes}")
+        db.execute("PRAGMA cache_size=-16384")
+        db.create_function("crc32", 1, zlib.crc32, deterministic=True)
+
     def _move_aside(self) -> str:
         """Rename the file (and its -wal/-shm) to a fresh ``.corrupt-<timestamp>`` name.
 
@@ -689,7 +755,13 @@ class SqliteOutbox(DiskBudget):
         return aside
 
     def close(self) -> None:
-        """Close the file (checkpointing the WAL). Idempotent."""
+        """Close the file (checkpointing the WAL) and stop the writer thread. Idempotent.
+
+        Must not be called while an :meth:`append_off_loop` is under way (await it first)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.submit(self._close_writer_db)
+            writer.shutdown(wait=True)
         db, self._db = self._db, None
         if db is not None:
             db.close()
@@ -731,6 +803,21 @@ class SqliteOutbox(DiskBudget):
         if not envelopes:
             return []
         db = self._conn
+        batch = self._prepare(envelopes)
+        rows, seqs = batch.rows, batch.seqs
+        try:
+            freed = self._write(db, rows, seqs)
+        except sqlite3.OperationalError as err:
+            if not _is_disk_full(err):
+                raise
+            freed = self._write_on_full_disk(db, rows, seqs, err)
+        else:
+            self._fits_again()
+        return self._stored(batch, freed)
+
+    def _prepare(self, envelopes: Sequence[Envelope]) -> _Batch:
+        """Number and encode ``envelopes`` (on the event loop); nothing is stored yet and no
+        counter moves until :meth:`_stored`."""
         created = self._clock()
         seqs: dict[str, int] = {}
         known = self._seqs
@@ -751,18 +838,18 @@ class SqliteOutbox(DiskBudget):
                 )
             )
             n += 1
-        try:
-            freed = self._write(db, rows, seqs)
-        except sqlite3.OperationalError as err:
-            if not _is_disk_full(err):
-                raise
-            freed = self._write_on_full_disk(db, rows, seqs, err)
-        else:
-            if self._disk_full:
-                self._disk_full = False
-                log.info("outbox %s: appends fit on the disk again", self.path)
-        self._next_n = n
-        known.update(seqs)
+        return _Batch(rows, seqs, n, self._file_gen)
+
+    def _fits_again(self) -> None:
+        if self._disk_full:
+            self._disk_full = False
+            log.info("outbox %s: appends fit on the disk again", self.path)
+
+    def _stored(self, batch: _Batch, freed: Freed) -> list[OutboxRecord]:
+        """Account for a committed batch (on the event loop)."""
+        rows = batch.rows
+        self._next_n = batch.next_n
+        self._seqs.update(batch.seqs)
         self._pending += len(rows)
         self._counters["appended"] += len(rows)
         self._count_copies(freed)
@@ -774,6 +861,78 @@ class SqliteOutbox(DiskBudget):
                 coarsened_windows=freed.coarsened_windows,
             )
         return rows
+
+    async def append_off_loop(self, envelopes: Sequence[Envelope]) -> list[OutboxRecord]:
+        """:meth:`append` with the transaction, its commit and (``synchronous = FULL``) its
+        fsync in the outbox's writer thread, so the event loop keeps polling meanwhile.
+
+        Called on the event loop, one call at a time (the caller awaits one before starting the
+        next). The envelopes are numbered and encoded on the loop, then written by the writer
+        thread on its own connection to the same file; they count as stored when the awaitable
+        returns, exactly as when :meth:`append` returns: durable per ``synchronous``. Until the
+        commit returns, the loop's connection (``take``) does not see them, so the uplink takes
+        only committed records. Whatever the thread cannot do simply (an append that would go
+        over the disk budget, a full disk, any SQLite error, the file replaced meanwhile) is
+        rolled back there and done again by :meth:`append` on the loop, with its eviction,
+        disk-full and damaged-file handling; its exceptions propagate as :meth:`append`'s.
+        """
+        if not envelopes:
+            return []
+        _ = self._conn  # raises when not open
+        batch = self._prepare(envelopes)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
+        loop = asyncio.get_running_loop()
+        statements = _multirow_statements(batch)  # built on the loop: the thread runs C only
+        try:
+            done = await loop.run_in_executor(self._writer, self._write_in_thread, statements)
+        except sqlite3.Error as err:
+            log.debug("outbox %s: writer thread failed (%s), appending on the loop", self.path, err)
+            done = False
+        if not done or statements.gen != self._file_gen:
+            return self.append(envelopes)
+        self._fits_again()
+        return self._stored(batch, Freed({}))
+
+    def _write_in_thread(self, statements: _Statements) -> bool:
+        """In the writer thread: run the batch's inserts and commit; False (rolled back) when it
+        would take the database over its budget or the file was replaced since it was prepared.
+
+        Few statements, each over many rows: the sqlite3 module releases the GIL around every
+        step and takes it back after, so ``executemany`` of 100 rows (and a Python ``crc32``
+        called per row) would hand the GIL back and forth with the event loop 100-200 times
+        per commit."""
+        gen = statements.gen
+        if gen != self._file_gen:
+            return False
+        db = self._writer_db
+        if db is None or self._writer_gen != gen:
+            self._close_writer_db()
+            db = sqlite3.connect(self.path, isolation_level=None)
+            self._configure(db)
+            self._writer_db, self._writer_gen = db, gen
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements.steps:
+                db.execute(sql, params)
+            if self._used_bytes(db) > self.disk_budget_bytes:
+                db.execute("ROLLBACK")
+                return False
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return True
+
+    def _close_writer_db(self) -> None:
+        """In the writer thread: close its connection."""
+        db, self._writer_db = self._writer_db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                log.debug("closing the outbox writer connection failed", exc_info=True)
 
     def _write(
         self,
@@ -1230,6 +1389,7 @@ class SqliteOutbox(DiskBudget):
             raise OutboxError(
                 f"outbox {self.path}: a new outbox is unusable too ({again})"
             ) from None
+        self._file_gen += 1
         self._next_n = max(self._next_n, next_n)
         log.error(
             "outbox %s became unusable while running (%s, during %s): moved it aside to %s, "

@@ -39,12 +39,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+)
 
 from drivers.errors import MODBUS_EXCEPTION_NAMES, DeviceException, DeviceUnavailable
 from drivers.modbus.device import ModbusDevice
@@ -130,6 +135,8 @@ class ModbusTcpDevice(ModbusDevice):
             reconnect_delay=0,
             trace_connect=lambda up: self._on_link(lost, up),
         )
+        client.register(HoldingRegistersResponse)
+        client.register(InputRegistersResponse)
         self._connect_error = None
         self._capture_connect_error(client)
         self._guard_replies(client)
@@ -319,3 +326,41 @@ def _describe(err: ModbusException) -> str:
     if "No response received" in text:
         return "no answer within the timeout"
     return text.replace("Modbus Error: [Input/Output] ", "")
+
+
+def decode_registers(pdu: ModbusPDU, data: bytes) -> None:
+    """``pdu.registers`` from a FC 3/4 response body (byte count, then big-endian words) in one
+    ``struct.unpack``; :class:`ModbusIOException` when the byte count runs past the body, as
+    pymodbus' own decoder does (which unpacks one register per call; an odd last byte is
+    ignored by both)."""
+    size = data[0] if data else 0
+    if not data or size >= len(data):
+        raise ModbusIOException(
+            f"byte_count {size} does not fit a body of {len(data)} bytes",
+            function_code=pdu.function_code,
+        )
+    pdu.registers = list(struct.unpack_from(f">{size // 2}H", data, 1))
+
+
+class HoldingRegistersResponse(ReadHoldingRegistersResponse):
+    """FC 3 response registered with every client of this driver: decoded in one
+    ``struct.unpack`` (:func:`decode_registers`) and described without its registers.
+    pymodbus decodes a register per call and formats the whole response for a debug line on
+    every decode, log level regardless: ~13 us of CPU for a 50-register reply, a tenth of
+    the acquisition's cost per request at saturation (issue 11)."""
+
+    def decode(self, data: bytes) -> None:
+        decode_registers(self, data)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(dev_id={self.dev_id}, registers={len(self.registers)})"
+
+
+class InputRegistersResponse(ReadInputRegistersResponse):
+    """FC 4: as :class:`HoldingRegistersResponse`."""
+
+    def decode(self, data: bytes) -> None:
+        decode_registers(self, data)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}(dev_id={self.dev_id}, registers={len(self.registers)})"

@@ -138,3 +138,33 @@ def test_alert_latency_and_crash_run_end_to_end_and_the_appliance_loses_nothing(
     assert crash["kills"] == 1 and crash["lost"] == 0 and crash["unique"] > 0
     assert crash["duplicates"] <= crash["duplicates_bound"]
     check_plots(tmp_path, log, ["alert_latency.png"])
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(100)
+def test_hotpath_runs_the_whole_appliance_and_reports_issue_11s_figures_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    r, _ = run_bench(tmp_path, "hotpath")
+    h = r["scenarios"]["hotpath"]
+    assert (h["machines"], h["values_per_poll"], h["rate_hz"]) == (3, 50, 10.0)
+    assert h["values_per_s"] > 0 and h["cpu_us_per_value"] > 0 and h["peak_rss_mib"] > 10
+    assert h["cpu_pct_of_one_core"] > 0 and len(h["loadavg_1min"]) == 2
+    for key in ("p50_worst_device", "p99_worst_device", "p99_median_device", "max"):
+        assert h[f"poll_jitter_ms_{key}"] is not None, key
+    assert h["poll_jitter_ms_max"] >= h["poll_jitter_ms_p99_worst_device"]
+    assert h["overruns_in_window"] >= 0 and h["overruns_whole_run"] >= h["overruns_in_window"]
+    assert set(h["met"]) == {
+        "cpu_us_per_value",
+        "peak_rss_mib",
+        "poll_jitter_ms_p99",
+        "overruns",
+        "nothing_lost",
+    }
+    # every machine's windows closed, were scored by the model and reached the subscriber
+    assert h["windows_closed"] >= 3 * 3 and h["feature_rows"] >= 3 * 3
+    assert h["incomplete_windows"] == 0
+    assert h["streams"] >= 3 and h["lost"] == 0 and h["duplicates"] == 0
+    assert h["outbox"]["append_failures"] == 0 and h["outbox"]["pending"] == 0
+    assert "## Hot path (issue 11)" in (tmp_path / "report.md").read_text()

@@ -20,12 +20,17 @@ import numpy as np
 import pytest
 from conftest import free_port, wait_port
 from modbus_tk import modbus_tcp
+from pymodbus.exceptions import ModbusIOException
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+)
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.errors import DeviceException, DeviceUnavailable
 from drivers.modbus.registers import Register
-from drivers.modbus.tcp import ModbusTcpDevice
+from drivers.modbus.tcp import HoldingRegistersResponse, InputRegistersResponse, ModbusTcpDevice
 from drivers.quality import BAD, GOOD
 
 REGISTERS = (
@@ -333,3 +338,34 @@ def test_poll_groups_are_planned_and_read_separately() -> None:
         assert slow.values.tolist() == [1200.0]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        bytes([0]),
+        bytes([2, 0, 7]),
+        bytes([4, 0x12, 0x34, 0xFF, 0xFF]),
+        bytes([3, 0, 1, 9]),  # odd byte count: the last byte is ignored
+        bytes([100]) + bytes(range(100)),
+        bytes([100]) + bytes(range(100)) + b"\x00",  # trailing byte after the registers
+    ],
+)
+def test_register_replies_decode_as_pymodbus_decodes_them_in_one_unpack(body: bytes) -> None:
+    for fast, slow in (
+        (HoldingRegistersResponse(), ReadHoldingRegistersResponse()),
+        (InputRegistersResponse(), ReadInputRegistersResponse()),
+    ):
+        fast.decode(body)
+        slow.decode(body)
+        assert fast.registers == slow.registers
+
+
+@pytest.mark.parametrize("body", [bytes([2, 0]), bytes([6, 0, 1, 0, 2]), bytes([1])])
+def test_a_register_reply_whose_byte_count_runs_past_it_is_refused_like_pymodbus(
+    body: bytes,
+) -> None:
+    with pytest.raises(ModbusIOException):
+        ReadHoldingRegistersResponse().decode(body)
+    with pytest.raises(ModbusIOException):
+        HoldingRegistersResponse().decode(body)

@@ -7,6 +7,7 @@ of every machine, whatever the number of machines."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,19 @@ def test_one_close_of_many_machines_windows_is_one_transaction(tmp_path: Path) -
     app = Appliance(parse_config(data, source="t", base_dir=tmp_path))
     app.outbox.open()
     commits: list[str] = []
-    app.outbox._conn.set_trace_callback(
-        lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
-    )
+
+    def trace(sql: str) -> None:
+        if sql.strip().upper() == "COMMIT":
+            commits.append(sql)
+
+    app.outbox._conn.set_trace_callback(trace)
+    configure = app.outbox._configure
+
+    def configure_traced(db: sqlite3.Connection) -> None:  # the writer thread's connection too
+        configure(db)
+        db.set_trace_callback(trace)
+
+    app.outbox._configure = configure_traced  # type: ignore[method-assign]
 
     async def scenario() -> None:
         await app.batcher.start()  # the real engine, in its worker thread
@@ -41,6 +52,7 @@ def test_one_close_of_many_machines_windows_is_one_transaction(tmp_path: Path) -
             if app.scores.joined >= len(MACHINES):
                 break
         await asyncio.sleep(0)
+        await app._appends_stored()
         await app.batcher.close()
 
     asyncio.run(scenario())
@@ -48,7 +60,7 @@ def test_one_close_of_many_machines_windows_is_one_transaction(tmp_path: Path) -
     assert sorted(s for s in streams if s.startswith("telemetry/")) == sorted(
         f"telemetry/{m}" for m in MACHINES
     )
-    assert len(commits) <= 2  # the envelopes made at the close, then all telemetry with scores
+    assert 1 <= len(commits) <= 2  # the envelopes made at the close, then all telemetry with scores
     app.outbox.close()
 
 
