@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from appliance.downlink.base import Handler
 from appliance.downlink.channel import CommandChannel
 from appliance.downlink.store import DedupStore
 from appliance.runtime import Appliance
-from appliance.runtime.supervisor import state_dir
+from appliance.runtime.supervisor import run_until_signal, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +103,7 @@ class DownlinkRunner:
 
     async def run_until_signal(self, duration_s: float | None = None) -> None:
         """Run until SIGINT/SIGTERM (or ``duration_s``), then stop cleanly."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await self.start()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), duration_s)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await self.stop()
+        await run_until_signal(self.start, self.stop, duration_s)
 
     def stats(self) -> dict[str, Any]:
         """The running pipeline's stats (with ``downlink``)."""

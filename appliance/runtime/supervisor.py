@@ -20,7 +20,7 @@ import logging
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,28 @@ class GuardedEngine:
     def close(self) -> None:
         self.new.close()
         self.previous.close()
+
+
+async def run_until_signal(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    duration_s: float | None = None,
+) -> None:
+    """``start()``, wait for SIGINT/SIGTERM (or ``duration_s``), then ``stop()``, also when
+    ``start()`` raised (what it started is released). The appliance's and the downlink runner's
+    ``run_until_signal``."""
+    halt = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, halt.set)
+    try:
+        await start()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(halt.wait(), duration_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await stop()
 
 
 class _Model:
@@ -544,18 +566,9 @@ class Appliance:
 
     async def run_until_signal(self, duration_s: float | None = None) -> None:
         """Run until SIGINT/SIGTERM (or ``duration_s``), then stop cleanly."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await self.start()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), duration_s)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            await self.stop(self.cfg.appliance.drain_timeout_s)
+        await run_until_signal(
+            self.start, lambda: self.stop(self.cfg.appliance.drain_timeout_s), duration_s
+        )
 
     @property
     def running(self) -> bool:
