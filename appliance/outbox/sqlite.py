@@ -852,14 +852,7 @@ class SqliteOutbox(DiskBudget):
         self._seqs.update(batch.seqs)
         self._pending += len(rows)
         self._counters["appended"] += len(rows)
-        self._count_copies(freed)
-        if freed.evicted or freed.merged:
-            self._count_evictions(
-                freed.evicted,
-                merged=freed.merged,
-                windows=freed.evicted_windows,
-                coarsened_windows=freed.coarsened_windows,
-            )
+        self._account_freed(freed)
         return rows
 
     async def append_off_loop(self, envelopes: Sequence[Envelope]) -> list[OutboxRecord]:
@@ -1287,7 +1280,17 @@ class SqliteOutbox(DiskBudget):
         self._backfill_n = n
         self._pending += len(rows)
         self._counters["backfill_queued"] += len(rows)
-        self._count_copies(freed)
+        self._account_freed(freed)
+        return len(rows), cursor
+
+    def _account_freed(self, freed: Freed) -> None:
+        """Account what a committed transaction's budget eviction removed: delivered records
+        and backfill copies, then evicted and merged records."""
+        if freed.delivered or freed.backfill:
+            self._delivered -= freed.delivered
+            self._pending -= freed.backfill
+            self._counters["delivered_evicted"] += freed.delivered
+            self._counters["backfill_evicted"] += freed.backfill
         if freed.evicted or freed.merged:
             self._count_evictions(
                 freed.evicted,
@@ -1295,15 +1298,6 @@ class SqliteOutbox(DiskBudget):
                 windows=freed.evicted_windows,
                 coarsened_windows=freed.coarsened_windows,
             )
-        return len(rows), cursor
-
-    def _count_copies(self, freed: Freed) -> None:
-        """Account the delivered records and backfill copies an eviction removed."""
-        if freed.delivered or freed.backfill:
-            self._delivered -= freed.delivered
-            self._pending -= freed.backfill
-            self._counters["delivered_evicted"] += freed.delivered
-            self._counters["backfill_evicted"] += freed.backfill
 
     # -- observation -------------------------------------------------------------------------
 
