@@ -50,7 +50,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -61,7 +60,7 @@ from appliance.downlink.base import CommandContext, Handler, Reply, Request
 from appliance.downlink.schemas import request_validator
 from appliance.downlink.store import DedupStore
 from appliance.errors import ConfigError
-from appliance.uplink.paho_loop import PahoOnLoop, paho_logger
+from appliance.uplink.paho_loop import PahoOnLoop, connect_properties, new_client
 from appliance.uplink.tls import describe_connect_error, read_password, tls_context
 from appliance.uplink.topics import command_topic, reply_topic
 
@@ -81,7 +80,6 @@ REFUSAL_REASONS = (
     "busy",
 )
 _MISC_INTERVAL_S = 1.0
-_PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 
 
 def _finite(value: Any) -> Any:
@@ -203,30 +201,21 @@ class CommandChannel(PahoOnLoop):
         self._subscribed = asyncio.Event()
         self._queue = asyncio.Queue(QUEUE_SIZE)
         v5 = cfg.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=_PROTOCOLS[cfg.protocol],
-            clean_session=None if v5 else False,
+        client = new_client(
+            self,
+            cfg,
+            self.client_id,
+            on_pre_connect=self._on_pre_connect,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+            log_sink=lambda line: log.debug("paho: %s", line),
+            password=password.value if password else None,
+            tls=ctx,
         )
-        client.on_pre_connect = self._on_pre_connect
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
-        client.enable_logger(paho_logger(lambda line: log.debug("paho: %s", line)))
-        if cfg.username:
-            client.username_pw_set(cfg.username, password.value if password else None)
-        if ctx is not None:
-            client.tls_set_context(ctx)
-        props: Properties | None = None
-        if v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = cfg.session_expiry_s
+        props = connect_properties(cfg)
+        if props is not None:
             props.MaximumPacketSize = max_packet_bytes(self._dl.max_payload_bytes)
         client.connect_async(
             cfg.host,

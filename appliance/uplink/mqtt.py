@@ -121,9 +121,7 @@ from typing import Any, Literal
 
 import msgspec
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.backoff import backoff_delay_s
@@ -131,7 +129,12 @@ from appliance.config import MqttSection
 from appliance.contracts import Outbox
 from appliance.errors import ConfigError
 from appliance.uplink.delivery import BURST_S, DeliveryPolicy, packet_limit
-from appliance.uplink.paho_loop import PackedProperties, PahoOnLoop, paho_logger
+from appliance.uplink.paho_loop import (
+    PackedProperties,
+    PahoOnLoop,
+    connect_properties,
+    new_client,
+)
 from appliance.uplink.sparkplug import SparkplugFormat
 from appliance.uplink.tls import (
     AUTH_REASONS,
@@ -151,7 +154,6 @@ STATUS_ACK_TIMEOUT_S = 1.0
 _STABLE_LINK_S = 10.0  # a connection that lasted this long resets the backoff when it drops
 _FLAP_WARNINGS = 3  # short-lived connections in a row before one error replaces the warnings
 _MISC_INTERVAL_S = 1.0  # paho's loop_misc (keepalive) period, as in paho's own network loop
-_PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 _encode = msgspec.json.Encoder().encode
 
 
@@ -299,34 +301,25 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         self._sock_closed.set()
         self._tokens_at = self._loop.time()
         v5 = cfg.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id or self.appliance_id,
-            protocol=_PROTOCOLS[cfg.protocol],
-            clean_session=None if v5 else False,
+        client = new_client(
+            self,
+            cfg,
+            cfg.client_id or self.appliance_id,
+            on_pre_connect=self._on_pre_connect,
+            on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect,
+            log_sink=self._set_paho_error,
+            password=password.value if password else None,
+            tls=ctx,
         )
-        client.on_pre_connect = self._on_pre_connect
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
-        client.enable_logger(paho_logger(self._set_paho_error))
         if self._sparkplug is not None:
             client.on_message = self._on_message
         self._set_will(client)
         client.max_inflight_messages_set(cfg.max_inflight)
         if cfg.username:
             self._password = password
-            client.username_pw_set(cfg.username, password.value if password else None)
-        if ctx is not None:
-            client.tls_set_context(ctx)
-        connect_props: Properties | None = None
-        if v5:
-            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            connect_props.SessionExpiryInterval = cfg.session_expiry_s
+        connect_props = connect_properties(cfg)
         if v5 and self._sparkplug is None:  # Sparkplug payloads are protobuf, not UTF-8 JSON
             self._pub_props = PackedProperties(
                 PacketTypes.PUBLISH, PayloadFormatIndicator=1, ContentType="application/json"

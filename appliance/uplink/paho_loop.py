@@ -19,7 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from appliance.config import MqttSection
+
+PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
+"""``mqtt.protocol`` → paho's protocol constant."""
 
 _MAX_PENDING_READS = 64  # TLS: extra loop_read calls per readable event for buffered records
 
@@ -166,3 +173,48 @@ class PahoOnLoop:
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._on_loop(self._watch_writes, sock, False)
+
+
+def new_client(
+    owner: PahoOnLoop,
+    cfg: MqttSection,
+    client_id: str,
+    *,
+    on_pre_connect: Callable[..., None],
+    on_connect: Callable[..., None],
+    on_disconnect: Callable[..., None],
+    log_sink: Callable[[str], None],
+    password: str | None,
+    tls: ssl.SSLContext | None,
+) -> mqtt.Client:
+    """A paho client for ``cfg`` (persistent session; credentials, TLS) whose socket ``owner``
+    runs on the event loop; the uplink's and the command channel's. The caller adds its other
+    callbacks and starts it with ``connect_async`` (:func:`connect_properties`)."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=PROTOCOLS[cfg.protocol],
+        clean_session=None if cfg.protocol == "5" else False,
+    )
+    client.on_pre_connect = on_pre_connect
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_socket_open = owner._on_socket_open
+    client.on_socket_close = owner._on_socket_close
+    client.on_socket_register_write = owner._on_socket_register_write
+    client.on_socket_unregister_write = owner._on_socket_unregister_write
+    client.enable_logger(paho_logger(log_sink))
+    if cfg.username:
+        client.username_pw_set(cfg.username, password)
+    if tls is not None:
+        client.tls_set_context(tls)
+    return client
+
+
+def connect_properties(cfg: MqttSection) -> Properties | None:
+    """MQTT 5: the CONNECT properties both clients send (session expiry); None for 3.1.1."""
+    if cfg.protocol != "5":
+        return None
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = cfg.session_expiry_s
+    return props
