@@ -218,3 +218,19 @@ def test_an_engine_refuses_a_bundle_whose_stage_does_not_reproduce_its_golden_se
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelError, match="golden sequence check"):
         OrtEngine(load_bundle(str(d))).start()
+
+
+def test_a_release_whose_baseline_differs_is_not_a_drop_in_replacement(tmp_path: Path) -> None:
+    """The learned per-machine state is kept across a model release, so a version with another
+    stage is a configuration change (refused by model.release like other features)."""
+    from appliance.runtime.model_store import same_layout
+
+    serving = load_bundle("cnc_drift")
+    d = _copy_bundle(tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    m["version"] = "1.0.1"
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert same_layout(serving, load_bundle(str(d)))
+    m["baseline"]["learn_windows"] = 60
+    (d / "manifest.json").write_text(json.dumps(m))
+    assert not same_layout(serving, load_bundle(str(d)))
