@@ -4,14 +4,19 @@ fault's windows and over those past a documented severity), detection and delay 
 alert rule, and false alarms per machine per 8-hour shift on long healthy runs.
 
     python -m models.quality --bundle models/cnc_condition [--bundle ...] [--episodes 8]
-        [--shift-hours 8] [--normal-machines 4] [--debounce 2/3] [--json PATH]
+        [--shift-hours 8] [--normal-machines 4] [--debounce 2/3] [--lead-in 100] [--json PATH]
 
 Each episode is one machine of an unseen seed (7000 + e, machine e mod 8: several speeds and
-programs), run for 300 s with the fault injected at 100 s for 150 s, and the same machine run
+programs), run for ``--lead-in`` + 200 s (default 300 s) with the fault injected after the
+healthy lead-in (default 100 s) for 150 s, and the same machine run
 again without the fault (the simulator is deterministic, so the twin differs only by the
 fault's effects). The fault run's windows inside the fault are positives, the twin's windows
 over the same span negatives. A bundle's AUCs are over the windows it scores (its
-``condition``, e.g. spindle turning steadily); the threshold baseline uses the first bundle's
+``condition``, e.g. spindle turning steadily, and, for a bundle with a self-baseline stage
+(manifest ``baseline``), that the stage emits: each run starts with a fresh stage, which learns
+the machine's own baseline in the lead-in, as serving does after a start; a longer lead-in
+gives it a fuller picture of the machine, the same for every bundle); the threshold baseline
+uses the first bundle's
 condition and takes, for every continuous channel's window mean and max and the waveform's
 RMS, the better direction's AUC, reporting the best channel.
 
@@ -50,6 +55,7 @@ import numpy as np
 from appliance.contracts import FeatureSpec
 from appliance.features.samples import features_from_frames
 from appliance.infer.bundle import ModelBundle, load_bundle
+from appliance.infer.drift import DriftStage
 from appliance.modelkit.metrics import SHIFT_S, best_direction_auc, debounced_raises, roc_auc
 from appliance.simulate.dataset import EPOCH_S, WAVE_CHANNEL, FaultEvent, simulate_frames
 from appliance.simulate.machine import FAULT_KINDS
@@ -68,7 +74,9 @@ BASELINE = (
     *(FeatureSpec(c, s) for c in CONTINUOUS for s in ("mean", "max")),
     FeatureSpec(WAVE_CHANNEL, "rms"),
 )
-AT_S, DURATION_S, RUN_S = 100.0, 150.0, 300.0
+#: default healthy lead-in before the fault (s), the fault's duration, and the run after the
+#: fault's start (s)
+LEAD_IN_S, DURATION_S, AFTER_S = 100.0, 150.0, 200.0
 #: Faults whose magnitude grows linearly from zero over their duration.
 RAMP_FAULTS = ("temp_ramp", "tool_wear", "coolant_loss")
 #: Share of a ramp fault's duration after which its windows count as past severity.
@@ -109,10 +117,20 @@ class Scorer:
             ok &= (x[:, j] >= lo) & (x[:, j] <= hi)
         return ok
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        if not len(x):
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scored [W] bool, scores of the scored rows) of one machine's rows ``x`` in time
+        order: the bundle's condition, then its self-baseline stage (a fresh one per run)."""
+        m = self.scored(x)
+        xm = x[m][:, self.cols].astype(np.float32)
+        if self.bundle.drift is not None:
+            keep, xm = DriftStage(self.bundle.drift).apply("m", xm)
+            m = m.copy()
+            m[np.flatnonzero(m)[~keep]] = False
+        return m, self._infer(xm)
+
+    def _infer(self, xm: np.ndarray) -> np.ndarray:
+        if not len(xm):
             return np.zeros(0)
-        xm = x[:, self.cols].astype(np.float32)
         out = self.sess.run([self.bundle.output_name], {self.bundle.input_name: xm})[0]
         return np.asarray(out, np.float64)
 
@@ -134,10 +152,18 @@ def main() -> None:
     ap.add_argument("--shift-hours", type=float, default=8.0, help="healthy hours per machine")
     ap.add_argument("--normal-machines", type=int, default=4)
     ap.add_argument("--debounce", default="2/3", help="K/N of the score alert rule")
+    ap.add_argument(
+        "--lead-in",
+        type=float,
+        default=LEAD_IN_S,
+        help="healthy seconds before each episode's fault (every bundle alike)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     k, _, n = args.debounce.partition("/")
     deb_k, deb_n = int(k), int(n or k)
+    at_s = args.lead_in
+    run_s = at_s + AFTER_S
 
     bundles = [load_bundle(b) for b in args.bundle]
     feats: list[FeatureSpec] = list(BASELINE)
@@ -151,7 +177,7 @@ def main() -> None:
     scorers = [Scorer(b, col) for b in bundles]
     base_ok = next((s.scored for s in scorers if s.cond), lambda x: np.ones(len(x), bool))
 
-    twins = [windows(fspecs, args.seed + e, e % 8, RUN_S) for e in range(args.episodes)]
+    twins = [windows(fspecs, args.seed + e, e % 8, run_s) for e in range(args.episodes)]
     rows: list[dict[str, Any]] = []
     for kind in FAULT_KINDS:
         neg_b, pos_b = [], []
@@ -160,27 +186,27 @@ def main() -> None:
         ]
         for e in range(args.episodes):
             t, x = windows(
-                fspecs, args.seed + e, e % 8, RUN_S, (FaultEvent(AT_S, kind, DURATION_S),)
+                fspecs, args.seed + e, e % 8, run_s, (FaultEvent(at_s, kind, DURATION_S),)
             )
             t0, x0 = twins[e]
-            inside = (t > AT_S) & (t <= AT_S + DURATION_S)
-            inside0 = (t0 > AT_S) & (t0 <= AT_S + DURATION_S)
+            inside = (t > at_s) & (t <= at_s + DURATION_S)
+            inside0 = (t0 > at_s) & (t0 <= at_s + DURATION_S)
             sev = inside & (
-                t - AT_S >= SEVERITY_PROGRESS * DURATION_S if kind in RAMP_FAULTS else True
+                t - at_s >= SEVERITY_PROGRESS * DURATION_S if kind in RAMP_FAULTS else True
             )
             ok, ok0 = base_ok(x), base_ok(x0)
             neg_b.append(x0[inside0 & ok0, :nb])
             pos_b.append(x[inside & ok, :nb])
             for sc, acc in zip(scorers, per, strict=True):
-                m, m0 = sc.scored(x), sc.scored(x0)
-                s, s0 = sc.score(x[m]), sc.score(x0[m0])
+                m, s = sc.run(x)
+                m0, s0 = sc.run(x0)
                 acc["neg"].append(s0[inside0[m0]])
                 acc["pos"].append(s[inside[m]])
                 acc["pos_sev"].append(s[sev[m]])
-                after = t[m] > AT_S
+                after = t[m] > at_s
                 raises = debounced_raises(t[m][after], s[after], sc.threshold, deb_k, deb_n)
-                hit = [r for r in raises if r <= AT_S + DURATION_S]
-                acc["delay"].append(hit[0] - AT_S if hit else float("nan"))
+                hit = [r for r in raises if r <= at_s + DURATION_S]
+                acc["delay"].append(hit[0] - at_s if hit else float("nan"))
                 if sc.classes:
                     # the twins are the same healthy runs for every kind: count them once
                     first = kind == FAULT_KINDS[0]
@@ -222,8 +248,7 @@ def main() -> None:
         for i in range(args.normal_machines):
             t, x = windows(fspecs, args.seed + 998, i, args.shift_hours * 3600.0)
             for sc in scorers:
-                m = sc.scored(x)
-                s = sc.score(x[m])
+                m, s = sc.run(x)
                 fa = false_alarms[sc.name]
                 fa["raises"] += len(debounced_raises(t[m], s, sc.threshold, deb_k, deb_n))
                 fa["raises_undebounced"] += len(debounced_raises(t[m], s, sc.threshold))
@@ -284,6 +309,7 @@ def main() -> None:
             "episodes": args.episodes,
             "shift_hours": args.shift_hours,
             "normal_machines": args.normal_machines,
+            "lead_in_s": args.lead_in,
         }
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -335,7 +335,8 @@ async def _complete(
     if not same_layout(model.bundle, bundle):
         return _refuse(
             model,
-            f"{what}: its features, condition or window differ from the serving model's "
+            f"{what}: its features, condition, window or baseline differ from the serving "
+            f"model's "
             f"(such a model is deployed with config.apply)",
         )
     if bundle.version == model.bundle.version:

@@ -15,12 +15,14 @@ import bisect
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from appliance.errors import ModelError
 from appliance.infer.bundle import ModelBundle
+from appliance.infer.drift import sequence_scores
 
 _F32 = np.dtype(np.float32)
 _now = time.perf_counter
@@ -97,8 +99,28 @@ class Engine(ABC):
         furthest beyond its bound) and both tolerances.
         """
         b = self.bundle
-        got = self.infer(b.golden_inputs)
-        want = b.golden_outputs
+        err = self._check_golden(self.infer(b.golden_inputs), b.golden_outputs, "")
+        if b.drift is not None and b.sequence_inputs is not None:
+            # the stateful stage too: one machine's rows through a fresh stage, then this engine
+            got_seq = sequence_scores(b.drift, b.sequence_inputs, self.infer, self.max_batch)
+            want_seq = np.asarray(b.sequence_outputs, np.float64)
+            if not np.array_equal(np.isnan(got_seq), np.isnan(want_seq)):
+                raise ModelError(
+                    f"{self.backend}: model {b.name} {b.version} fails its golden sequence "
+                    "check (manifest key baseline): the stage emitted other rows than "
+                    "sequence_outputs; refusing to serve"
+                )
+            ok = ~np.isnan(want_seq)
+            err = max(err, self._check_golden(got_seq[ok], want_seq[ok], " sequence"))
+        return err
+
+    def _check_golden(
+        self,
+        got: npt.NDArray[Any],
+        want: npt.NDArray[Any],
+        what: str,
+    ) -> float:
+        b = self.bundle
         if not got.size:
             return 0.0
         diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
@@ -107,9 +129,10 @@ class Engine(ABC):
         worst = int(np.argmax(excess))
         if excess[worst] > 0:
             raise ModelError(
-                f"{self.backend}: model {b.name} {b.version} fails its golden-vector parity "
-                f"check on output {b.output_name!r}: element {worst} = {float(got[worst])!r}, "
-                f"golden {float(want[worst])!r}, |error| {float(diff[worst])!r} > "
+                f"{self.backend}: model {b.name} {b.version} fails its golden-vector{what} "
+                f"parity check on output {b.output_name!r}: element {worst} = "
+                f"{float(got[worst])!r}, golden {float(want[worst])!r}, |error| "
+                f"{float(diff[worst])!r} > "
                 f"atol {b.golden_atol:g} + rtol {b.golden_rtol:g} × |golden| "
                 f"= {float(bound[worst])!r}; refusing to serve"
             )

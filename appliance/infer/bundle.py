@@ -5,10 +5,14 @@ Layout of a model directory (``models/<name>/``)::
     manifest.json   name, version, input/output names, feature layout, sha256 of the ONNX file,
                     golden_atol / golden_rtol (parity tolerances), fp16 (may TensorRT use FP16),
                     threshold (alert level of the score), condition (feature ranges outside
-                    which a window is not scored); the contract is docs/models.md
+                    which a window is not scored), baseline (the per-machine self-baseline
+                    stage, appliance/infer/drift.py); the contract is docs/models.md
     model.onnx      the graph; input [N, F] float32, output [N] float32 (a graph may have
                     further outputs, e.g. a classifier's per-class probabilities: not served)
-    golden.npz      arrays ``inputs`` [G, F] and ``outputs`` [G] the engine must reproduce
+    golden.npz      arrays ``inputs`` [G, F] and ``outputs`` [G] the engine must reproduce;
+                    with a ``baseline`` also ``sequence_inputs`` [S, F] (one machine's raw rows
+                    in order) and ``sequence_outputs`` [S] (their scores through a fresh stage,
+                    NaN while it learns)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from appliance.contracts import FEATURE_STATS as STATS
 from appliance.contracts import FeatureSpec, features_from_manifest, is_sample_feature_stat
 from appliance.errors import ModelError
+from appliance.infer.drift import DriftSpec
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
@@ -52,6 +57,12 @@ class ModelBundle:
     condition: tuple[tuple[FeatureSpec, float, float], ...] = ()
     #: the manifest's ``threshold``: the score above which a window is anomalous
     threshold: float = 1.0
+    #: the manifest's ``baseline``: the per-machine self-baseline stage (None: rows are scored
+    #: as the feature builders make them)
+    drift: DriftSpec | None = None
+    #: with a ``baseline``: the golden sequence of one machine's raw rows and its scores
+    sequence_inputs: np.ndarray | None = None
+    sequence_outputs: np.ndarray | None = None
 
     @property
     def needs_samples(self) -> bool:
@@ -122,6 +133,8 @@ def load_bundle(model: str) -> ModelBundle:
             condition=condition,
             threshold=float(m.get("threshold", 1.0)),
         )
+        if "baseline" in m:
+            bundle_fields["drift"] = DriftSpec.from_manifest(m["baseline"], features)
         for tol in ("golden_atol", "golden_rtol"):
             value = bundle_fields[tol]
             if not 0 <= value < float("inf"):
@@ -142,12 +155,27 @@ def load_bundle(model: str) -> ModelBundle:
         with np.load(golden_path) as g:
             gin = np.asarray(g["inputs"], dtype=np.float32)
             gout = np.asarray(g["outputs"], dtype=np.float32)
+            seq_in = seq_out = None
+            if bundle_fields.get("drift") is not None:
+                seq_in = np.asarray(g["sequence_inputs"], dtype=np.float32)
+                seq_out = np.asarray(g["sequence_outputs"], dtype=np.float32)
     except (OSError, KeyError, ValueError) as err:
         raise ModelError(f"model {model!r}: golden vectors {golden_path}: {err}") from None
     if gin.ndim != 2 or gin.shape[1] != len(features) or gout.shape != (gin.shape[0],):
         raise ModelError(
             f"model {model!r}: golden vectors have shapes {gin.shape}/{gout.shape}, "
             f"expected [G, {len(features)}]/[G]"
+        )
+    if (
+        seq_in is not None
+        and seq_out is not None
+        and (
+            seq_in.ndim != 2 or seq_in.shape[1] != len(features) or seq_out.shape != (len(seq_in),)
+        )
+    ):
+        raise ModelError(
+            f"model {model!r}: golden sequence has shapes {seq_in.shape}/{seq_out.shape}, "
+            f"expected [S, {len(features)}]/[S] (manifest key baseline)"
         )
     return ModelBundle(
         directory=d,
@@ -156,6 +184,8 @@ def load_bundle(model: str) -> ModelBundle:
         features=features,
         golden_inputs=gin,
         golden_outputs=gout,
+        sequence_inputs=seq_in,
+        sequence_outputs=seq_out,
         manifest=m,
         **bundle_fields,
     )

@@ -5,7 +5,10 @@ alarms (rising crossings of the threshold) and, for a faulty file, the detection
 the file's first window to the first window above the threshold). Overall: ROC AUC with the
 faulty files' windows as positives and the normal files' as negatives, and false alarms per
 8-hour shift on the normal files. The features are computed by the serving code
-(:func:`~appliance.features.samples.features_from_frames`) and scored by onnxruntime on the CPU.
+(:func:`~appliance.features.samples.features_from_frames`), passed through the bundle's
+self-baseline stage when it has one (:class:`~appliance.infer.drift.DriftStage`, a fresh one
+per file: each file is one machine, learning its baseline from the file's start, as serving
+does after a start) and scored by onnxruntime on the CPU.
 
 A recording made with ``appliance record --scores`` keeps the scores the appliance served
 beside it (``scores/<name>`` in the recording's folder); the file's entry then has ``live``:
@@ -26,6 +29,7 @@ import numpy.typing as npt
 from appliance.errors import ApplianceError
 from appliance.features.samples import features_from_frames
 from appliance.infer.bundle import ModelBundle, load_bundle
+from appliance.infer.drift import DriftStage
 from appliance.modelkit.metrics import alarms, false_alarms_per_shift, roc_auc
 from appliance.modelkit.recording import DataError, context_column, frames_of, read_recording
 
@@ -63,6 +67,9 @@ def _file_scores(
         drop_edges=True,
         condition=bundle.condition,
     )
+    if bundle.drift is not None:  # the machine's own baseline, learned from the file's start
+        keep, x = DriftStage(bundle.drift).apply(str(path), x)
+        ends = ends[keep]
     return ends, score_windows(bundle, x), float(rec.ts[0])
 
 
@@ -83,8 +90,8 @@ def evaluate(
             ends, s, t0 = _file_scores(bundle, p, rate_hz)
             if s.size == 0:
                 raise DataError(
-                    f"{p}: no window could be scored (too short, or outside the "
-                    "model's condition throughout)"
+                    f"{p}: no window could be scored (too short, outside the "
+                    "model's condition throughout, or all in its baseline's learning period)"
                 )
             (neg if label == "normal" else pos).append(s)
             hit = np.flatnonzero(s > thr)

@@ -91,15 +91,21 @@ def write_bundle(
     extra: dict[str, Any] | None = None,
     golden_atol: float = 1e-4,
     golden_rtol: float = 1e-4,
+    golden_sequence: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None,
 ) -> Path:
-    """Write ``model.onnx``, ``golden.npz`` and ``manifest.json`` into ``out``."""
+    """Write ``model.onnx``, ``golden.npz`` and ``manifest.json`` into ``out``.
+    ``golden_sequence`` (a bundle with a ``baseline`` stage): ``sequence_inputs`` and
+    ``sequence_outputs`` of ``golden.npz``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.onnx").write_bytes(onnx_bytes)
-    np.savez(
-        out / "golden.npz",
-        inputs=np.asarray(golden_inputs, np.float32),
-        outputs=np.asarray(golden_outputs, np.float32),
-    )
+    arrays: dict[str, npt.NDArray[np.float32]] = {
+        "inputs": np.asarray(golden_inputs, np.float32),
+        "outputs": np.asarray(golden_outputs, np.float32),
+    }
+    if golden_sequence is not None:
+        arrays["sequence_inputs"] = np.asarray(golden_sequence[0], np.float32)
+        arrays["sequence_outputs"] = np.asarray(golden_sequence[1], np.float32)
+    np.savez(out / "golden.npz", **arrays)  # type: ignore[arg-type]
     manifest: dict[str, Any] = {
         "name": name,
         "version": version,

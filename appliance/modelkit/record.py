@@ -34,6 +34,7 @@ from appliance.contracts import FeatureRow, Frame, Quality, ScoreBatch
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.features.samples import SampleFeatureBuilder
 from appliance.infer import EngineOptions, ServingEngine
+from appliance.infer.drift import DriftStage
 from appliance.runtime.checks import ServedModel, served_models
 
 #: Subfolder of the kept scores (``rec/cnc-1.csv`` → ``rec/scores/cnc-1.csv``).
@@ -96,6 +97,11 @@ class _ScoredModel:
         )
         self.window_features: FeatureBuilder | None = None
         self.sample_features: SampleFeatureBuilder | None = None
+        #: the per-machine self-baseline stage (manifest ``baseline``), as ``appliance run``
+        self.drift = DriftStage(b.drift) if b.drift is not None else None
+        self._emit = (
+            self.batcher.submit if self.drift is None else self.drift.wrap(self.batcher.submit)
+        )
         if b.needs_samples:
             self.sample_features = SampleFeatureBuilder(
                 b.window_s, b.features, self._submit, b.condition
@@ -105,7 +111,7 @@ class _ScoredModel:
 
     def _submit(self, row: FeatureRow) -> None:
         if row.machine in self.machines:
-            self.batcher.submit(row)
+            self._emit(row)
 
 
 class ScoreSink:

@@ -44,8 +44,14 @@ def check_name(value: str, what: str) -> str:
 
 def same_layout(a: ModelBundle, b: ModelBundle) -> bool:
     """Whether ``b`` can replace ``a`` in the running pipeline without rebuilding it: the same
-    features in the same order, the same condition and window length."""
-    return a.features == b.features and a.condition == b.condition and a.window_s == b.window_s
+    features in the same order, the same condition, window length and self-baseline stage
+    (manifest ``baseline``: the learned per-machine state is kept across a swap)."""
+    return (
+        a.features == b.features
+        and a.condition == b.condition
+        and a.window_s == b.window_s
+        and a.drift == b.drift
+    )
 
 
 class ModelStore:

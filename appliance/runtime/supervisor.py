@@ -40,6 +40,7 @@ from appliance.downsample.scores import ScoreJoiner
 from appliance.features import FeatureBuilder, WindowAggregator
 from appliance.features.samples import SampleFeatureBuilder
 from appliance.infer import EngineOptions, ModelBundle, ServingEngine
+from appliance.infer.drift import DriftStage
 from appliance.outbox import OutboxError, OutboxFullError, SqliteOutbox
 from appliance.runtime.checks import ServedModel, config_warnings, served_models
 from appliance.runtime.health import HealthLog
@@ -156,15 +157,21 @@ class _Model:
         )
         self.window_features: FeatureBuilder | None = None
         self.sample_features: SampleFeatureBuilder | None = None
+        #: the per-machine self-baseline stage (manifest ``baseline``) between the feature
+        #: builders and the batcher; state in memory, per machine (appliance/infer/drift.py)
+        self.drift = DriftStage(served.bundle.drift) if served.bundle.drift is not None else None
+        self._emit = (
+            self.batcher.submit if self.drift is None else self.drift.wrap(self.batcher.submit)
+        )
         if served.bundle.needs_samples:
             self.sample_features = SampleFeatureBuilder(
                 served.bundle.window_s,
                 served.bundle.features,
-                self.batcher.submit,
+                self._emit,
                 served.bundle.condition,
             )
         else:
-            self.window_features = FeatureBuilder(served.bundle.features, self.batcher.submit)
+            self.window_features = FeatureBuilder(served.bundle.features, self._emit)
 
     def on_window(self, window: Window) -> None:
         if self.window_features is not None and window.machine in self.machines:
@@ -181,7 +188,7 @@ class _Model:
         return built
 
     def submit(self, row: FeatureRow) -> None:
-        self.batcher.submit(row)
+        self._emit(row)
 
     async def replace_model(
         self, bundle: ModelBundle, engine: ServingEngine, on_failure: Callable[[str], None]
@@ -218,6 +225,14 @@ class _Model:
             "incomplete_windows": f.incomplete_windows,
             "unscored_windows": getattr(f, "unscored_windows", 0),
             "partial_windows": getattr(f, "partial_windows", 0),
+            **(
+                {}
+                if self.drift is None
+                else {
+                    "learning_windows": self.drift.learning_windows,
+                    "baseline_invalid_windows": self.drift.invalid_windows,
+                }
+            ),
             "batcher": self.batcher.stats(),
             "engine": self.engine.stats(),
             "release": dict(self.releases),
