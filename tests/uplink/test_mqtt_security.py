@@ -62,6 +62,16 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def assert_start_fails(cfg: MqttSection, ob: SqliteOutbox, key: str) -> None:
+    """``start()`` of an uplink with ``cfg`` raises a :class:`ConfigError` naming ``key``."""
+
+    async def main() -> None:
+        with pytest.raises(ConfigError, match=key):
+            await MqttUplink(cfg, APP, ob).start()
+
+    asyncio.run(main())
+
+
 def deliver_one(up: MqttUplink, ob: SqliteOutbox, sub: Subscriber) -> Any:
     """A scenario: wait for the connection, append one record, wait until the subscriber has it."""
 
@@ -195,12 +205,7 @@ def test_an_unreadable_ca_file_fails_start_naming_the_key(
     tmp_path: Path, outbox: SqliteOutbox
 ) -> None:
     cfg = mqtt_cfg(1, tls=True, ca_file=str(tmp_path / "missing.crt"))
-
-    async def main() -> None:
-        with pytest.raises(ConfigError, match="mqtt.ca_file"):
-            await MqttUplink(cfg, APP, outbox).start()
-
-    asyncio.run(main())
+    assert_start_fails(cfg, outbox, "mqtt.ca_file")
 
 
 # -- passwords ---------------------------------------------------------------------------------
@@ -212,6 +217,11 @@ def passwd_broker(mosquitto: Mosquitto, tmp_path: Path) -> None:
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), USER, SECRET], check=True)
     subprocess.run(["mosquitto_passwd", "-b", str(pw), "sub", "sub"], check=True)
     mosquitto.reconfigure(f"password_file {pw}\n", allow_anonymous=False)
+
+
+def password_subscriber(port: int) -> Subscriber:
+    """A subscriber to the telemetry, logged in as ``sub`` (see :func:`passwd_broker`)."""
+    return Subscriber(port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub")
 
 
 def password_file(tmp_path: Path, text: str) -> Path:
@@ -233,7 +243,7 @@ def test_the_right_password_from_a_file_delivers_and_never_appears_in_logs_or_co
     pw = password_file(tmp_path, SECRET)
     cfg = mqtt_cfg(mosquitto.port, username=USER, password_file=str(pw), protocol=protocol)
     uplink = MqttUplink(cfg, APP, outbox)
-    sub = Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub")
+    sub = password_subscriber(mosquitto.port)
     with sub, caplog.at_level(logging.DEBUG):
         run_with_uplink(uplink, deliver_one(uplink, outbox, sub))
     assert uplink.stats()["auth_failures"] == 0
@@ -250,9 +260,7 @@ def test_a_password_from_an_environment_variable_delivers(
     monkeypatch.setenv("APPLIANCE_MQTT_PASSWORD", SECRET)
     cfg = mqtt_cfg(mosquitto.port, username=USER, password_env="APPLIANCE_MQTT_PASSWORD")
     uplink = MqttUplink(cfg, APP, outbox)
-    with Subscriber(
-        mosquitto.port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub"
-    ) as sub:
+    with password_subscriber(mosquitto.port) as sub:
         run_with_uplink(uplink, deliver_one(uplink, outbox, sub))
         assert len(sub.messages()) == 1
 
@@ -280,7 +288,7 @@ def test_a_wrong_password_logs_one_clear_error_counts_retries_and_recovers_once_
         await eventually(lambda: outbox.pending == 0)
         await eventually(lambda: len(sub.messages()) == 1)
 
-    sub = Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub")
+    sub = password_subscriber(mosquitto.port)
     with sub, caplog.at_level(logging.DEBUG):
         run_with_uplink(uplink, scenario)
     errs = errors(caplog)
@@ -295,12 +303,7 @@ def test_a_missing_password_file_fails_start_naming_the_key_not_the_value(
     tmp_path: Path, outbox: SqliteOutbox
 ) -> None:
     cfg = mqtt_cfg(1, username=USER, password_file=str(tmp_path / "nope"))
-
-    async def main() -> None:
-        with pytest.raises(ConfigError, match="mqtt.password_file"):
-            await MqttUplink(cfg, APP, outbox).start()
-
-    asyncio.run(main())
+    assert_start_fails(cfg, outbox, "mqtt.password_file")
 
 
 def test_a_group_readable_password_file_gets_a_warning(
