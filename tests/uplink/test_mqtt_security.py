@@ -62,6 +62,25 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def tls_refused(
+    up: MqttUplink,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    failures: int = 2,
+    level: int = logging.INFO,
+) -> list[str]:
+    """Run ``up`` until ``failures`` TLS failures, never connected (the uplink's log captured
+    from ``level``); the ERROR lines it logged."""
+
+    async def scenario(u: MqttUplink) -> None:
+        await eventually(lambda: u.stats()["tls_failures"] >= failures)
+        assert not u.connected
+
+    with caplog.at_level(level, logger="appliance.uplink"):
+        run_with_uplink(up, scenario, stop_s=0.1)
+    return errors(caplog)
+
+
 def assert_start_fails(cfg: MqttSection, ob: SqliteOutbox, key: str) -> None:
     """``start()`` of an uplink with ``cfg`` raises a :class:`ConfigError` naming ``key``."""
 
@@ -125,14 +144,7 @@ def test_tls_without_the_broker_ca_fails_verification_with_one_clear_error_and_k
 ) -> None:
     ca_file = "" if ca == "system store" else str(pki.other_ca)
     uplink = MqttUplink(mqtt_cfg(tls_broker, tls=True, ca_file=ca_file), APP, outbox)
-
-    async def scenario(up: MqttUplink) -> None:
-        await eventually(lambda: up.stats()["tls_failures"] >= 3)
-        assert not up.connected
-
-    with caplog.at_level(logging.DEBUG, logger="appliance.uplink"):
-        run_with_uplink(uplink, scenario, stop_s=0.1)
-    errs = errors(caplog)
+    errs = tls_refused(uplink, caplog, failures=3, level=logging.DEBUG)
     assert len(errs) == 1, errs
     assert f"127.0.0.1:{tls_broker}" in errs[0]
     assert "TLS certificate verification failed" in errs[0]
@@ -146,14 +158,7 @@ def test_a_certificate_for_another_host_name_fails_the_host_name_check(
     port = free_port()
     mosquitto.reconfigure(tls_listener_conf(port, pki, misnamed=True))
     uplink = MqttUplink(mqtt_cfg(port, tls=True, ca_file=str(pki.ca)), APP, outbox)
-
-    async def scenario(up: MqttUplink) -> None:
-        await eventually(lambda: up.stats()["tls_failures"] >= 2)
-        assert not up.connected
-
-    with caplog.at_level(logging.INFO, logger="appliance.uplink"):
-        run_with_uplink(uplink, scenario, stop_s=0.1)
-    errs = errors(caplog)
+    errs = tls_refused(uplink, caplog)
     assert len(errs) == 1 and "mismatch" in errs[0] and "'127.0.0.1'" in errs[0], errs
 
 
@@ -190,14 +195,7 @@ def test_a_client_certificate_is_presented_where_the_broker_requires_one(
         assert len(sub.messages()) == 1
 
     without = MqttUplink(mqtt_cfg(port, tls=True, ca_file=str(pki.ca)), APP, outbox)
-
-    async def refused(up: MqttUplink) -> None:
-        await eventually(lambda: up.stats()["tls_failures"] >= 2)
-        assert not up.connected
-
-    with caplog.at_level(logging.INFO, logger="appliance.uplink"):
-        run_with_uplink(without, refused, stop_s=0.1)
-    errs = errors(caplog)
+    errs = tls_refused(without, caplog)
     assert len(errs) == 1 and f"127.0.0.1:{port}" in errs[0] and "TLS" in errs[0], errs
 
 
