@@ -3,6 +3,7 @@ through a real Mosquitto (``tests/e2e``, ``tests/api``, ``tests/uplink``, ``test
 imported as ``cellhelp``: test folders are not packages): the appliance's config document, the
 start and stop order, and waiting for a condition.
 
+``overtemp_cell()``: a simulated cell whose second machine overheats for a while.
 ``cell_doc(id, ports, mqtt_port, **sections)``: the TOML document (a dict) of an appliance that
 polls the simulated machines ``cnc-1``... on ``ports``, keeps its outbox in the test's folder
 and publishes to the broker on ``mqtt_port`` with quick reconnects; ``sections`` are deep-merged
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Config, parse_config
+from appliance.demo.mosquitto import free_port
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.runtime import Appliance
-from appliance.simulate.cell import SimulatedCell
+from appliance.simulate.cell import FaultSchedule, SimulatedCell
 
 #: A threshold rule the simulator's ``temp_ramp`` fault raises and its cool-down clears.
 OVERTEMP: dict[str, Any] = {
@@ -34,6 +36,21 @@ OVERTEMP: dict[str, Any] = {
     "clear_below": 65.0,
     "severity": "major",
 }
+
+
+def overtemp_cell() -> tuple[list[int], SimulatedCell]:
+    """Two simulated machines on free ports at 3× time (seed 7) whose second (``cnc-2``) has
+    its spindle temperature ramp from 3 s to 15 s: an ``OVERTEMP`` rule raises, then clears as
+    it cools, within a few wall seconds. Its ports and the cell (not started)."""
+    ports = [free_port(), free_port()]
+    cell = SimulatedCell(
+        machines=2,
+        ports=ports,
+        seed=7,
+        time_scale=3.0,
+        faults=[FaultSchedule(machine=1, kind="temp_ramp", at_s=3.0, duration_s=12.0)],
+    )
+    return ports, cell
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

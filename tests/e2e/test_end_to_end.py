@@ -9,14 +9,14 @@ from typing import Any
 
 import jsonschema
 import pytest
-from cellhelp import OVERTEMP, cell_config, serving, wait_for
+from cellhelp import OVERTEMP, cell_config, overtemp_cell, serving, wait_for
 
 from appliance.config import Config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.runtime import Appliance
 from appliance.schemas import load_schema
-from appliance.simulate.cell import FaultSchedule, SimulatedCell
+from appliance.simulate.cell import SimulatedCell
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +30,7 @@ def make_config(tmp_path: Path, ports: list[int], mqtt_port: int) -> Config:
 def test_fault_on_a_simulated_machine_reaches_the_subscriber_as_alert_raise_and_clear(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    ports = [free_port(), free_port()]
-    # time_scale 3: the temperature ramp (12 simulated s) and cool-down take a few wall seconds.
-    cell = SimulatedCell(
-        machines=2,
-        ports=ports,
-        seed=7,
-        time_scale=3.0,
-        faults=[FaultSchedule(machine=1, kind="temp_ramp", at_s=3.0, duration_s=12.0)],
-    )
+    ports, cell = overtemp_cell()
     app = Appliance(make_config(tmp_path, ports, mosquitto.port))
     sub = DemoSubscriber("127.0.0.1", mosquitto.port, "edge", "e2e", client_id="e2e-sub")
     sub.keep_messages = True

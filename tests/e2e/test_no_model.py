@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from cellhelp import cell_config, serving, wait_for
+from cellhelp import cell_config, overtemp_cell, serving, wait_for
 
 from appliance.api.status_cli import render
 from appliance.cli import main
@@ -22,7 +22,6 @@ from appliance.demo.subscriber import DemoSubscriber
 from appliance.errors import ConfigError
 from appliance.runtime import Appliance
 from appliance.schemas import load_schema
-from appliance.simulate.cell import FaultSchedule, SimulatedCell
 
 RULE = {"name": "hot", "channel": "spindle_temp", "above": 75.0, "clear_below": 65.0}
 
@@ -51,14 +50,7 @@ def _get(url: str) -> tuple[int, bytes]:
 def test_without_a_model_telemetry_and_threshold_alerts_run_and_nothing_is_scored(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    ports = [free_port(), free_port()]
-    cell = SimulatedCell(
-        machines=2,
-        ports=ports,
-        seed=7,
-        time_scale=3.0,
-        faults=[FaultSchedule(machine=1, kind="temp_ramp", at_s=3.0, duration_s=12.0)],
-    )
+    ports, cell = overtemp_cell()
     api_port = free_port()
     app = Appliance(_config(tmp_path, ports, mosquitto.port, api_port))
     assert app.models == [] and app.engine is None and app.bundle is None
