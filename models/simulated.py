@@ -10,6 +10,8 @@ each. Threshold: 1.0 = the larger of the training windows' ``QUANTILE`` and ``MA
 highest score of ``CALIB_MACHINES`` held-out machines (seed + 500, ``CALIB_MINUTES`` each).
 Golden vectors: 8 windows of a held-out healthy machine (seed + 1), then 8 windows of another
 (seed + 2) with a fault from 100 s to 250 s, taken after the fault has had time to show.
+``CONTINUOUS`` (the machine's continuous channels) is also what ``cnc_anomaly``,
+``quality.py`` and ``onboarding.py`` use.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from appliance.contracts import FeatureSpec
 from appliance.features.samples import features_from_frames
 from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
 from appliance.simulate.dataset import EPOCH_S, FaultEvent, simulate_frames
+from appliance.simulate.machine import CHANNELS as MACHINE_CHANNELS
 
 F64 = npt.NDArray[np.float64]
 
+#: The simulated machine's continuous channels (not the part counter and the program state).
+CONTINUOUS = tuple(c for c in MACHINE_CHANNELS if c not in ("part_counter", "program_state"))
 WINDOW_S = 1.0
 QUANTILE = 0.9999
 CALIB_MACHINES, CALIB_MINUTES, MARGIN = 32, 10.0, 1.1

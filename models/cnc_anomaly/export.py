@@ -20,15 +20,15 @@ from appliance.contracts import Frame, Window
 from appliance.features.windows import FeatureSpec, WindowAggregator
 from appliance.modelkit.export import IR_VERSION, OPSET, finish_model
 from appliance.modelkit.gaussian import GaussianModel
-from appliance.simulate.machine import CHANNELS as MACHINE_CHANNELS
 from appliance.simulate.machine import CncMachine
+from models.simulated import CONTINUOUS
 
 NAME = "cnc_anomaly"
 VERSION = "1.0.0"
 WINDOW_S = 1.0
 POLL_S = 0.1
 #: Continuous channels only: the part counter and program state are not features.
-CHANNELS = tuple(c for c in MACHINE_CHANNELS if c not in ("part_counter", "program_state"))
+CHANNELS = CONTINUOUS
 FEATURES = tuple(FeatureSpec(c, s) for c in CHANNELS for s in ("mean", "max"))
 
 
