@@ -74,6 +74,26 @@ class RunningCell:
             self.loop.close()
             self.broker.stop()
 
+    def __enter__(self) -> RunningCell:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_ready(self, *, scored: bool = False) -> None:
+        """Wait (30 s at most) until 4 windows closed, the uplink is connected and, with
+        ``scored``, the engine scored rows."""
+        self.wait_for(
+            lambda: (
+                self.call(lambda: self.app.windows.windows_closed) >= 4
+                and (not scored or self.call(lambda: self.app.engine.stats()["rows"]) > 0)
+                and self.call(lambda: self.app.uplink.connected)
+            ),
+            30,
+            "windows" + (" scored" if scored else "") + " and the uplink connected",
+        )
+
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
         """Run ``coro`` on the appliance's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
