@@ -40,17 +40,9 @@ from appliance.modelkit.metrics import roc_auc
 from appliance.modelkit.record import record
 from appliance.simulate.cell import FaultSchedule, SimulatedCell
 from appliance.simulate.machine import FAULT_KINDS
+from models.simulated import CONTINUOUS
 
-CHANNELS = [
-    "spindle_speed",
-    "spindle_load",
-    "axis_load_x",
-    "axis_load_y",
-    "axis_load_z",
-    "spindle_temp",
-    "coolant_temp",
-    "vibration_rms",
-]
+CHANNELS = list(CONTINUOUS)
 
 
 async def _record_cell(

@@ -59,17 +59,8 @@ from appliance.infer.drift import DriftStage
 from appliance.modelkit.metrics import SHIFT_S, best_direction_auc, debounced_raises, roc_auc
 from appliance.simulate.dataset import EPOCH_S, WAVE_CHANNEL, FaultEvent, simulate_frames
 from appliance.simulate.machine import FAULT_KINDS
+from models.simulated import CONTINUOUS
 
-CONTINUOUS = (
-    "spindle_speed",
-    "spindle_load",
-    "axis_load_x",
-    "axis_load_y",
-    "axis_load_z",
-    "spindle_temp",
-    "coolant_temp",
-    "vibration_rms",
-)
 BASELINE = (
     *(FeatureSpec(c, s) for c in CONTINUOUS for s in ("mean", "max")),
     FeatureSpec(WAVE_CHANNEL, "rms"),

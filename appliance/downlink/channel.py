@@ -44,7 +44,6 @@ import logging
 import math
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -54,14 +53,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance.backoff import backoff_delay_s
 from appliance.config import Config
 from appliance.downlink.base import CommandContext, Handler, Reply, Request
 from appliance.downlink.schemas import request_validator
 from appliance.downlink.store import DedupStore
 from appliance.errors import ConfigError
-from appliance.uplink.paho_loop import PahoOnLoop, connect_properties, new_client
-from appliance.uplink.tls import describe_connect_error, read_password, tls_context
+from appliance.uplink.paho_loop import PahoOnLoop, connect_async, connect_properties, new_client
+from appliance.uplink.tls import read_password, tls_context
 from appliance.uplink.topics import command_topic, reply_topic
 
 log = logging.getLogger(__name__)
@@ -79,7 +77,6 @@ REFUSAL_REASONS = (
     "schema",
     "busy",
 )
-_MISC_INTERVAL_S = 1.0
 
 
 def _finite(value: Any) -> Any:
@@ -192,15 +189,9 @@ class CommandChannel(PahoOnLoop):
         password = read_password(cfg)
         ctx = tls_context(cfg) if cfg.tls else None
         self._validators = {name: request_validator(name) for name in self._handlers}
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._halt = asyncio.Event()
-        self._nudge = asyncio.Event()
-        self._sock_closed = asyncio.Event()
-        self._sock_closed.set()
+        self._bind_loop()
         self._subscribed = asyncio.Event()
         self._queue = asyncio.Queue(QUEUE_SIZE)
-        v5 = cfg.protocol == "5"
         client = new_client(
             self,
             cfg,
@@ -217,16 +208,13 @@ class CommandChannel(PahoOnLoop):
         props = connect_properties(cfg)
         if props is not None:
             props.MaximumPacketSize = max_packet_bytes(self._dl.max_payload_bytes)
-        client.connect_async(
-            cfg.host,
-            cfg.port,
-            keepalive=cfg.keepalive_s,
-            clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=props,
-        )
+        connect_async(client, cfg, props)
         self._client = client
         self._store.open()
-        self._connector = asyncio.create_task(self._connect_loop(), name="downlink-connector")
+        self._connector = asyncio.create_task(
+            self._connect_loop(cfg, lambda _category, text: self._log_failure(text)),
+            name="downlink-connector",
+        )
         self._worker = asyncio.create_task(self._work(), name="downlink-worker")
         log.info(
             "downlink: command channel starting: %s:%d, client id %r, commands on %s (%s)",
@@ -540,34 +528,6 @@ class CommandChannel(PahoOnLoop):
                 self._mqtt.port,
                 text,
             )
-
-    async def _connect_loop(self) -> None:
-        """Connect, run paho's keepalive while the socket is open, back off, again (as the
-        uplink's connector, :mod:`appliance.uplink.mqtt`)."""
-        client, loop = self._client, self._loop
-        halt, nudge = self._halt, self._nudge
-        assert client is not None and loop is not None and halt is not None and nudge is not None
-        while not halt.is_set():
-            try:
-                await loop.run_in_executor(None, client.reconnect)
-            except Exception as err:  # noqa: BLE001 - retried with backoff
-                if not halt.is_set():
-                    self._log_failure(describe_connect_error(err, self._mqtt.host)[1])
-            else:
-                while not halt.is_set() and client.socket() is not None:
-                    nudge.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(nudge.wait(), _MISC_INTERVAL_S)
-                    if not nudge.is_set() and client.socket() is not None:
-                        client.loop_misc()
-            if halt.is_set():
-                return
-            delay = backoff_delay_s(
-                self._attempt, self._mqtt.reconnect_min_s, self._mqtt.reconnect_max_s, self._rng()
-            )
-            self._attempt += 1
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(halt.wait(), delay)
 
 
 def max_packet_bytes(max_payload_bytes: int) -> int:

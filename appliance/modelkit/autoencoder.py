@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.errors import ApplianceError
+from appliance.modelkit.export import score_graph
 
 F64 = npt.NDArray[np.float64]
 
@@ -41,7 +42,7 @@ class AutoencoderModel:
         return err
 
     def onnx_graph(self, name: str) -> object:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
 
         f = len(self.mean)
         inits = [
@@ -74,13 +75,7 @@ class AutoencoderModel:
             helper.make_node("ReduceMean", ["sq"], ["mse"], axes=[1], keepdims=0),
             helper.make_node("Mul", ["mse", "inv_sref"], ["score"]),
         ]
-        return helper.make_graph(
-            nodes,
-            name,
-            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f])],
-            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
-            initializer=inits,
-        )
+        return score_graph(nodes, name, f, inits)
 
 
 def fit_autoencoder(

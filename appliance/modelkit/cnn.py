@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.errors import ApplianceError
+from appliance.modelkit.export import score_graph
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -87,16 +88,8 @@ class CnnModel:
             helper.make_node("ReduceSum", ["faulty", "axis1"], ["p_fault"], keepdims=0),
             helper.make_node("Mul", ["p_fault", "inv_pref"], ["score"]),
         ]
-        return helper.make_graph(
-            nodes,
-            name,
-            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f])],
-            [
-                helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
-                helper.make_tensor_value_info("class_probs", TensorProto.FLOAT, ["batch", k]),
-            ],
-            initializer=inits,
-        )
+        probs = helper.make_tensor_value_info("class_probs", TensorProto.FLOAT, ["batch", k])
+        return score_graph(nodes, name, f, inits, [probs])
 
 
 def _net(torch: Any, height: int, k: int) -> Any:

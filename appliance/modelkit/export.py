@@ -62,6 +62,27 @@ def finish_model(graph: Any, *, producer: str = "appliance-modelkit") -> bytes:
     return bytes(model.SerializeToString())
 
 
+def score_graph(
+    nodes: Sequence[Any],
+    name: str,
+    n_features: int,
+    initializer: Sequence[Any],
+    extra_outputs: Sequence[Any] = (),
+) -> Any:
+    """The graph of a bundle (the contract in ``docs/models.md``): ``nodes`` from the input
+    ``features`` [batch, ``n_features``] float32 to the output ``score`` [batch] float32, then
+    ``extra_outputs`` (value infos, not served). Needs the ``onnx`` package."""
+    from onnx import TensorProto, helper
+
+    return helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_features])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]), *extra_outputs],
+        initializer=initializer,
+    )
+
+
 def condition_manifest(
     condition: Sequence[tuple[FeatureSpec, float, float]],
 ) -> list[dict[str, Any]]:

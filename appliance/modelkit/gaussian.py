@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from appliance.modelkit.export import score_graph
 from appliance.modelkit.recording import DataError
 
 F64 = npt.NDArray[np.float64]
@@ -32,7 +33,7 @@ class GaussianModel:
         return d
 
     def onnx_graph(self, name: str) -> object:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
 
         f = len(self.mean)
         inits = [
@@ -48,13 +49,7 @@ class GaussianModel:
             helper.make_node("Sqrt", ["msq"], ["dist"]),
             helper.make_node("Mul", ["dist", "inv_sref"], ["score"]),
         ]
-        return helper.make_graph(
-            nodes,
-            name,
-            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f])],
-            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
-            initializer=inits,
-        )
+        return score_graph(nodes, name, f, inits)
 
 
 def fit_gaussian(x: npt.ArrayLike, quantile: float = 0.999, ridge: float = 1e-3) -> GaussianModel:
@@ -145,13 +140,7 @@ class ContextGaussianModel:
             helper.make_node("Mul", ["select", "scores"], ["picked"]),
             helper.make_node("ReduceSum", ["picked", "one"], ["score"], keepdims=0),
         ]
-        return helper.make_graph(
-            nodes,
-            name,
-            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f + 1])],
-            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
-            initializer=inits,
-        )
+        return score_graph(nodes, name, f + 1, inits)
 
 
 def fit_context_gaussian(
@@ -250,7 +239,7 @@ class GaussianBank:
         return out
 
     def onnx_graph(self, name: str) -> object:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
 
         f = len(self.mean)
         inits = [
@@ -268,13 +257,7 @@ class GaussianBank:
             helper.make_node("Mul", ["dist", "inv_sref"], ["parts"]),
             helper.make_node("ReduceMax", ["parts"], ["score"], axes=[1], keepdims=0),
         ]
-        return helper.make_graph(
-            nodes,
-            name,
-            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f])],
-            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
-            initializer=inits,
-        )
+        return score_graph(nodes, name, f, inits)
 
 
 def fit_gaussian_bank(

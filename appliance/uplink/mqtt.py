@@ -114,7 +114,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -124,7 +123,6 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from appliance.backoff import backoff_delay_s
 from appliance.config import MqttSection
 from appliance.contracts import Outbox
 from appliance.errors import ConfigError
@@ -132,6 +130,7 @@ from appliance.uplink.delivery import BURST_S, DeliveryPolicy, packet_limit
 from appliance.uplink.paho_loop import (
     PackedProperties,
     PahoOnLoop,
+    connect_async,
     connect_properties,
     new_client,
 )
@@ -140,7 +139,6 @@ from appliance.uplink.tls import (
     AUTH_REASONS,
     Secret,
     check_password_file_mode,
-    describe_connect_error,
     read_password,
     tls_context,
 )
@@ -153,7 +151,6 @@ STATUS_ACK_TIMEOUT_S = 1.0
 
 _STABLE_LINK_S = 10.0  # a connection that lasted this long resets the backoff when it drops
 _FLAP_WARNINGS = 3  # short-lived connections in a row before one error replaces the warnings
-_MISC_INTERVAL_S = 1.0  # paho's loop_misc (keepalive) period, as in paho's own network loop
 _encode = msgspec.json.Encoder().encode
 
 
@@ -291,15 +288,10 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
         password = read_password(cfg)
         check_password_file_mode(cfg)
         ctx = tls_context(cfg) if cfg.tls else None
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        loop = self._bind_loop()
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
-        self._halt = asyncio.Event()
-        self._nudge = asyncio.Event()
-        self._sock_closed = asyncio.Event()
-        self._sock_closed.set()
-        self._tokens_at = self._loop.time()
+        self._tokens_at = loop.time()
         v5 = cfg.protocol == "5"
         client = new_client(
             self,
@@ -324,15 +316,11 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
             self._pub_props = PackedProperties(
                 PacketTypes.PUBLISH, PayloadFormatIndicator=1, ContentType="application/json"
             )
-        client.connect_async(
-            cfg.host,
-            cfg.port,
-            keepalive=cfg.keepalive_s,
-            clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=connect_props,
-        )
+        connect_async(client, cfg, connect_props)
         self._client = client
-        self._connector = asyncio.create_task(self._connect_loop(), name="mqtt-uplink-connector")
+        self._connector = asyncio.create_task(
+            self._connect_loop(cfg, self._handle_connect_failed), name="mqtt-uplink-connector"
+        )
         self._task = asyncio.create_task(self._publish_loop(), name="mqtt-uplink-publisher")
         log.info(
             "MQTT uplink starting: %s:%d, MQTT %s, %s, user %s, client id %r, status topic %s",
@@ -548,36 +536,6 @@ class MqttUplink(DeliveryPolicy, PahoOnLoop):
             log.error("MQTT uplink: %s; keeping the previous password", message)
 
     # -- the connection ----------------------------------------------------------------------
-
-    async def _connect_loop(self) -> None:
-        """Open connections until ``stop()``: attempt, run paho's keepalive while the socket is
-        open, back off with full jitter, again."""
-        client, loop = self._client, self._loop
-        halt, nudge = self._halt, self._nudge
-        assert client is not None and loop is not None and halt is not None and nudge is not None
-        while not halt.is_set():
-            try:
-                # Blocking (DNS, TCP, TLS handshake): in a worker thread. The socket callbacks
-                # hand the open socket to the loop; CONNACK arrives through loop_read.
-                await loop.run_in_executor(None, client.reconnect)
-            except Exception as err:
-                if not halt.is_set():
-                    self._handle_connect_failed(*describe_connect_error(err, self._cfg.host))
-            else:
-                while not halt.is_set() and client.socket() is not None:
-                    nudge.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(nudge.wait(), _MISC_INTERVAL_S)
-                    if not nudge.is_set() and client.socket() is not None:
-                        client.loop_misc()  # PINGREQ when due; closes a link gone quiet
-            if halt.is_set():
-                return
-            delay = backoff_delay_s(
-                self._attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng()
-            )
-            self._attempt += 1
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(halt.wait(), delay)
 
     async def _close_link(self, client: mqtt.Client) -> None:
         """Send DISCONNECT and wait (briefly) for paho to close the socket; close it if not."""

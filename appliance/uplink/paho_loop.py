@@ -4,8 +4,9 @@ paho runs in its "external event loop" mode: :class:`PahoOnLoop` registers paho'
 the loop (``add_reader``/``add_writer``) through paho's ``on_socket_*`` callbacks and runs
 ``loop_read``/``loop_write`` as the loop's callbacks, so paho's callbacks run on the loop thread.
 The callbacks paho makes from the connection worker thread (opening a connection) are handed
-to the loop with ``call_soon_threadsafe``. :class:`PackedProperties` and :func:`paho_logger`
-take paho's per-packet Python work off the publish path.
+to the loop with ``call_soon_threadsafe``; its connector task (:meth:`PahoOnLoop._connect_loop`)
+opens the connection, runs paho's keepalive and reconnects with backoff. :class:`PackedProperties`
+and :func:`paho_logger` take paho's per-packet Python work off the publish path.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from appliance.backoff import backoff_delay_s
 from appliance.config import MqttSection
+from appliance.uplink.tls import describe_connect_error
 
 PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 """``mqtt.protocol`` → paho's protocol constant."""
 
 _MAX_PENDING_READS = 64  # TLS: extra loop_read calls per readable event for buffered records
+_MISC_INTERVAL_S = 1.0  # paho's loop_misc (keepalive) period, as in paho's own network loop
 
 
 class PackedProperties(Properties):
@@ -86,12 +90,15 @@ def paho_logger(sink: Callable[[str], None]) -> logging.Logger:
 
 
 class PahoOnLoop:
-    """The socket side of an uplink whose paho client runs on the event loop: a mixin of
-    :class:`~appliance.uplink.mqtt.MqttUplink`, which sets these attributes.
+    """The socket side and the connector of a client whose paho client runs on the event loop:
+    a mixin of :class:`~appliance.uplink.mqtt.MqttUplink` and
+    :class:`~appliance.downlink.channel.CommandChannel`, which set these attributes.
 
     ``_on_socket_*`` are paho's callbacks (on the loop, or in the connection worker thread);
     the rest runs on the loop. ``_sock_closed`` is set while no socket is registered, and
-    ``_nudge`` wakes the connector task when the socket closes.
+    ``_nudge`` wakes the connector task when the socket closes; ``_halt`` (set by ``stop()``)
+    ends it. ``_attempt`` counts reconnect attempts (the owner resets it when a connection
+    counts as up); ``_rng`` is the uniform [0, 1) source of the backoff's jitter.
     """
 
     _loop: asyncio.AbstractEventLoop | None
@@ -99,7 +106,53 @@ class PahoOnLoop:
     _fd: int
     _sock_closed: asyncio.Event | None
     _nudge: asyncio.Event | None
+    _halt: asyncio.Event | None
     _loop_thread: int
+    _attempt: int
+    _rng: Callable[[], float]
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        """In ``start()``, on the event loop: remember the loop (returned) and its thread, and
+        create the connector's events (no socket registered yet)."""
+        self._loop = loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._halt = asyncio.Event()
+        self._nudge = asyncio.Event()
+        self._sock_closed = asyncio.Event()
+        self._sock_closed.set()
+        return loop
+
+    async def _connect_loop(self, cfg: MqttSection, on_failed: Callable[[str, str], None]) -> None:
+        """The connector task: open connections until ``_halt``: attempt, run paho's keepalive
+        while the socket is open, back off with full jitter (:func:`backoff_delay_s` of
+        ``cfg.reconnect_min_s``/``reconnect_max_s``), again. A failed attempt goes to
+        ``on_failed(category, reason)`` (:func:`describe_connect_error`)."""
+        client, loop = self._client, self._loop
+        halt, nudge = self._halt, self._nudge
+        assert client is not None and loop is not None and halt is not None and nudge is not None
+        while not halt.is_set():
+            try:
+                # Blocking (DNS, TCP, TLS handshake): in a worker thread. The socket callbacks
+                # hand the open socket to the loop; CONNACK arrives through loop_read.
+                await loop.run_in_executor(None, client.reconnect)
+            except Exception as err:  # noqa: BLE001 - retried with backoff
+                if not halt.is_set():
+                    on_failed(*describe_connect_error(err, cfg.host))
+            else:
+                while not halt.is_set() and client.socket() is not None:
+                    nudge.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(nudge.wait(), _MISC_INTERVAL_S)
+                    if not nudge.is_set() and client.socket() is not None:
+                        client.loop_misc()  # PINGREQ when due; closes a link gone quiet
+            if halt.is_set():
+                return
+            delay = backoff_delay_s(
+                self._attempt, cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng()
+            )
+            self._attempt += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(halt.wait(), delay)
 
     def _on_loop(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` on the event loop: at once when called there (paho's callbacks
@@ -189,7 +242,7 @@ def new_client(
 ) -> mqtt.Client:
     """A paho client for ``cfg`` (persistent session; credentials, TLS) whose socket ``owner``
     runs on the event loop; the uplink's and the command channel's. The caller adds its other
-    callbacks and starts it with ``connect_async`` (:func:`connect_properties`)."""
+    callbacks and starts it with :func:`connect_async`."""
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -209,6 +262,18 @@ def new_client(
     if tls is not None:
         client.tls_set_context(tls)
     return client
+
+
+def connect_async(client: mqtt.Client, cfg: MqttSection, props: Properties | None) -> None:
+    """Tell ``client`` where to connect (``cfg``: persistent session, keepalive) with the
+    CONNECT properties ``props`` (:func:`connect_properties`); the connector connects."""
+    client.connect_async(
+        cfg.host,
+        cfg.port,
+        keepalive=cfg.keepalive_s,
+        clean_start=False if cfg.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        properties=props,
+    )
 
 
 def connect_properties(cfg: MqttSection) -> Properties | None:

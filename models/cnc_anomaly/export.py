@@ -18,17 +18,18 @@ import numpy as np
 
 from appliance.contracts import Frame, Window
 from appliance.features.windows import FeatureSpec, WindowAggregator
-from appliance.simulate.machine import CHANNELS as MACHINE_CHANNELS
+from appliance.modelkit.export import IR_VERSION, OPSET, finish_model
+from appliance.modelkit.gaussian import GaussianModel
 from appliance.simulate.machine import CncMachine
+from models.simulated import CONTINUOUS
 
 NAME = "cnc_anomaly"
 VERSION = "1.0.0"
 WINDOW_S = 1.0
 POLL_S = 0.1
 #: Continuous channels only: the part counter and program state are not features.
-CHANNELS = tuple(c for c in MACHINE_CHANNELS if c not in ("part_counter", "program_state"))
+CHANNELS = CONTINUOUS
 FEATURES = tuple(FeatureSpec(c, s) for c in CHANNELS for s in ("mean", "max"))
-OPSET, IR_VERSION = 17, 10
 
 
 def simulate_windows(
@@ -83,40 +84,13 @@ def fit(x: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray, flo
 
 def reference_score(x: np.ndarray, mean: np.ndarray, w: np.ndarray, s_ref: float) -> np.ndarray:
     """NumPy reference of the ONNX graph (float64)."""
-    return np.sqrt(np.mean(((x - mean) @ w) ** 2, axis=1)) / s_ref
+    return GaussianModel(mean, w, s_ref).score(x)
 
 
 def build_onnx(mean: np.ndarray, w: np.ndarray, s_ref: float) -> bytes:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    f = len(mean)
-    inits = [
-        numpy_helper.from_array(mean.astype(np.float32), "mean"),
-        numpy_helper.from_array(w.astype(np.float32), "whiten"),
-        numpy_helper.from_array(np.array(1.0 / s_ref, np.float32), "inv_sref"),
-    ]
-    nodes = [
-        helper.make_node("Sub", ["features", "mean"], ["centred"]),
-        helper.make_node("MatMul", ["centred", "whiten"], ["y"]),
-        helper.make_node("Mul", ["y", "y"], ["y2"]),
-        helper.make_node("ReduceMean", ["y2"], ["msq"], axes=[1], keepdims=0),
-        helper.make_node("Sqrt", ["msq"], ["dist"]),
-        helper.make_node("Mul", ["dist", "inv_sref"], ["score"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        NAME,
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", f])],
-        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="appliance-export"
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
+    """The graph of :class:`appliance.modelkit.gaussian.GaussianModel`, checked (ONNX checker,
+    TensorRT operators) and serialised at ``OPSET``/``IR_VERSION``."""
+    return finish_model(GaussianModel(mean, w, s_ref).onnx_graph(NAME), producer="appliance-export")
 
 
 def main() -> None:

@@ -15,28 +15,19 @@ features' residuals from their linear regression on ``GIVEN``, so an unusual spe
 not an anomaly, an unusual vibration or temperature *at* that speed and load is. 1.0 is the
 threshold: the 99.99th percentile of the normal training windows or 1.1 × the highest score of
 32 held-out machines, whichever is larger. Windows outside ``CONDITION`` (spindle stopped or
-changing speed) are not scored.
+changing speed) are not scored. Windows, threshold rule and golden vectors: ``models.simulated``.
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import numpy as np
-
 from appliance.contracts import FeatureSpec
-from appliance.features.samples import features_from_frames
-from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
-from appliance.modelkit.gaussian import GaussianModel, fit_conditional_gaussian
-from appliance.simulate.dataset import WAVE_CHANNEL, FaultEvent, simulate_frames
+from appliance.modelkit.gaussian import fit_conditional_gaussian
+from appliance.simulate.dataset import WAVE_CHANNEL
 from appliance.simulate.machine import BEARING_BPFO_ORDER
+from models.simulated import QUANTILE, calibrated, export
 
 NAME = "cnc_condition"
 VERSION = "2.0.0"
-WINDOW_S = 1.0
-QUANTILE = 0.9999
-CALIB_MACHINES, CALIB_MINUTES, MARGIN = 32, 10.0, 1.1
 #: Features: the operating point (the first ``len(GIVEN)``), then the process channels' window
 #: means and trend and the waveform's shape, spectrum and rotation-order shares
 #: (``appliance.features.extract``).
@@ -56,81 +47,26 @@ FEATURES: tuple[FeatureSpec, ...] = (
 )
 #: Columns of ``FEATURES`` the score is conditioned on (spindle speed and load means).
 GIVEN = (0, 1)
-#: Scored only while the spindle turns at a steady speed (above 1000 rpm all window, speed
-#: standard deviation below 20 rpm): idle, tool changes and ramps are not scored.
-CONDITION = (
-    (FeatureSpec("spindle_speed", "min"), 1000.0, float("inf")),
-    (FeatureSpec("spindle_speed", "std"), 0.0, 20.0),
-)
-
-
-def windows(
-    seed: int, index: int, seconds: float, faults: tuple[FaultEvent, ...] = ()
-) -> tuple[np.ndarray, np.ndarray]:
-    """(t_rel [W] seconds since start at window end, X [W, F]) of one simulated machine."""
-    from appliance.simulate.dataset import EPOCH_S
-
-    ends, x, _ = features_from_frames(
-        simulate_frames(seed, index, seconds, faults), FEATURES, WINDOW_S, condition=CONDITION
-    )
-    return ends - EPOCH_S, x
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--machines", type=int, default=32)
-    ap.add_argument("--minutes", type=float, default=8.0, help="normal data per machine")
-    args = ap.parse_args()
-
-    train = np.vstack(
-        [windows(args.seed, i, args.minutes * 60)[1] for i in range(args.machines)]
-    ).astype(np.float64)
-    model = fit_conditional_gaussian(train, GIVEN, QUANTILE)
-    # The threshold must hold on machines the fit never saw (other programs, set points):
-    # the reference distance is the larger of the training windows' QUANTILE and MARGIN times
-    # the largest distance over CALIB_MACHINES held-out machines (another seed).
-    calib = np.vstack(
-        [windows(args.seed + 500, i, CALIB_MINUTES * 60)[1] for i in range(CALIB_MACHINES)]
-    ).astype(np.float64)
-    d_calib = model.score(calib) * model.s_ref
-    s_ref = max(model.s_ref, MARGIN * float(d_calib.max()))
-    model = GaussianModel(model.mean, model.whiten, s_ref)
-    onnx_bytes = finish_model(model.onnx_graph(NAME))
-    _, hold = windows(args.seed + 1, 0, 300)
-    t_bad, bad = windows(args.seed + 2, 1, 300, (FaultEvent(100, "bearing_defect", 150),))
-    in_fault = bad[(t_bad > 150.0) & (t_bad <= 250.0)]
-    golden_in = np.vstack([hold[:8], in_fault[:8]]).astype(np.float32)
-    golden_out = model.score(golden_in.astype(np.float64)).astype(np.float32)
-    write_bundle(
-        args.out,
+    export(
+        __doc__,
+        __file__,
         name=NAME,
         version=VERSION,
         description=(
             "conditional Mahalanobis score over sample features given spindle speed and load; "
             "1.0 = alert threshold"
         ),
-        onnx_bytes=onnx_bytes,
         features=FEATURES,
-        window_s=WINDOW_S,
-        golden_inputs=golden_in,
-        golden_outputs=golden_out,
-        threshold=1.0,
-        extra={
-            "kind": "gaussian",
-            "given": [FEATURES[j].channel + ":" + FEATURES[j].stat for j in GIVEN],
-            "condition": condition_manifest(CONDITION),
-            "training": {
-                "seed": args.seed,
-                "machines": args.machines,
-                "windows": int(len(train)),
-                "calibration_windows": int(len(calib)),
-                "quantile": QUANTILE,
-            },
-        },
+        kind="gaussian",
+        fit=lambda train, calib, seed: calibrated(
+            fit_conditional_gaussian(train, GIVEN, QUANTILE), calib
+        ),
+        golden_fault="bearing_defect",
+        extra={"given": [FEATURES[j].channel + ":" + FEATURES[j].stat for j in GIVEN]},
     )
-    print(f"trained on {len(train)} windows; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from appliance.features.samples import features_from_frames
 from appliance.modelkit.cnn import fit_cnn
 from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
 from appliance.simulate.dataset import EPOCH_S, WAVE_CHANNEL, FaultEvent, simulate_frames
-from models.cnc_condition.export import CALIB_MACHINES, CALIB_MINUTES, CONDITION
+from models.simulated import CALIB_MACHINES, CALIB_MINUTES, CONDITION
 
 NAME = "cnc_spectrogram"
 VERSION = "1.0.0"

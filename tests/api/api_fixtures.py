@@ -13,7 +13,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance.config import Config, parse_config
+from cellhelp import OVERTEMP, cell_config
+
+from appliance.config import Config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.runtime import Appliance
 from appliance.simulate.cell import SimulatedCell
@@ -24,42 +26,21 @@ TOKEN = "s3cret-token-for-tests"
 
 def make_config(tmp_path: Path, ports: list[int], mqtt_port: int, api_port: int) -> Config:
     (tmp_path / "api-token").write_text(TOKEN + "\n")
-    return parse_config(
-        {
-            "appliance": {"id": "api-test"},
-            "devices": [
-                {
-                    "name": f"cnc-{i + 1}",
-                    "port": p,
-                    "profile": "cnc-sim",
-                    "poll_interval_ms": 100,
-                    "timeout_s": 0.5,
-                }
-                for i, p in enumerate(ports)
-            ],
-            "alerts": {
-                "rules": [
-                    {
-                        "name": "spindle_overtemp",
-                        "channel": "spindle_temp",
-                        "above": 75.0,
-                        "clear_below": 30.0,  # stays raised once raised: tests read it at leisure
-                        "severity": "major",
-                    },
-                ]
-            },
-            "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-            "mqtt": {"port": mqtt_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
-            "api": {
-                "enabled": True,
-                "port": api_port,
-                "token_file": "api-token",
-                "max_body_bytes": 4096,
-                "history_s": 120,
-            },
+    return cell_config(
+        tmp_path,
+        "api-test",
+        ports,
+        mqtt_port,
+        device={"timeout_s": 0.5},
+        # clear_below 30: stays raised once raised, tests read it at leisure
+        alerts={"rules": [{**OVERTEMP, "clear_below": 30.0}]},
+        api={
+            "enabled": True,
+            "port": api_port,
+            "token_file": "api-token",
+            "max_body_bytes": 4096,
+            "history_s": 120,
         },
-        source="api-test",
-        base_dir=tmp_path,
     )
 
 
@@ -92,6 +73,26 @@ class RunningCell:
             self._thread.join(10)
             self.loop.close()
             self.broker.stop()
+
+    def __enter__(self) -> RunningCell:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_ready(self, *, scored: bool = False) -> None:
+        """Wait (30 s at most) until 4 windows closed, the uplink is connected and, with
+        ``scored``, the engine scored rows."""
+        self.wait_for(
+            lambda: (
+                self.call(lambda: self.app.windows.windows_closed) >= 4
+                and (not scored or self.call(lambda: self.app.engine.stats()["rows"]) > 0)
+                and self.call(lambda: self.app.uplink.connected)
+            ),
+            30,
+            "windows" + (" scored" if scored else "") + " and the uplink connected",
+        )
 
     def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
         """Run ``coro`` on the appliance's loop and wait for its result."""

@@ -17,21 +17,9 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCell]:
-    rc = RunningCell(tmp_path_factory.mktemp("api"))
-    rc.start()
-    try:
-        rc.wait_for(
-            lambda: (
-                rc.call(lambda: rc.app.windows.windows_closed) >= 4
-                and rc.call(lambda: rc.app.engine.stats()["rows"]) > 0
-                and rc.call(lambda: rc.app.uplink.connected)
-            ),
-            30,
-            "windows scored and the uplink connected",
-        )
+    with RunningCell(tmp_path_factory.mktemp("api")) as rc:
+        rc.wait_ready(scored=True)
         yield rc
-    finally:
-        rc.stop()
 
 
 def metrics(cell: RunningCell) -> dict[str, list[tuple[dict[str, str], float]]]:

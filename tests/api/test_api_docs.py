@@ -28,22 +28,11 @@ OPEN_MAPS = {"values", "channels", "stats", "groups", "phase_ms", "rejected_by_r
 
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCell]:
-    rc = RunningCell(tmp_path_factory.mktemp("docs"))
-    rc.start()
-    try:
-        rc.wait_for(
-            lambda: (
-                rc.call(lambda: rc.app.windows.windows_closed) >= 4
-                and rc.call(lambda: rc.app.uplink.connected)
-            ),
-            30,
-            "windows and the uplink",
-        )
+    with RunningCell(tmp_path_factory.mktemp("docs")) as rc:
+        rc.wait_ready()
         rc.call(lambda: rc.cell.inject(1, "temp_ramp", 6.0))  # an active alert to show
         rc.wait_for(lambda: rc.get_json("/api/v1/alerts")["active"], 20, "the alert")
         yield rc
-    finally:
-        rc.stop()
 
 
 def kind(v: Any) -> str:

@@ -17,12 +17,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCell]:
-    rc = RunningCell(tmp_path_factory.mktemp("page"))
-    rc.start()
-    try:
+    with RunningCell(tmp_path_factory.mktemp("page")) as rc:
         yield rc
-    finally:
-        rc.stop()
 
 
 @pytest.fixture(scope="module")

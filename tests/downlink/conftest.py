@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dlhelp import DownlinkCell, base_config, deep_merge
+from cellhelp import deep_merge
+from dlhelp import DownlinkCell, base_config
 
 from appliance.config import load_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port, wait_port

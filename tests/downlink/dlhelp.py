@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cellhelp import OVERTEMP, cell_doc
+
 from appliance.demo.mosquitto import MosquittoProcess
 from appliance.downlink.client import Broker, send_command
 from appliance.downlink.runner import DownlinkRunner
@@ -32,50 +34,20 @@ APPLIANCE_ID = "dl"
 PREFIX = "edge"
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = (
-            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out
-
-
 def base_config(sim_ports: list[int], mqtt_port: int, protocol: str = "5") -> dict[str, Any]:
     """The TOML document of the test appliance (``dl``): the simulated machines ``cnc-1``...,
     one alert rule, the outbox in the test's folder, downlink enabled."""
-    return {
-        "appliance": {"id": APPLIANCE_ID, "drain_timeout_s": 2.0},
-        "devices": [
-            {
-                "name": f"cnc-{i + 1}",
-                "port": p,
-                "profile": "cnc-sim",
-                "poll_interval_ms": 100,
-                "timeout_s": 0.5,
-            }
-            for i, p in enumerate(sim_ports)
-        ],
-        "alerts": {
-            "rules": [
-                {
-                    "name": "spindle_overtemp",
-                    "channel": "spindle_temp",
-                    "above": 75.0,
-                    "clear_below": 65.0,
-                    "severity": "major",
-                }
-            ]
-        },
-        "outbox": {"path": "state/outbox.sqlite", "synchronous": "NORMAL"},
-        "mqtt": {
-            "port": mqtt_port,
-            "protocol": protocol,
-            "reconnect_min_s": 0.2,
-            "reconnect_max_s": 1.0,
-        },
-        "downlink": {"enabled": True, "apply_deadline_s": 5.0},
-    }
+    return cell_doc(
+        APPLIANCE_ID,
+        sim_ports,
+        mqtt_port,
+        device={"timeout_s": 0.5},
+        appliance={"drain_timeout_s": 2.0},
+        alerts={"rules": [OVERTEMP]},
+        outbox={"path": "state/outbox.sqlite"},
+        mqtt={"protocol": protocol},
+        downlink={"enabled": True, "apply_deadline_s": 5.0},
+    )
 
 
 @dataclass

@@ -115,6 +115,20 @@ async def settle(feed: Feed, rows: int = 30) -> None:
         await asyncio.sleep(0.01)
 
 
+def release(app: Appliance, ctx: Ctx, bodies: list[dict[str, Any]]) -> tuple[list[Reply], Feed]:
+    """Send ``model.release`` (``bodies``, one request per chunk) while ``app`` scores rows:
+    the replies and the rows scored before, during and after."""
+
+    async def go() -> tuple[list[Reply], Feed]:
+        async with serving(app) as feed:
+            await settle(feed)
+            replies = await send(ctx, "model.release", bodies)
+            await settle(feed)
+        return replies, feed
+
+    return asyncio.run(go())
+
+
 def assert_every_row_scored_once(feed: Feed) -> None:
     assert feed.duplicates == 0
     assert sorted(feed.scored) == list(range(feed.sent))
@@ -135,14 +149,7 @@ def test_a_signed_release_swaps_the_model_between_two_batches_and_survives_a_res
     bodies = signed_bodies(make_bundle(tmp_path / "b", "1.1.0", factor=2.0), priv)
     assert len(bodies) > 2  # really chunked
 
-    async def go() -> tuple[list[Reply], Feed]:
-        async with serving(app) as feed:
-            await settle(feed)
-            replies = await send(ctx, "model.release", bodies)
-            await settle(feed)
-        return replies, feed
-
-    replies, feed = asyncio.run(go())
+    replies, feed = release(app, ctx, bodies)
     assert [r.code for r in replies[:-1]] == ["ok"] * (len(bodies) - 1)
     assert replies[-1].code == "ok", replies[-1].message
     assert replies[-1].body["version"] == "1.1.0" and replies[-1].body["previous"] == "1.0.0"
@@ -211,14 +218,7 @@ def test_a_tampered_release_is_refused_and_the_old_model_keeps_serving(
         "oversized": "downlink.max_model_bytes",
     }.get(case) or TAMPERED[case][1]
 
-    async def go() -> tuple[list[Reply], Feed]:
-        async with serving(app) as feed:
-            await settle(feed)
-            replies = await send(ctx, "model.release", bodies)
-            await settle(feed)
-        return replies, feed
-
-    replies, feed = asyncio.run(go())
+    replies, feed = release(app, ctx, bodies)
     refused = [r for r in replies if r.code == "refused"]
     assert refused and expected in refused[0].message, [r.message for r in replies]
     assert not [r for r in replies if r.code not in ("ok", "refused")]
@@ -298,14 +298,7 @@ def test_a_release_that_fails_at_run_time_is_rolled_back_without_losing_a_row(
     ctx = Ctx(app, cfg, tmp_path / "state")
     bodies = signed_bodies(make_bundle(tmp_path / "b", "6.6.6", factor=2.0), priv)
 
-    async def go() -> tuple[list[Reply], Feed]:
-        async with serving(app) as feed:
-            await settle(feed)
-            replies = await send(ctx, "model.release", bodies)
-            await settle(feed)
-        return replies, feed
-
-    replies, feed = asyncio.run(go())
+    replies, feed = release(app, ctx, bodies)
     assert replies[-1].code == "rolled_back", replies[-1].message
     assert "simulated device failure" in replies[-1].message
     assert_every_row_scored_once(feed)

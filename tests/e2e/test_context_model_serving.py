@@ -6,12 +6,11 @@ the context among them, and the graph picks the phase's model."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
 import pytest
+from cellhelp import cell_doc, serving, wait_for
 
 from appliance.config import parse_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
@@ -27,14 +26,6 @@ from appliance.simulate.dataset import simulate_frames
 
 pytestmark = pytest.mark.slow
 CHANNELS = ["spindle_speed", "spindle_load", "spindle_temp", "coolant_temp", "vibration_rms"]
-
-
-async def _wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_a_context_model_is_served_on_the_simulator_and_its_scores_reach_telemetry(
@@ -53,13 +44,8 @@ def test_a_context_model_is_served_on_the_simulator_and_its_scores_reach_telemet
     )
     assert res.context_values  # at least the cutting phase has its own model
     port = free_port()
-    data = {
-        "appliance": {"id": "ctx"},
-        "devices": [{"name": "cnc-1", "port": port, "profile": "cnc-sim", "poll_interval_ms": 100}],
-        "models": [{"name": "phase", "model": "./phase"}],  # relative to the config folder
-        "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-        "mqtt": {"port": mosquitto.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
-    }
+    # the model relative to the config folder
+    data = cell_doc("ctx", [port], mosquitto.port, models=[{"name": "phase", "model": "./phase"}])
     cfg = parse_config(data, source="ctx", base_dir=tmp_path / "conf")
     # a device without the context channel is refused, naming it
     lacking = tmp_path / "lacking.toml"
@@ -80,15 +66,8 @@ def test_a_context_model_is_served_on_the_simulator_and_its_scores_reach_telemet
         return [m for m in sub.messages if m["kind"] == "telemetry" and "scores" in m]
 
     async def go() -> None:
-        await cell.start()
-        sub.start()
-        await app.start()
-        try:
-            await _wait_for(lambda: len(scored()) >= 5, 60, "five scored windows")
-        finally:
-            await app.stop()
-            await cell.stop()
-            sub.stop()
+        async with serving(cell, app, sub):
+            await wait_for(lambda: len(scored()) >= 5, 60, "five scored windows")
 
     asyncio.run(go())
     assert app.models[0].engine.stats()["backend"] == "onnxruntime-cpu"  # golden check passed

@@ -4,91 +4,40 @@ a paho subscriber. Also the outage contract: the broker stopped for 10 s loses n
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+from cellhelp import OVERTEMP, cell_config, overtemp_cell, serving, wait_for
 
-from appliance.config import Config, parse_config
+from appliance.config import Config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.runtime import Appliance
 from appliance.schemas import load_schema
-from appliance.simulate.cell import FaultSchedule, SimulatedCell
+from appliance.simulate.cell import SimulatedCell
 
 pytestmark = pytest.mark.slow
 
 
 def make_config(tmp_path: Path, ports: list[int], mqtt_port: int) -> Config:
-    return parse_config(
-        {
-            "appliance": {"id": "e2e"},
-            "devices": [
-                {
-                    "name": f"cnc-{i + 1}",
-                    "port": p,
-                    "profile": "cnc-sim",
-                    "poll_interval_ms": 100,
-                    "timeout_s": 0.5,
-                }
-                for i, p in enumerate(ports)
-            ],
-            "alerts": {
-                "rules": [
-                    {
-                        "name": "spindle_overtemp",
-                        "channel": "spindle_temp",
-                        "above": 75.0,
-                        "clear_below": 65.0,
-                        "severity": "major",
-                    },
-                ]
-            },
-            "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-            "mqtt": {"port": mqtt_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
-        },
-        source="e2e",
-        base_dir=tmp_path,
+    return cell_config(
+        tmp_path, "e2e", ports, mqtt_port, device={"timeout_s": 0.5}, alerts={"rules": [OVERTEMP]}
     )
-
-
-async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_fault_on_a_simulated_machine_reaches_the_subscriber_as_alert_raise_and_clear(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    ports = [free_port(), free_port()]
-    # time_scale 3: the temperature ramp (12 simulated s) and cool-down take a few wall seconds.
-    cell = SimulatedCell(
-        machines=2,
-        ports=ports,
-        seed=7,
-        time_scale=3.0,
-        faults=[FaultSchedule(machine=1, kind="temp_ramp", at_s=3.0, duration_s=12.0)],
-    )
+    ports, cell = overtemp_cell()
     app = Appliance(make_config(tmp_path, ports, mosquitto.port))
     sub = DemoSubscriber("127.0.0.1", mosquitto.port, "edge", "e2e", client_id="e2e-sub")
     sub.keep_messages = True
 
     async def go() -> dict[str, Any]:
-        await cell.start()
-        sub.start()
-        await app.start()
-        try:
+        async with serving(cell, app, sub):
             await wait_for(lambda: sub.alerts_cleared >= 1, 60, "alert raised and cleared")
-        finally:
-            await app.stop()
-            await cell.stop()
-            sub.stop()
         return app.stats()
 
     stats = asyncio.run(go())
@@ -122,10 +71,7 @@ def test_broker_down_for_10_s_loses_no_telemetry_window(
             return {k: v.last_seq for k, v in sub.streams.items() if k.startswith("telemetry/")}
 
     async def go() -> tuple[dict[str, int], dict[str, Any]]:
-        await cell.start()
-        sub.start()
-        await app.start()
-        try:
+        async with serving(cell, app, sub, stop_sub=False):
             await wait_for(
                 lambda: len(seqs()) == 2 and min(seqs().values()) >= 2,
                 20,
@@ -141,9 +87,6 @@ def test_broker_down_for_10_s_loses_no_telemetry_window(
                 20,
                 "backlog delivered to the subscriber",
             )
-        finally:
-            await app.stop()
-            await cell.stop()
         await asyncio.sleep(0.5)
         sub.stop()
         return seqs(), {"pending_during_outage": during}

@@ -6,14 +6,12 @@ counted as late."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
 import pytest
+from cellhelp import cell_config, serving, wait_for
 
-from appliance.config import parse_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.runtime import Appliance
@@ -23,33 +21,12 @@ from appliance.simulate.cell import SimulatedCell
 pytestmark = pytest.mark.slow
 
 
-async def _wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def test_every_window_score_of_a_telemetry_interval_reaches_the_message(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
     ports = [free_port(), free_port()]
     cell = SimulatedCell(machines=2, ports=ports, seed=5)
-    cfg = parse_config(
-        {
-            "appliance": {"id": "iv"},
-            "devices": [
-                {"name": f"cnc-{i + 1}", "port": p, "profile": "cnc-sim", "poll_interval_ms": 100}
-                for i, p in enumerate(ports)
-            ],
-            "telemetry": {"interval_s": 3.0},
-            "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-            "mqtt": {"port": mosquitto.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
-        },
-        source="iv",
-        base_dir=tmp_path,
-    )
+    cfg = cell_config(tmp_path, "iv", ports, mosquitto.port, telemetry={"interval_s": 3.0})
     app = Appliance(cfg)
     sub = DemoSubscriber("127.0.0.1", mosquitto.port, "edge", "iv", client_id="iv-sub")
     sub.keep_messages = True
@@ -58,15 +35,9 @@ def test_every_window_score_of_a_telemetry_interval_reaches_the_message(
         return [m for m in sub.messages if m["kind"] == "telemetry"]
 
     async def go() -> None:
-        await cell.start()
-        sub.start()
-        await app.start()
-        try:
-            await _wait_for(lambda: len(telemetry()) >= 6, 60, "three intervals of 2 machines")
-        finally:
-            await app.stop()
-            await cell.stop()
-        await _wait_for(lambda: len(telemetry()) == app.telemetry.messages, 10, "every message")
+        async with serving(cell, app, sub, stop_sub=False):
+            await wait_for(lambda: len(telemetry()) >= 6, 60, "three intervals of 2 machines")
+        await wait_for(lambda: len(telemetry()) == app.telemetry.messages, 10, "every message")
         sub.stop()
 
     asyncio.run(go())

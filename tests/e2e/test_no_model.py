@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+from cellhelp import cell_config, overtemp_cell, serving, wait_for
 
 from appliance.api.status_cli import render
 from appliance.cli import main
@@ -23,27 +22,19 @@ from appliance.demo.subscriber import DemoSubscriber
 from appliance.errors import ConfigError
 from appliance.runtime import Appliance
 from appliance.schemas import load_schema
-from appliance.simulate.cell import FaultSchedule, SimulatedCell
 
 RULE = {"name": "hot", "channel": "spindle_temp", "above": 75.0, "clear_below": 65.0}
 
 
 def _config(tmp_path: Path, ports: list[int], mqtt_port: int, api_port: int) -> Any:
-    return parse_config(
-        {
-            "appliance": {"id": "nomodel"},
-            "devices": [
-                {"name": f"cnc-{i + 1}", "port": p, "profile": "cnc-sim", "poll_interval_ms": 100}
-                for i, p in enumerate(ports)
-            ],
-            "engine": {"model": ""},
-            "alerts": {"rules": [RULE]},
-            "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-            "mqtt": {"port": mqtt_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
-            "api": {"enabled": True, "port": api_port},
-        },
-        source="nomodel",
-        base_dir=tmp_path,
+    return cell_config(
+        tmp_path,
+        "nomodel",
+        ports,
+        mqtt_port,
+        engine={"model": ""},
+        alerts={"rules": [RULE]},
+        api={"enabled": True, "port": api_port},
     )
 
 
@@ -55,26 +46,11 @@ def _get(url: str) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-async def _wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_without_a_model_telemetry_and_threshold_alerts_run_and_nothing_is_scored(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
-    ports = [free_port(), free_port()]
-    cell = SimulatedCell(
-        machines=2,
-        ports=ports,
-        seed=7,
-        time_scale=3.0,
-        faults=[FaultSchedule(machine=1, kind="temp_ramp", at_s=3.0, duration_s=12.0)],
-    )
+    ports, cell = overtemp_cell()
     api_port = free_port()
     app = Appliance(_config(tmp_path, ports, mosquitto.port, api_port))
     assert app.models == [] and app.engine is None and app.bundle is None
@@ -83,19 +59,12 @@ def test_without_a_model_telemetry_and_threshold_alerts_run_and_nothing_is_score
     base = f"http://127.0.0.1:{api_port}"
 
     async def go() -> tuple[dict[str, Any], dict[str, Any], tuple[int, bytes], bytes]:
-        await cell.start()
-        sub.start()
-        await app.start()
-        try:
-            await _wait_for(lambda: sub.alerts_raised >= 1, 60, "the threshold alert")
-            await _wait_for(lambda: app.uplink.connected, 10, "the uplink")
+        async with serving(cell, app, sub):
+            await wait_for(lambda: sub.alerts_raised >= 1, 60, "the threshold alert")
+            await wait_for(lambda: app.uplink.connected, 10, "the uplink")
             ready = await asyncio.to_thread(_get, f"{base}/ready")
             _, status = await asyncio.to_thread(_get, f"{base}/api/v1/status")
             _, metrics = await asyncio.to_thread(_get, f"{base}/metrics")
-        finally:
-            await app.stop()
-            await cell.stop()
-            sub.stop()
         return app.stats(), json.loads(status), ready, metrics
 
     stats, status, ready, metrics = asyncio.run(go())

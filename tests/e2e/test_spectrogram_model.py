@@ -12,8 +12,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+from cellhelp import cell_config, serving
 
-from appliance.config import parse_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.runtime import Appliance
@@ -37,33 +37,19 @@ def test_a_bearing_defect_raises_the_spectrogram_models_alert_and_a_healthy_mach
         seed=SEED,
         faults=[FaultSchedule(machine=1, kind="bearing_defect", at_s=0.0, duration_s=600.0)],
     )
-    devices = [
-        {
-            "name": f"cnc-{i + 1}",
-            "port": port,
-            "profile": "cnc-sim",
-            "poll_interval_ms": 100,
-            "timeout_s": 0.5,
-            "waveform": {},
-        }
-        for i, port in enumerate(ports)
-    ]
-    cfg = parse_config(
-        {
-            "appliance": {"id": "cnn"},
-            "devices": devices,
-            "models": [{"name": "spectrogram", "model": "cnc_spectrogram"}],
-            "alerts": {
-                "rules": [
-                    {"name": "vibration_high", "channel": "vibration_rms", "above": 3.0},
-                    {"name": "fault", "source": "score", "model": "spectrogram", "above": 1.0},
-                ]
-            },
-            "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-            "mqtt": {"port": mosquitto.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+    cfg = cell_config(
+        tmp_path,
+        "cnn",
+        ports,
+        mosquitto.port,
+        device={"timeout_s": 0.5, "waveform": {}},
+        models=[{"name": "spectrogram", "model": "cnc_spectrogram"}],
+        alerts={
+            "rules": [
+                {"name": "vibration_high", "channel": "vibration_rms", "above": 3.0},
+                {"name": "fault", "source": "score", "model": "spectrogram", "above": 1.0},
+            ]
         },
-        source="cnn",
-        base_dir=tmp_path,
     )
     app = Appliance(cfg)
     sub = DemoSubscriber("127.0.0.1", mosquitto.port, "edge", "cnn", client_id="cnn-sub")
@@ -79,10 +65,7 @@ def test_a_bearing_defect_raises_the_spectrogram_models_alert_and_a_healthy_mach
         ]
 
     async def go() -> dict[str, Any]:
-        await cell.start()
-        sub.start()
-        await app.start()
-        try:
+        async with serving(cell, app, sub):
             deadline = time.monotonic() + 60.0
             while not (
                 any(m["kind"] == "alert" and m["rule"] == "fault" for m in sub.messages)
@@ -90,10 +73,6 @@ def test_a_bearing_defect_raises_the_spectrogram_models_alert_and_a_healthy_mach
             ):
                 assert time.monotonic() < deadline, "no model alert and healthy scores in 60 s"
                 await asyncio.sleep(0.1)
-        finally:
-            await app.stop()
-            await cell.stop()
-            sub.stop()
         return app.stats()
 
     stats = asyncio.run(go())

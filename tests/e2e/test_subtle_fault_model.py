@@ -13,9 +13,9 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+from cellhelp import cell_config, serving
 
 from appliance.cli import main
-from appliance.config import parse_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.demo.subscriber import DemoSubscriber
 from appliance.infer.bundle import load_bundle
@@ -45,50 +45,31 @@ def _serve_imbalance(
         seed=SEED,
         faults=[FaultSchedule(machine=0, kind="imbalance", at_s=0.0, duration_s=600.0)],
     )
-    cfg = parse_config(
-        {
-            "appliance": {"id": "subtle"},
-            "devices": [
-                {
-                    "name": "cnc-1",
-                    "port": port,
-                    "profile": "cnc-sim",
-                    "poll_interval_ms": 100,
-                    "timeout_s": 0.5,
-                    "waveform": {},
-                }
-            ],
-            "models": models,
-            "alerts": {
-                "rules": [
-                    # normal running stays below about 3 mm/s (docs/simulator.md)
-                    {"name": "vibration_high", "channel": "vibration_rms", "above": 3.0},
-                    {"name": rule_model, "source": "score", "model": rule_model, "above": 1.0},
-                ]
-            },
-            "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-            "mqtt": {"port": mosquitto.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+    cfg = cell_config(
+        tmp_path,
+        "subtle",
+        [port],
+        mosquitto.port,
+        device={"timeout_s": 0.5, "waveform": {}},
+        models=models,
+        alerts={
+            "rules": [
+                # normal running stays below about 3 mm/s (docs/simulator.md)
+                {"name": "vibration_high", "channel": "vibration_rms", "above": 3.0},
+                {"name": rule_model, "source": "score", "model": rule_model, "above": 1.0},
+            ]
         },
-        source="subtle",
-        base_dir=tmp_path,
     )
     app = Appliance(cfg)
     sub = DemoSubscriber("127.0.0.1", mosquitto.port, "edge", "subtle", client_id="subtle-sub")
     sub.keep_messages = True
 
     async def go() -> dict[str, Any]:
-        await cell.start()
-        sub.start()
-        await app.start()
-        try:
+        async with serving(cell, app, sub):
             deadline = time.monotonic() + 45.0
             while not any(m["kind"] == "alert" and m["rule"] == rule_model for m in sub.messages):
                 assert time.monotonic() < deadline, "no model alert within 45 s"
                 await asyncio.sleep(0.1)
-        finally:
-            await app.stop()
-            await cell.stop()
-            sub.stop()
         return app.stats()
 
     return sub, asyncio.run(go())

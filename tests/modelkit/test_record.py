@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,10 @@ from appliance.modelkit.recording import read_recording
 from appliance.simulate.cell import SimulatedCell
 
 
-def test_record_writes_a_csv_per_machine_with_time_and_every_channel(tmp_path: Path) -> None:
-    ports = [free_port(), free_port()]
-    cell = SimulatedCell(machines=2, ports=ports, seed=5)
+@contextlib.contextmanager
+def serving_in_background(cell: SimulatedCell) -> Iterator[None]:
+    """Serve ``cell`` from an event loop in a background thread while the (blocking) CLI
+    under test runs in this one; stopped on the way out."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
 
@@ -31,6 +34,18 @@ def test_record_writes_a_csv_per_machine_with_time_and_every_channel(tmp_path: P
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     assert ready.wait(10)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(cell.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+        loop.close()
+
+
+def test_record_writes_a_csv_per_machine_with_time_and_every_channel(tmp_path: Path) -> None:
+    ports = [free_port(), free_port()]
+    cell = SimulatedCell(machines=2, ports=ports, seed=5)
     conf = tmp_path / "cell.toml"
     conf.write_text(
         "".join(
@@ -39,14 +54,9 @@ def test_record_writes_a_csv_per_machine_with_time_and_every_channel(tmp_path: P
             for i, p in enumerate(ports)
         )
     )
-    try:
+    with serving_in_background(cell):
         assert main(["record", "-c", str(conf), "--out", str(tmp_path / "rec"),
                      "--duration", "2"]) == 0  # fmt: skip
-    finally:
-        asyncio.run_coroutine_threadsafe(cell.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        loop.close()
     for m in ("cnc-1", "cnc-2"):
         with (tmp_path / "rec" / f"{m}.csv").open() as f:
             rows = list(csv.reader(f))
@@ -66,18 +76,6 @@ def test_record_scores_keeps_the_served_scores_and_eval_reproduces_them(tmp_path
     scores the same windows and reports the difference (issue 14, item 6)."""
     port = free_port()
     cell = SimulatedCell(machines=1, ports=[port], seed=6)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(cell.start())
-        ready.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    assert ready.wait(10)
     conf = tmp_path / "cell.toml"
     conf.write_text(
         f'[[devices]]\nname = "cnc-1"\nhost = "127.0.0.1"\nport = {port}\n'
@@ -85,14 +83,9 @@ def test_record_scores_keeps_the_served_scores_and_eval_reproduces_them(tmp_path
         '[[models]]\nname = "anomaly"\nmodel = "cnc_anomaly"\n'
     )
     rec = tmp_path / "rec"
-    try:
+    with serving_in_background(cell):
         assert main(["record", "-c", str(conf), "--out", str(rec), "--duration", "5",
                      "--scores"]) == 0  # fmt: skip
-    finally:
-        asyncio.run_coroutine_threadsafe(cell.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        loop.close()
     assert sorted(p.name for p in rec.glob("*.csv")) == ["cnc-1.csv"]  # scores apart
     with (rec / "scores" / "cnc-1.csv").open() as f:
         rows = list(csv.DictReader(f))

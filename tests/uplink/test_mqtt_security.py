@@ -62,6 +62,35 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def tls_refused(
+    up: MqttUplink,
+    caplog: pytest.LogCaptureFixture,
+    *,
+    failures: int = 2,
+    level: int = logging.INFO,
+) -> list[str]:
+    """Run ``up`` until ``failures`` TLS failures, never connected (the uplink's log captured
+    from ``level``); the ERROR lines it logged."""
+
+    async def scenario(u: MqttUplink) -> None:
+        await eventually(lambda: u.stats()["tls_failures"] >= failures)
+        assert not u.connected
+
+    with caplog.at_level(level, logger="appliance.uplink"):
+        run_with_uplink(up, scenario, stop_s=0.1)
+    return errors(caplog)
+
+
+def assert_start_fails(cfg: MqttSection, ob: SqliteOutbox, key: str) -> None:
+    """``start()`` of an uplink with ``cfg`` raises a :class:`ConfigError` naming ``key``."""
+
+    async def main() -> None:
+        with pytest.raises(ConfigError, match=key):
+            await MqttUplink(cfg, APP, ob).start()
+
+    asyncio.run(main())
+
+
 def deliver_one(up: MqttUplink, ob: SqliteOutbox, sub: Subscriber) -> Any:
     """A scenario: wait for the connection, append one record, wait until the subscriber has it."""
 
@@ -115,14 +144,7 @@ def test_tls_without_the_broker_ca_fails_verification_with_one_clear_error_and_k
 ) -> None:
     ca_file = "" if ca == "system store" else str(pki.other_ca)
     uplink = MqttUplink(mqtt_cfg(tls_broker, tls=True, ca_file=ca_file), APP, outbox)
-
-    async def scenario(up: MqttUplink) -> None:
-        await eventually(lambda: up.stats()["tls_failures"] >= 3)
-        assert not up.connected
-
-    with caplog.at_level(logging.DEBUG, logger="appliance.uplink"):
-        run_with_uplink(uplink, scenario, stop_s=0.1)
-    errs = errors(caplog)
+    errs = tls_refused(uplink, caplog, failures=3, level=logging.DEBUG)
     assert len(errs) == 1, errs
     assert f"127.0.0.1:{tls_broker}" in errs[0]
     assert "TLS certificate verification failed" in errs[0]
@@ -136,14 +158,7 @@ def test_a_certificate_for_another_host_name_fails_the_host_name_check(
     port = free_port()
     mosquitto.reconfigure(tls_listener_conf(port, pki, misnamed=True))
     uplink = MqttUplink(mqtt_cfg(port, tls=True, ca_file=str(pki.ca)), APP, outbox)
-
-    async def scenario(up: MqttUplink) -> None:
-        await eventually(lambda: up.stats()["tls_failures"] >= 2)
-        assert not up.connected
-
-    with caplog.at_level(logging.INFO, logger="appliance.uplink"):
-        run_with_uplink(uplink, scenario, stop_s=0.1)
-    errs = errors(caplog)
+    errs = tls_refused(uplink, caplog)
     assert len(errs) == 1 and "mismatch" in errs[0] and "'127.0.0.1'" in errs[0], errs
 
 
@@ -180,14 +195,7 @@ def test_a_client_certificate_is_presented_where_the_broker_requires_one(
         assert len(sub.messages()) == 1
 
     without = MqttUplink(mqtt_cfg(port, tls=True, ca_file=str(pki.ca)), APP, outbox)
-
-    async def refused(up: MqttUplink) -> None:
-        await eventually(lambda: up.stats()["tls_failures"] >= 2)
-        assert not up.connected
-
-    with caplog.at_level(logging.INFO, logger="appliance.uplink"):
-        run_with_uplink(without, refused, stop_s=0.1)
-    errs = errors(caplog)
+    errs = tls_refused(without, caplog)
     assert len(errs) == 1 and f"127.0.0.1:{port}" in errs[0] and "TLS" in errs[0], errs
 
 
@@ -195,12 +203,7 @@ def test_an_unreadable_ca_file_fails_start_naming_the_key(
     tmp_path: Path, outbox: SqliteOutbox
 ) -> None:
     cfg = mqtt_cfg(1, tls=True, ca_file=str(tmp_path / "missing.crt"))
-
-    async def main() -> None:
-        with pytest.raises(ConfigError, match="mqtt.ca_file"):
-            await MqttUplink(cfg, APP, outbox).start()
-
-    asyncio.run(main())
+    assert_start_fails(cfg, outbox, "mqtt.ca_file")
 
 
 # -- passwords ---------------------------------------------------------------------------------
@@ -212,6 +215,11 @@ def passwd_broker(mosquitto: Mosquitto, tmp_path: Path) -> None:
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), USER, SECRET], check=True)
     subprocess.run(["mosquitto_passwd", "-b", str(pw), "sub", "sub"], check=True)
     mosquitto.reconfigure(f"password_file {pw}\n", allow_anonymous=False)
+
+
+def password_subscriber(port: int) -> Subscriber:
+    """A subscriber to the telemetry, logged in as ``sub`` (see :func:`passwd_broker`)."""
+    return Subscriber(port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub")
 
 
 def password_file(tmp_path: Path, text: str) -> Path:
@@ -233,7 +241,7 @@ def test_the_right_password_from_a_file_delivers_and_never_appears_in_logs_or_co
     pw = password_file(tmp_path, SECRET)
     cfg = mqtt_cfg(mosquitto.port, username=USER, password_file=str(pw), protocol=protocol)
     uplink = MqttUplink(cfg, APP, outbox)
-    sub = Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub")
+    sub = password_subscriber(mosquitto.port)
     with sub, caplog.at_level(logging.DEBUG):
         run_with_uplink(uplink, deliver_one(uplink, outbox, sub))
     assert uplink.stats()["auth_failures"] == 0
@@ -250,9 +258,7 @@ def test_a_password_from_an_environment_variable_delivers(
     monkeypatch.setenv("APPLIANCE_MQTT_PASSWORD", SECRET)
     cfg = mqtt_cfg(mosquitto.port, username=USER, password_env="APPLIANCE_MQTT_PASSWORD")
     uplink = MqttUplink(cfg, APP, outbox)
-    with Subscriber(
-        mosquitto.port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub"
-    ) as sub:
+    with password_subscriber(mosquitto.port) as sub:
         run_with_uplink(uplink, deliver_one(uplink, outbox, sub))
         assert len(sub.messages()) == 1
 
@@ -280,7 +286,7 @@ def test_a_wrong_password_logs_one_clear_error_counts_retries_and_recovers_once_
         await eventually(lambda: outbox.pending == 0)
         await eventually(lambda: len(sub.messages()) == 1)
 
-    sub = Subscriber(mosquitto.port, f"{PREFIX}/{APP}/telemetry/#", username="sub", password="sub")
+    sub = password_subscriber(mosquitto.port)
     with sub, caplog.at_level(logging.DEBUG):
         run_with_uplink(uplink, scenario)
     errs = errors(caplog)
@@ -295,12 +301,7 @@ def test_a_missing_password_file_fails_start_naming_the_key_not_the_value(
     tmp_path: Path, outbox: SqliteOutbox
 ) -> None:
     cfg = mqtt_cfg(1, username=USER, password_file=str(tmp_path / "nope"))
-
-    async def main() -> None:
-        with pytest.raises(ConfigError, match="mqtt.password_file"):
-            await MqttUplink(cfg, APP, outbox).start()
-
-    asyncio.run(main())
+    assert_start_fails(cfg, outbox, "mqtt.password_file")
 
 
 def test_a_group_readable_password_file_gets_a_warning(

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from cellhelp import cell_config, serving, wait_for
 
-from appliance.config import parse_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.runtime import Appliance
 from appliance.simulate.cell import FaultSchedule, SimulatedCell
@@ -54,14 +53,6 @@ class Host:
         self.client.disconnect()
 
 
-async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def test_the_appliance_speaks_sparkplug_b_to_a_host_through_mosquitto(
     tmp_path: Path, mosquitto: MosquittoProcess
 ) -> None:
@@ -73,41 +64,26 @@ def test_the_appliance_speaks_sparkplug_b_to_a_host_through_mosquitto(
         time_scale=3.0,
         faults=[FaultSchedule(machine=1, kind="timeout", at_s=9.0, duration_s=9.0)],
     )
-    cfg = parse_config(
-        {
-            "appliance": {"id": "cell-01"},
-            "devices": [
-                {"name": f"cnc-{i + 1}", "port": p, "profile": "cnc-sim", "timeout_s": 0.3}
-                for i, p in enumerate(ports)
-            ],
-            "alerts": {"rules": [{"name": "offline", "kind": "offline", "for_s": 1.0}]},
-            "outbox": {"path": "outbox.sqlite", "synchronous": "NORMAL"},
-            "mqtt": {
-                "port": mosquitto.port,
-                "format": "sparkplug_b",
-                "sparkplug_group_id": "plant",
-                "reconnect_min_s": 0.2,
-            },
-        },
-        source="sp",
-        base_dir=tmp_path,
+    cfg = cell_config(
+        tmp_path,
+        "cell-01",
+        ports,
+        mosquitto.port,
+        device={"timeout_s": 0.3},
+        alerts={"rules": [{"name": "offline", "kind": "offline", "for_s": 1.0}]},
+        mqtt={"format": "sparkplug_b", "sparkplug_group_id": "plant"},
     )
     app = Appliance(cfg)
     host = Host(mosquitto.port)
 
     async def go() -> None:
-        await cell.start()
-        await app.start()
-        try:
+        async with serving(cell, app, drain_timeout_s=2.0):
             await wait_for(lambda: host.count("DDATA", "cnc-1") >= 2, 30, "DDATA of cnc-1")
             await wait_for(lambda: host.count("DDEATH", "cnc-2") >= 1, 30, "DDEATH of cnc-2")
             cmd = pb.Payload(timestamp=int(time.time() * 1000))
             cmd.metrics.add(name=REBIRTH, datatype=DataType.Boolean, boolean_value=True)
             host.client.publish("spBv1.0/plant/NCMD/cell-01", cmd.SerializeToString(), qos=1)
             await wait_for(lambda: host.count("NBIRTH") >= 2, 10, "rebirth")
-        finally:
-            await app.stop(drain_timeout_s=2.0)
-            await cell.stop()
         await wait_for(lambda: host.count("NDEATH") >= 1, 10, "NDEATH at stop")
 
     try:
