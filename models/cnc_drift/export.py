@@ -42,7 +42,7 @@ from appliance.infer.drift import DriftColumn, DriftSpec, DriftStage
 from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
 from appliance.modelkit.gaussian import GaussianBank, fit_gaussian_bank
 from appliance.simulate.dataset import EPOCH_S, FaultEvent, simulate_frames
-from models.cnc_condition.export import CONDITION, MARGIN, QUANTILE, WINDOW_S
+from models.simulated import CONDITION, MARGIN, QUANTILE, WINDOW_S
 
 NAME = "cnc_drift"
 VERSION = "1.0.0"
