@@ -133,10 +133,8 @@ class ModbusTcpDevice(ModbusDevice):
         self.port = port
         self.client: TcpClient = client
         self._native: MbapClient | None = None
-        #: Replies the native client threw away: another transaction id / malformed (counts
-        #: over every connection of this device).
-        self.discarded_replies = 0
-        self.malformed_replies = 0
+        self._discarded_before = 0  # the counters of the native client's closed connections
+        self._malformed_before = 0
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None
         self._connect_error: BaseException | None = None
@@ -150,6 +148,18 @@ class ModbusTcpDevice(ModbusDevice):
         if self.client == "native":
             return self._native is not None and self._native.connected
         return self._client is not None and self._client.connected
+
+    @property
+    def discarded_replies(self) -> int:
+        """Replies the native client discarded (another transaction id), every connection."""
+        native = self._native
+        return self._discarded_before + (native.discarded if native is not None else 0)
+
+    @property
+    def malformed_replies(self) -> int:
+        """Malformed replies the native client refused, every connection."""
+        native = self._native
+        return self._malformed_before + (native.malformed if native is not None else 0)
 
     async def _open(self) -> None:
         """Open the TCP connection (a no-op when connected).
@@ -202,8 +212,8 @@ class ModbusTcpDevice(ModbusDevice):
         """Close the connection. Idempotent; never raises."""
         native, self._native = self._native, None
         if native is not None:
-            self.discarded_replies += native.discarded
-            self.malformed_replies += native.malformed
+            self._discarded_before += native.discarded
+            self._malformed_before += native.malformed
             native.close()
         client, self._client = self._client, None
         lost, self._lost = self._lost, None
