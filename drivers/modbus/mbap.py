@@ -62,9 +62,10 @@ class MbapClient(asyncio.Protocol):
     """One Modbus TCP connection to unit ``unit_id`` of ``host:port``.
 
     Open with :meth:`open` (a classmethod; construction itself does no I/O), send with
-    :meth:`request`, close with :meth:`close` (idempotent). One request at a time: the caller
-    (one device, one task) awaits each request before sending the next. ``discarded`` and
-    ``malformed`` count replies thrown away (see the module docstring).
+    :meth:`request`, close with :meth:`close` (idempotent). One request in flight: requests
+    from several tasks (the poller, a write from the API) are sent one after the other, each
+    timed from when it is sent. ``discarded`` and ``malformed`` count replies thrown away (see
+    the module docstring).
     """
 
     def __init__(self, host: str, port: int, unit_id: int, timeout_s: float) -> None:
@@ -82,6 +83,9 @@ class MbapClient(asyncio.Protocol):
         self._waiting_tid = -1
         self._waiting_fc = 0
         self._future: asyncio.Future[bytes] | None = None
+        #: One request in flight: another task's request (a write from the API while the
+        #: poller reads) waits for its turn, as pymodbus' own lock makes it.
+        self._turn = asyncio.Lock()
 
     @classmethod
     async def open(cls, host: str, port: int, unit_id: int, timeout_s: float) -> MbapClient:
@@ -118,23 +122,25 @@ class MbapClient(asyncio.Protocol):
         sized as its function says) or its exception form (2 bytes). Raises
         :class:`DeviceUnavailable` (see the module docstring); the caller closes the connection.
         """
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            raise DeviceUnavailable(f"{self.name}: not connected")
-        if self._future is not None:
-            raise RuntimeError(f"{self.name}: a request is already in flight")
-        loop = asyncio.get_running_loop()
-        tid = self._tid = self._tid % 0xFFFF + 1
-        future: asyncio.Future[bytes] = loop.create_future()
-        self._future, self._waiting_tid, self._waiting_fc = future, tid, pdu[0]
-        timer = loop.call_later(self.timeout_s, self._time_out, future)
+        await self._turn.acquire()  # no suspension unless another task's request is in flight
         try:
-            transport.write(_pack_header(tid, 0, len(pdu) + 1, self.unit_id) + pdu)
-            return await future
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                raise DeviceUnavailable(f"{self.name}: not connected")
+            loop = asyncio.get_running_loop()
+            tid = self._tid = self._tid % 0xFFFF + 1
+            future: asyncio.Future[bytes] = loop.create_future()
+            self._future, self._waiting_tid, self._waiting_fc = future, tid, pdu[0]
+            timer = loop.call_later(self.timeout_s, self._time_out, future)
+            try:
+                transport.write(_pack_header(tid, 0, len(pdu) + 1, self.unit_id) + pdu)
+                return await future
+            finally:
+                timer.cancel()
+                self._future = None
+                self._waiting_tid = -1
         finally:
-            timer.cancel()
-            self._future = None
-            self._waiting_tid = -1
+            self._turn.release()
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 

@@ -290,14 +290,16 @@ class ModbusTcpDevice(ModbusDevice):
             )
 
     async def _ask(self, pdu: bytes) -> bytes:
-        """One request on the native client; closes the connection when it fails."""
+        """One request on the native client (waiting its turn behind another task's request);
+        closes the connection when it fails."""
         native = self._native
+        if native is None:
+            raise DeviceUnavailable(f"{self.host}:{self.port}: not connected")
         try:
-            if native is None:
-                raise DeviceUnavailable(f"{self.host}:{self.port}: not connected")
             return await native.request(pdu)
         except BaseException:
-            await self.close()
+            if self._native is native:  # not a newer connection opened while this one waited
+                await self.close()
             raise
 
     async def _read_native(self, req: ReadRequest) -> Block:

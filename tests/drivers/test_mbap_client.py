@@ -177,6 +177,23 @@ def test_transaction_ids_count_up_and_wrap_to_one_after_65535() -> None:
     assert tids == [1, 0xFFFF, 1, 2]
 
 
+def test_requests_from_two_tasks_take_turns_on_the_one_connection() -> None:
+    def answer(tid: int, unit: int, pdu: bytes) -> list[bytes | float]:
+        if pdu[0] == 3:
+            return [0.05, frame(tid, unit, registers_reply())]  # slow enough to overlap
+        return [frame(tid, unit, pdu)]  # a write: the echo
+
+    async def read_and_write(device: ModbusTcpDevice) -> Any:
+        return await asyncio.gather(
+            device.read(), device.write_register(1, 5), device.read(), device.write_coil(3, True)
+        )
+
+    (first, _, second, _), device, tids = run_against(answer, read_and_write)
+    assert first.values.tolist() == second.values.tolist() == pytest.approx(VALUES)
+    assert tids == [1, 2, 3, 4]  # one after the other, none lost or matched to another
+    assert device.discarded_replies == device.malformed_replies == 0
+
+
 def test_an_exception_response_fails_only_that_request_and_keeps_the_connection() -> None:
     def refuse_first(tid: int, unit: int, pdu: bytes) -> list[bytes]:
         if tid == 1:
