@@ -17,7 +17,8 @@ connection, and the supervisor reconnects):
 * a frame with another transaction id (a late answer to a request that timed out, a duplicate):
   discarded and counted (``discarded``), never matched to the request in flight, which keeps
   waiting;
-* a frame with the request's transaction id from another unit, or for another function (not the
+* a frame with the request's transaction id from another unit (unless the request went to unit
+  0, which any unit id may answer, as pymodbus accepts), or for another function (not the
   request's code nor its exception form), or a PDU whose size does not fit its function (a byte
   count running past the frame, an exception reply that is not 2 bytes): it answers nothing we
   asked and the connection is out of step, so it is counted (``malformed``) and the request fails
