@@ -6,8 +6,8 @@ two clients, chosen per device (``client``, the config key of the same name):
 * ``"native"`` (the default): :class:`~drivers.modbus.mbap.MbapClient`, our own
   ``asyncio.Protocol`` (MBAP framing, transaction ids, one future and one timeout handle per
   request, no task); FC 3/4 replies are decoded straight from the reply bytes
-  (``np.frombuffer``). About half the CPU per request of the pymodbus client (issue 11;
-  figures in docs/benchmarks.md, "Saturation").
+  (``np.frombuffer``). A device's reads cost about half the CPU of the pymodbus client's, the
+  whole acquisition path 30-45 % less per request (issue 11; docs/benchmarks.md, "Saturation").
 * ``"pymodbus"``: ``pymodbus.client.AsyncModbusTcpClient`` (framing, transaction ids, the
   socket), kept for devices the native client has not met yet.
 
