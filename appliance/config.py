@@ -137,11 +137,13 @@ class WaveformConfig(_Section, frozen=True):
 
 class ModbusTcpConfig(_ModbusBase, frozen=True, tag="modbus_tcp"):
     """One Modbus TCP device (``host:port``, unit ``unit_id``); ``waveform``: an optional
-    high-rate signal read from the device's sample FIFO (:class:`WaveformConfig`)."""
+    high-rate signal read from the device's sample FIFO (:class:`WaveformConfig`). ``client``:
+    the Modbus TCP client of its polls and writes (:mod:`drivers.modbus.tcp`)."""
 
     host: str = "127.0.0.1"
     port: Port = 502
     unit_id: Annotated[int, msgspec.Meta(ge=0, le=255)] = 1
+    client: Literal["native", "pymodbus"] = "native"
     waveform: WaveformConfig | None = None
 
 

@@ -9,8 +9,9 @@ process measures only its own CPU.
 
 For each mode the same devices are driven twice, one after the other, in this process:
 
-* ``acquisition``: ``Acquisition`` with ``ModbusTcpDevice`` drivers and a Frame sink that only
-  counts (and records each poll's start lateness from the poller);
+* ``acquisition``: ``Acquisition`` with ``ModbusTcpDevice`` drivers (Modbus TCP client
+  ``--client``: ``native``, the default, or ``pymodbus``) and a Frame sink that only counts (and
+  records each poll's start lateness from the poller);
 * ``bare``: one plain ``pymodbus.client.AsyncModbusTcpClient`` per device calling
   ``read_holding_registers(0, count=REGISTERS)`` in a loop, no decoding, no frames.
 
@@ -184,6 +185,7 @@ async def run_acquisition(
             poll_interval_ms=interval_ms,
             timeout_s=2.0,
             registers=registers,
+            client=args.client,
         )
         for i, port in enumerate(ports)
     ]
@@ -317,8 +319,8 @@ def table(summary: dict[str, Any]) -> str:
     cfg = summary["config"]
     lines = [
         f"acquisition benchmark: {cfg['devices']} devices x {cfg['registers']} registers "
-        f"@ {cfg['rate_hz']:g} Hz, {cfg['seconds']:g} s measured ({cfg['python']}, "
-        f"{cfg['cpus']} CPUs)",
+        f"@ {cfg['rate_hz']:g} Hz, {cfg['seconds']:g} s measured, {cfg['client']} client "
+        f"({cfg['python']}, {cfg['cpus']} CPUs)",
         "",
         f"{'mode':6} {'loop':12} {'req/s':>9} {'%conf':>6} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'max ms':>7} {'cpu %':>6} {'srv %':>6} {'err':>4}",
@@ -367,6 +369,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="paced: both loops at --rate-hz; max: both as fast as possible (both)",
     )
     p.add_argument("--host", default="127.0.0.1", help="loopback address (127.0.0.1)")
+    p.add_argument(
+        "--client",
+        choices=("native", "pymodbus"),
+        default="native",
+        help="Modbus TCP client of the acquisition loop (the device key `client`; default: "
+        "native); the bare loop is always pymodbus",
+    )
     p.add_argument(
         "--stagger-bare",
         action="store_true",
@@ -425,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": args.seconds,
             "warmup_s": args.warmup,
             "mode": args.mode,
+            "client": args.client,
             "stagger_bare": args.stagger_bare,
             "python": platform.python_version(),
             "platform": platform.platform(),

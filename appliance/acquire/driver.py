@@ -42,6 +42,7 @@ def make_driver(device: DeviceConfig, buses: dict[str, RtuBus] | None = None) ->
             max_gap=device.max_gap,
             max_registers=device.max_registers,
             max_bits=device.max_bits,
+            client=device.client,
         )
     if isinstance(device, ModbusRtuConfig):
         buses = {} if buses is None else buses

@@ -257,7 +257,9 @@ class DevicePoller(LinkTask):
         ``phase_ms``: each group's grid phase; ``waveform``: the waveform reader's counters
         (:meth:`WaveformPoller.stats`, only for devices with a ``waveform`` table);
         ``strings``: string registers read at connect (text, not channels); ``frame_errors``
-        (RTU): garbled replies of this unit; ``busy_retries``: requests resent after exception
+        (RTU): garbled replies of this unit; ``discarded_replies``/``malformed_replies``
+        (Modbus TCP, native client): replies with another transaction id, thrown away /
+        malformed replies refused; ``busy_retries``: requests resent after exception
         6; ``bus`` (RTU): the shared bus's counters (:meth:`RtuBus.stats`).
         """
         jitter = np.fromiter(self._jitter, dtype=np.float64, count=len(self._jitter))
@@ -292,7 +294,7 @@ class DevicePoller(LinkTask):
         strings = getattr(self._driver, "strings", None)
         if isinstance(strings, dict):
             out["strings"] = dict(strings)
-        for key in ("frame_errors", "busy_retries"):
+        for key in ("frame_errors", "discarded_replies", "malformed_replies", "busy_retries"):
             value = getattr(self._driver, key, None)
             if isinstance(value, int):
                 out[key] = value

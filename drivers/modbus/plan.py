@@ -55,7 +55,8 @@ _DTYPE: dict[str, str] = {
 
 U8 = npt.NDArray[np.uint8]
 F64 = npt.NDArray[np.float64]
-Block = Sequence[int] | Sequence[bool]
+#: One read's raw answer: words (16-bit, as ints or a numpy array straight off the reply) or bits.
+Block = Sequence[int] | Sequence[bool] | npt.NDArray[np.uint16]
 
 
 @dataclass(frozen=True, slots=True)

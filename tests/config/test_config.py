@@ -42,6 +42,10 @@ DEVICE = '[[devices]]\nname = "m"\nprofile = "cnc-sim"\n'
         (DEVICE + "poll_interval_ms = -100\n", "devices[0] (m).poll_interval_ms: Expected `int`"),
         (DEVICE + "colour = 3\n", "devices[0] (m): Object contains unknown field `colour`"),
         (
+            DEVICE + 'client = "libmodbus"\n',
+            "devices[0] (m).client: Invalid enum value 'libmodbus'",
+        ),
+        (
             DEVICE + '[[alerts.rules]]\nname = "x"\nchannel = "spindle_tmp"\nabove = 1\n',
             "alerts.rules[0] (x).channel: 'spindle_tmp' is not a numeric channel",
         ),

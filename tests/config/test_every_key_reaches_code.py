@@ -329,6 +329,7 @@ def device_probes() -> list[P]:
         P(f"{tcp}.host", "10.0.0.9"),
         P(f"{tcp}.port", 1502),
         P(f"{tcp}.unit_id", 7),
+        P(f"{tcp}.client", "pymodbus"),
         P(f"{tcp}.waveform.channel", "vib"),
         P(f"{tcp}.waveform.address", 300),
         P(f"{tcp}.waveform.capacity", 60),

@@ -30,8 +30,22 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.errors import DeviceException, DeviceUnavailable
 from drivers.modbus.registers import Register
-from drivers.modbus.tcp import HoldingRegistersResponse, InputRegistersResponse, ModbusTcpDevice
+from drivers.modbus.tcp import (
+    CLIENTS,
+    HoldingRegistersResponse,
+    InputRegistersResponse,
+    ModbusTcpDevice,
+    TcpClient,
+)
 from drivers.quality import BAD, GOOD
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> TcpClient:
+    """Every test with a real peer runs with both Modbus TCP clients."""
+    value: TcpClient = request.param
+    return value
+
 
 REGISTERS = (
     Register(name="temp", address=0, type="float32"),
@@ -100,11 +114,13 @@ def modbus_tk_server(port: int) -> Iterator[Any]:
         server.stop()
 
 
-def test_reads_float32_int16_uint16_uint32_and_bits_with_scale_from_a_pymodbus_server() -> None:
+def test_reads_float32_int16_uint16_uint32_and_bits_with_scale_from_a_pymodbus_server(
+    client: TcpClient,
+) -> None:
     async def main() -> None:
         port = free_port()
         async with pymodbus_server(port, pymodbus_device()):
-            device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0)
+            device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0, client=client)
             await device.connect()
             try:
                 first = await device.read()
@@ -121,9 +137,9 @@ def test_reads_float32_int16_uint16_uint32_and_bits_with_scale_from_a_pymodbus_s
 
 
 @MODBUS_TK_ISSET
-def test_reads_the_same_values_from_a_modbus_tk_server() -> None:
+def test_reads_the_same_values_from_a_modbus_tk_server(client: TcpClient) -> None:
     async def main() -> list[float]:
-        device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0)
+        device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0, client=client)
         await device.connect()
         try:
             result = await device.read()
@@ -138,7 +154,7 @@ def test_reads_the_same_values_from_a_modbus_tk_server() -> None:
         assert asyncio.run(main()) == pytest.approx(EXPECTED)
 
 
-def test_an_exception_response_marks_only_that_reads_values_bad() -> None:
+def test_an_exception_response_marks_only_that_reads_values_bad(client: TcpClient) -> None:
     registers = (
         *REGISTERS,
         Register(name="beyond", address=50, type="float32", table="input"),
@@ -147,7 +163,7 @@ def test_an_exception_response_marks_only_that_reads_values_bad() -> None:
     async def main() -> None:
         port = free_port()
         async with pymodbus_server(port, pymodbus_device()):
-            device = ModbusTcpDevice("127.0.0.1", port, 1, registers, timeout_s=1.0)
+            device = ModbusTcpDevice("127.0.0.1", port, 1, registers, timeout_s=1.0, client=client)
             await device.connect()
             try:
                 result = await device.read()
@@ -168,11 +184,11 @@ def test_an_exception_response_marks_only_that_reads_values_bad() -> None:
 
 
 @MODBUS_TK_ISSET
-def test_modbus_tk_exception_responses_are_reported_the_same_way() -> None:
+def test_modbus_tk_exception_responses_are_reported_the_same_way(client: TcpClient) -> None:
     registers = (*REGISTERS, Register(name="beyond", address=40, table="holding"))
 
     async def main() -> None:
-        device = ModbusTcpDevice("127.0.0.1", port, 1, registers, timeout_s=1.0)
+        device = ModbusTcpDevice("127.0.0.1", port, 1, registers, timeout_s=1.0, client=client)
         await device.connect()
         try:
             result = await device.read()
@@ -186,9 +202,11 @@ def test_modbus_tk_exception_responses_are_reported_the_same_way() -> None:
         asyncio.run(main())
 
 
-def test_connection_refused_raises_device_unavailable() -> None:
+def test_connection_refused_raises_device_unavailable(client: TcpClient) -> None:
     async def main() -> None:
-        device = ModbusTcpDevice("127.0.0.1", free_port(), 1, REGISTERS, timeout_s=1.0)
+        device = ModbusTcpDevice(
+            "127.0.0.1", free_port(), 1, REGISTERS, timeout_s=1.0, client=client
+        )
         with pytest.raises(DeviceUnavailable, match="cannot connect to 127.0.0.1:.*refused"):
             await device.connect()
         assert not device.connected
@@ -199,7 +217,9 @@ def test_connection_refused_raises_device_unavailable() -> None:
     asyncio.run(main())
 
 
-def test_a_peer_that_never_answers_raises_device_unavailable_after_the_timeout() -> None:
+def test_a_peer_that_never_answers_raises_device_unavailable_after_the_timeout(
+    client: TcpClient,
+) -> None:
     async def main() -> None:
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
@@ -209,7 +229,7 @@ def test_a_peer_that_never_answers_raises_device_unavailable_after_the_timeout()
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=0.2)
+        device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=0.2, client=client)
         try:
             await device.connect()
             started = time.monotonic()
@@ -225,10 +245,12 @@ def test_a_peer_that_never_answers_raises_device_unavailable_after_the_timeout()
     asyncio.run(main())
 
 
-def test_a_server_going_away_raises_device_unavailable_and_connect_recovers() -> None:
+def test_a_server_going_away_raises_device_unavailable_and_connect_recovers(
+    client: TcpClient,
+) -> None:
     async def main() -> None:
         port = free_port()
-        device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0)
+        device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0, client=client)
         try:
             async with pymodbus_server(port, pymodbus_device()):
                 await device.connect()
@@ -247,8 +269,10 @@ def test_a_server_going_away_raises_device_unavailable_and_connect_recovers() ->
     asyncio.run(main())
 
 
-def test_construction_does_no_io_and_close_is_idempotent() -> None:
-    device = ModbusTcpDevice("192.0.2.1", 502, 1, REGISTERS)  # TEST-NET: nothing answers there
+def test_construction_does_no_io_and_close_is_idempotent(client: TcpClient) -> None:
+    device = ModbusTcpDevice(
+        "192.0.2.1", 502, 1, REGISTERS, client=client
+    )  # TEST-NET: nothing answers there
     assert not device.connected
     assert [(r.table, r.address, r.count) for r in device.requests] == [
         ("coil", 1, 1),
@@ -271,6 +295,7 @@ def test_construction_does_no_io_and_close_is_idempotent() -> None:
         pytest.param({"port": 0}, "port", id="port 0"),
         pytest.param({"unit_id": 256}, "unit_id", id="unit id too large"),
         pytest.param({"timeout_s": 0.0}, "timeout_s", id="zero timeout"),
+        pytest.param({"client": "libmodbus"}, "client must be one of", id="unknown client"),
     ],
 )
 def test_construction_rejects_unusable_settings(kwargs: dict[str, Any], message: str) -> None:
@@ -286,11 +311,11 @@ def test_construction_rejects_unusable_settings(kwargs: dict[str, Any], message:
         ModbusTcpDevice(**settings)
 
 
-def test_writes_of_registers_and_coils_round_trip_and_refusals_raise() -> None:
+def test_writes_of_registers_and_coils_round_trip_and_refusals_raise(client: TcpClient) -> None:
     async def main() -> None:
         port = free_port()
         async with pymodbus_server(port, pymodbus_device()):
-            device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0)
+            device = ModbusTcpDevice("127.0.0.1", port, 1, REGISTERS, timeout_s=1.0, client=client)
             await device.connect()
             try:
                 await device.write_registers(2, [0xFF9C, 77])  # load -10.0, speed 77
@@ -312,7 +337,7 @@ def test_writes_of_registers_and_coils_round_trip_and_refusals_raise() -> None:
     asyncio.run(main())
 
 
-def test_poll_groups_are_planned_and_read_separately() -> None:
+def test_poll_groups_are_planned_and_read_separately(client: TcpClient) -> None:
     registers = (
         Register(name="temp", address=0, type="float32"),
         Register(name="speed", address=3, type="uint16", group="slow"),
@@ -322,7 +347,7 @@ def test_poll_groups_are_planned_and_read_separately() -> None:
     async def main() -> None:
         port = free_port()
         async with pymodbus_server(port, pymodbus_device()):
-            device = ModbusTcpDevice("127.0.0.1", port, 1, registers, timeout_s=1.0)
+            device = ModbusTcpDevice("127.0.0.1", port, 1, registers, timeout_s=1.0, client=client)
             await device.connect()
             try:
                 fast, slow = await device.read("fast"), await device.read("slow")
