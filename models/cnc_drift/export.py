@@ -32,6 +32,7 @@ choices; the graph's weights and thresholds are fitted on seeds 1000 and 1500 on
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +87,29 @@ def raw_windows(
     return ends - EPOCH_S, x
 
 
-def staged(x: np.ndarray) -> np.ndarray:
+def staged(x: np.ndarray, spec: DriftSpec = BASELINE) -> np.ndarray:
     """One machine's rows through a fresh stage: the rows the graph scores."""
-    return DriftStage(BASELINE).apply("m", x)[1]
+    return DriftStage(spec).apply("m", x)[1]
+
+
+def fit_bank(
+    train_raw: list[np.ndarray],
+    calib_raw: list[np.ndarray],
+    spec: DriftSpec = BASELINE,
+    parts: tuple[tuple[int, ...], ...] = PARTS,
+) -> tuple[GaussianBank, int, int]:
+    """The bank fitted on the training machines' raw rows (each through a fresh stage ``spec``,
+    but with every column two-sided: the Gaussians model a healthy machine's deviations on both
+    sides of its baseline, so that a one-sided column clipped at 0 scores as the baseline), each
+    part's threshold raised to ``MARGIN`` × the highest score of the calibration machines' rows
+    through ``spec`` itself (as served): (model, training windows, calibration windows)."""
+    both = replace(spec, columns=tuple(replace(c, direction="both") for c in spec.columns))
+    train = np.vstack([staged(x, both) for x in train_raw]).astype(np.float64)
+    model = fit_gaussian_bank(train, [((), part) for part in parts], QUANTILE)
+    calib = np.vstack([staged(x, spec) for x in calib_raw]).astype(np.float64)
+    d_calib = model.part_scores(calib) * model.s_ref
+    s_ref = np.maximum(model.s_ref, MARGIN * d_calib.max(axis=0))
+    return GaussianBank(model.mean, model.whiten, model.pool, s_ref), len(train), len(calib)
 
 
 def main() -> None:
@@ -100,16 +121,10 @@ def main() -> None:
     args = ap.parse_args()
 
     secs = args.minutes * 60
-    train = np.vstack(
-        [staged(raw_windows(args.seed, i, secs)[1]) for i in range(args.machines)]
-    ).astype(np.float64)
-    model = fit_gaussian_bank(train, [((), part) for part in PARTS], QUANTILE)
-    calib = np.vstack(
-        [staged(raw_windows(args.seed + 500, i, secs)[1]) for i in range(args.machines)]
-    ).astype(np.float64)
-    d_calib = model.part_scores(calib) * model.s_ref
-    s_ref = np.maximum(model.s_ref, MARGIN * d_calib.max(axis=0))
-    model = GaussianBank(model.mean, model.whiten, model.pool, s_ref)
+    model, n_train, n_calib = fit_bank(
+        [raw_windows(args.seed, i, secs)[1] for i in range(args.machines)],
+        [raw_windows(args.seed + 500, i, secs)[1] for i in range(args.machines)],
+    )
     onnx_bytes = finish_model(model.onnx_graph(NAME))
 
     # golden: rows as the graph gets them (healthy, and inside a coolant loss) ...
@@ -150,14 +165,14 @@ def main() -> None:
                 "seed": args.seed,
                 "machines": args.machines,
                 "minutes": args.minutes,
-                "windows": int(len(train)),
+                "windows": n_train,
                 "calibration_seed": args.seed + 500,
-                "calibration_windows": int(len(calib)),
+                "calibration_windows": n_calib,
                 "quantile": QUANTILE,
             },
         },
     )
-    print(f"trained on {len(train)} windows; wrote {args.out}")
+    print(f"trained on {n_train} windows; wrote {args.out}")
 
 
 if __name__ == "__main__":
