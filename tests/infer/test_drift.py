@@ -220,8 +220,9 @@ def test_a_bundle_without_baseline_has_no_stage_and_a_bad_one_names_the_key(
         load_bundle(str(d))
 
 
-def test_the_shipped_drift_models_golden_sequence_covers_learning_and_scoring() -> None:
-    b = load_bundle("cnc_drift")
+@pytest.mark.parametrize("name", ["cnc_drift", "cnc_wear"])
+def test_the_shipped_drift_models_golden_sequence_covers_learning_and_scoring(name: str) -> None:
+    b = load_bundle(name)
     assert b.drift is not None and b.sequence_inputs is not None
     assert b.sequence_outputs is not None
     want = b.sequence_outputs.astype(np.float64)
@@ -248,6 +249,12 @@ def test_an_engine_refuses_a_bundle_whose_stage_does_not_reproduce_its_golden_se
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelError, match="golden-vector sequence parity check"):
         OrtEngine(load_bundle(str(d))).start()
+    m["baseline"]["columns"][0]["ewma"] = 0.1
+    m["baseline"]["columns"][0]["direction"] = "both"  # the load's decreases scored too
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="golden-vector sequence parity check"):
+        OrtEngine(load_bundle(str(d))).start()
+    m["baseline"]["columns"][0]["direction"] = "up"
     m["baseline"]["learn_windows"] = 31  # emits other rows than the golden sequence
     m["baseline"]["columns"][0]["ewma"] = 0.1
     (d / "manifest.json").write_text(json.dumps(m))
