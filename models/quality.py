@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,13 @@ def windows(
     index: int,
     seconds: float,
     faults: tuple[FaultEvent, ...] = (),
+    waveform: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(t_rel [W]: window end, seconds since start; X [W, F] float64) of one machine."""
-    ends, x, _ = features_from_frames(simulate_frames(seed, index, seconds, faults), features, 1.0)
+    """(t_rel [W]: window end, seconds since start; X [W, F] float64) of one machine (without
+    ``waveform`` the scalar channels only: the same values, the waveform has its own random
+    stream)."""
+    frames = simulate_frames(seed, index, seconds, faults, waveform=waveform)
+    ends, x, _ = features_from_frames(frames, features, 1.0)
     return ends - EPOCH_S, x.astype(np.float64)
 
 
@@ -96,6 +101,7 @@ class Scorer:
         self.name = bundle.manifest.get("name", str(bundle.onnx_path.parent.name))
         self.threshold = float(bundle.manifest.get("threshold", 1.0))
         self.cols = [col[f] for f in bundle.features]
+        self.drift = bundle.drift
         self.cond = [(col[f], lo, hi) for f, lo, hi in bundle.condition]
         self.sess = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
         self.classes: list[str] = list(bundle.manifest.get("classes", ()))
@@ -113,8 +119,8 @@ class Scorer:
         order: the bundle's condition, then its self-baseline stage (a fresh one per run)."""
         m = self.scored(x)
         xm = x[m][:, self.cols].astype(np.float32)
-        if self.bundle.drift is not None:
-            keep, xm = DriftStage(self.bundle.drift).apply("m", xm)
+        if self.drift is not None:
+            keep, xm = DriftStage(self.drift).apply("m", xm)
             m = m.copy()
             m[np.flatnonzero(m)[~keep]] = False
         return m, self._infer(xm)
@@ -135,50 +141,37 @@ class Scorer:
         return np.asarray(np.argmax(probs, axis=1))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--bundle", action="append", default=[], help="bundle to measure (repeat)")
-    ap.add_argument("--episodes", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=7000, help="first unseen seed")
-    ap.add_argument("--shift-hours", type=float, default=8.0, help="healthy hours per machine")
-    ap.add_argument("--normal-machines", type=int, default=4)
-    ap.add_argument("--debounce", default="2/3", help="K/N of the score alert rule")
-    ap.add_argument(
-        "--lead-in",
-        type=float,
-        default=LEAD_IN_S,
-        help="healthy seconds before each episode's fault (every bundle alike)",
-    )
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    k, _, n = args.debounce.partition("/")
-    deb_k, deb_n = int(k), int(n or k)
-    at_s = args.lead_in
+def measure_faults(
+    scorers: Sequence[Any],
+    fspecs: tuple[FeatureSpec, ...],
+    seed: int,
+    episodes: int,
+    at_s: float,
+    deb_k: int,
+    deb_n: int,
+    *,
+    kinds: Sequence[str] = FAULT_KINDS,
+    base_ok: Callable[[np.ndarray], np.ndarray] | None = None,
+    nb: int = 0,
+    sim: Callable[..., tuple[np.ndarray, np.ndarray]] = windows,
+) -> list[dict[str, Any]]:
+    """Per fault kind of ``kinds``, ``episodes`` episodes of seeds ``seed``… (the protocol of
+    the module doc, fault after ``at_s`` s): each scorer's AUCs, detections and delay; with
+    ``nb`` > 0 also the best single-channel threshold over the first ``nb`` columns of
+    ``fspecs`` (:data:`BASELINE`) and the windows ``base_ok`` keeps. A scorer is a
+    :class:`Scorer` or anything with its ``name``, ``threshold``, ``classes``, ``run``.
+    ``sim`` makes one machine's windows (:func:`windows`' signature; e.g. a cached one)."""
+    base_ok = base_ok or (lambda x: np.ones(len(x), bool))
     run_s = at_s + AFTER_S
-
-    bundles = [load_bundle(b) for b in args.bundle]
-    feats: list[FeatureSpec] = list(BASELINE)
-    for b in bundles:
-        for f in (*b.features, *(c[0] for c in b.condition)):
-            if f not in feats:
-                feats.append(f)
-    fspecs = tuple(feats)
-    col = {f: j for j, f in enumerate(fspecs)}
-    nb = len(BASELINE)
-    scorers = [Scorer(b, col) for b in bundles]
-    base_ok = next((s.scored for s in scorers if s.cond), lambda x: np.ones(len(x), bool))
-
-    twins = [windows(fspecs, args.seed + e, e % 8, run_s) for e in range(args.episodes)]
+    twins = [sim(fspecs, seed + e, e % 8, run_s) for e in range(episodes)]
     rows: list[dict[str, Any]] = []
-    for kind in FAULT_KINDS:
+    for kind in kinds:
         neg_b, pos_b = [], []
         per: list[dict[str, list[Any]]] = [
             {"neg": [], "pos": [], "pos_sev": [], "delay": []} for _ in scorers
         ]
-        for e in range(args.episodes):
-            t, x = windows(
-                fspecs, args.seed + e, e % 8, run_s, (FaultEvent(at_s, kind, DURATION_S),)
-            )
+        for e in range(episodes):
+            t, x = sim(fspecs, seed + e, e % 8, run_s, (FaultEvent(at_s, kind, DURATION_S),))
             t0, x0 = twins[e]
             inside = (t > at_s) & (t <= at_s + DURATION_S)
             inside0 = (t0 > at_s) & (t0 <= at_s + DURATION_S)
@@ -200,7 +193,7 @@ def main() -> None:
                 acc["delay"].append(hit[0] - at_s if hit else float("nan"))
                 if sc.classes:
                     # the twins are the same healthy runs for every kind: count them once
-                    first = kind == FAULT_KINDS[0]
+                    first = kind == kinds[0]
                     for true, pred in (
                         ("healthy", sc.classify(x0[m0 & inside0]) if first else None),
                         (kind, sc.classify(x[m & inside])),
@@ -210,15 +203,13 @@ def main() -> None:
                         counts = np.bincount(pred, minlength=len(sc.classes))
                         prev = sc.confusion.get(true, np.zeros(len(sc.classes), int))
                         sc.confusion[true] = prev + counts
-        nb_all, pb_all = np.vstack(neg_b), np.vstack(pos_b)
-        aucs = [best_direction_auc(nb_all[:, j], pb_all[:, j]) for j in range(nb)]
-        j = int(np.nanargmax(aucs))
-        row: dict[str, Any] = {
-            "fault": kind,
-            "threshold_channel": f"{BASELINE[j].channel}:{BASELINE[j].stat}",
-            "threshold_auc": aucs[j],
-            "models": {},
-        }
+        row: dict[str, Any] = {"fault": kind, "models": {}}
+        if nb:
+            nb_all, pb_all = np.vstack(neg_b), np.vstack(pos_b)
+            aucs = [best_direction_auc(nb_all[:, j], pb_all[:, j]) for j in range(nb)]
+            j = int(np.nanargmax(aucs))
+            row["threshold_channel"] = f"{BASELINE[j].channel}:{BASELINE[j].stat}"
+            row["threshold_auc"] = aucs[j]
         for sc, acc in zip(scorers, per, strict=True):
             neg = np.concatenate(acc["neg"])
             d = np.array(acc["delay"])
@@ -231,13 +222,29 @@ def main() -> None:
             }
         rows.append(row)
 
+    return rows
+
+
+def measure_false_alarms(
+    scorers: Sequence[Any],
+    fspecs: tuple[FeatureSpec, ...],
+    seed: int,
+    normal_machines: int,
+    shift_hours: float,
+    deb_k: int,
+    deb_n: int,
+    *,
+    sim: Callable[..., tuple[np.ndarray, np.ndarray]] = windows,
+) -> dict[str, dict[str, Any]]:
+    """Each scorer's raises of the score rule over ``shift_hours`` healthy hours of machines
+    0 … ``normal_machines`` - 1 of seed ``seed``, per machine per 8-hour shift."""
     false_alarms: dict[str, dict[str, Any]] = {
         sc.name: {"raises": 0, "raises_undebounced": 0, "scored_windows": 0} for sc in scorers
     }
-    hours = args.shift_hours * args.normal_machines
-    if scorers and args.shift_hours > 0:
-        for i in range(args.normal_machines):
-            t, x = windows(fspecs, args.seed + 998, i, args.shift_hours * 3600.0)
+    hours = shift_hours * normal_machines
+    if scorers and shift_hours > 0:
+        for i in range(normal_machines):
+            t, x = sim(fspecs, seed, i, shift_hours * 3600.0)
             for sc in scorers:
                 m, s = sc.run(x)
                 fa = false_alarms[sc.name]
@@ -250,6 +257,48 @@ def main() -> None:
             fa["undebounced_per_machine_shift"] = (
                 fa["raises_undebounced"] * SHIFT_S / (hours * 3600.0)
             )
+    return false_alarms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--bundle", action="append", default=[], help="bundle to measure (repeat)")
+    ap.add_argument("--episodes", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=7000, help="first unseen seed")
+    ap.add_argument("--shift-hours", type=float, default=8.0, help="healthy hours per machine")
+    ap.add_argument("--normal-machines", type=int, default=4)
+    ap.add_argument("--debounce", default="2/3", help="K/N of the score alert rule")
+    ap.add_argument(
+        "--lead-in",
+        type=float,
+        default=LEAD_IN_S,
+        help="healthy seconds before each episode's fault (every bundle alike)",
+    )
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    k, _, n = args.debounce.partition("/")
+    deb_k, deb_n = int(k), int(n or k)
+    at_s = args.lead_in
+
+    bundles = [load_bundle(b) for b in args.bundle]
+    feats: list[FeatureSpec] = list(BASELINE)
+    for b in bundles:
+        for f in (*b.features, *(c[0] for c in b.condition)):
+            if f not in feats:
+                feats.append(f)
+    fspecs = tuple(feats)
+    col = {f: j for j, f in enumerate(fspecs)}
+    nb = len(BASELINE)
+    scorers = [Scorer(b, col) for b in bundles]
+    base_ok = next((s.scored for s in scorers if s.cond), lambda x: np.ones(len(x), bool))
+
+    rows = measure_faults(
+        scorers, fspecs, args.seed, args.episodes, at_s, deb_k, deb_n, base_ok=base_ok, nb=nb
+    )
+    hours = args.shift_hours * args.normal_machines
+    false_alarms = measure_false_alarms(
+        scorers, fspecs, args.seed + 998, args.normal_machines, args.shift_hours, deb_k, deb_n
+    )
 
     head = "| fault | best single-channel threshold: AUC |"
     rule = "|---|---:|"

@@ -9,7 +9,10 @@ value of a key column (e.g. the spindle speed rounded to 100 rpm: one baseline p
 then freezes it. From then on each such column is replaced by its deviation from that baseline
 (``x / b - 1`` for ``ratio`` columns, ``x - b`` for ``diff`` ones), smoothed by an exponentially
 weighted moving average per machine that starts from 0 (``ewma`` = the newest row's weight;
-1.0 = no smoothing).
+1.0 = no smoothing). A column may be one-sided (``direction``: ``up`` / ``down``): its smoothed
+deviation is then clipped at 0 on the other side before it is scored (a fault that only ever
+raises the value gets all of the false-alarm budget: a healthy machine below its baseline is
+scored as at it); the EWMA itself is not clipped.
 Rows of a key still learning are consumed, not emitted (``learning_windows``). Other columns
 pass unchanged. The ONNX graph stays stateless: it scores the rows the stage emits.
 
@@ -37,16 +40,21 @@ import numpy.typing as npt
 from appliance.contracts import FeatureRow, FeatureSpec
 
 MODES = ("diff", "ratio")
+#: ``direction`` of a baselined column: the smoothed deviation as it is, or clipped at 0 below
+#: (``up``: only increases are evidence) or above (``down``)
+DIRECTIONS = ("both", "up", "down")
 
 
 @dataclass(frozen=True)
 class DriftColumn:
     """One baselined column: its index in the model's feature layout, how a deviation is
-    taken (``diff`` / ``ratio``) and the EWMA weight of the newest row (0 < ewma <= 1)."""
+    taken (``diff`` / ``ratio``), the EWMA weight of the newest row (0 < ewma <= 1) and which
+    side of the smoothed deviation is scored (``both`` / ``up`` / ``down``)."""
 
     index: int
     mode: str
     ewma: float
+    direction: str = "both"
 
 
 @dataclass(frozen=True)
@@ -93,9 +101,14 @@ class DriftSpec:
             ewma = e.get("ewma", 1.0)
             if isinstance(ewma, bool) or not isinstance(ewma, int | float) or not 0 < ewma <= 1:
                 raise ValueError(f"{where}.ewma must be a number in (0, 1], got {ewma!r}")
+            direction = e.get("direction", "both")
+            if direction not in DIRECTIONS:
+                raise ValueError(
+                    f"{where}.direction must be one of {DIRECTIONS}, got {direction!r}"
+                )
             if any(c.index == j for c in columns):
                 raise ValueError(f"{where}: column {e['channel']}:{e['stat']} named twice")
-            columns.append(DriftColumn(j, str(mode), float(ewma)))
+            columns.append(DriftColumn(j, str(mode), float(ewma), str(direction)))
         key = entry.get("key")
         key_index: int | None = None
         step = 1.0
@@ -114,18 +127,18 @@ class DriftSpec:
 
     def to_manifest(self, features: Sequence[FeatureSpec]) -> dict[str, Any]:
         """The inverse of :meth:`from_manifest`."""
-        out: dict[str, Any] = {
-            "learn_windows": self.learn_windows,
-            "columns": [
-                {
-                    "channel": features[c.index].channel,
-                    "stat": features[c.index].stat,
-                    "mode": c.mode,
-                    "ewma": c.ewma,
-                }
-                for c in self.columns
-            ],
-        }
+        columns: list[dict[str, Any]] = []
+        for c in self.columns:
+            col: dict[str, Any] = {
+                "channel": features[c.index].channel,
+                "stat": features[c.index].stat,
+                "mode": c.mode,
+                "ewma": c.ewma,
+            }
+            if c.direction != "both":
+                col["direction"] = c.direction
+            columns.append(col)
+        out: dict[str, Any] = {"learn_windows": self.learn_windows, "columns": columns}
         if self.key_index is not None:
             k = features[self.key_index]
             out["key"] = {"channel": k.channel, "stat": k.stat, "step": self.key_step}
@@ -154,6 +167,8 @@ class DriftStage:
         self._cols = np.array([c.index for c in spec.columns], dtype=np.intp)
         self._ratio = np.array([c.mode == "ratio" for c in spec.columns])
         self._alpha = np.array([c.ewma for c in spec.columns], dtype=np.float64)
+        self._lo = np.array([0.0 if c.direction == "up" else -np.inf for c in spec.columns])
+        self._hi = np.array([0.0 if c.direction == "down" else np.inf for c in spec.columns])
         self._machines: dict[str, _Machine] = {}
         #: rows consumed to learn a baseline (not emitted, not scored)
         self.learning_windows = 0
@@ -212,7 +227,7 @@ class DriftStage:
         prev = st.ewma if st.ewma is not None else np.zeros_like(dev)  # baseline: deviation 0
         st.ewma = self._alpha * dev + (1.0 - self._alpha) * prev
         out = np.array(vector, dtype=np.float32, copy=True)
-        out[self._cols] = st.ewma
+        out[self._cols] = np.clip(st.ewma, self._lo, self._hi)
         return out
 
     def wrap(self, emit: Callable[[FeatureRow], None]) -> Callable[[FeatureRow], None]:

@@ -97,6 +97,27 @@ def test_the_ewma_accumulates_a_slow_ramp_across_windows_and_keys() -> None:
     assert np.all(np.diff(temps) > 0) and temps[-1] == pytest.approx(2.0 * (1 - 0.75**8))
 
 
+def test_a_one_sided_column_scores_only_its_direction_and_its_ewma_is_not_clipped() -> None:
+    spec = DriftSpec(
+        columns=(DriftColumn(1, "ratio", 0.5, "up"), DriftColumn(2, "diff", 1.0, "down")),
+        learn_windows=1,
+        key_index=0,
+        key_step=100.0,
+    )
+    st = DriftStage(spec)
+    st.transform("m", _row(5000, 50.0, 20.0))
+    # load below its baseline: clipped to 0 (as at the baseline); temperature above: clipped
+    np.testing.assert_allclose(st.transform("m", _row(5000, 30.0, 21.0)), [5000, 0.0, 0.0])
+    # the EWMA went on below 0 unclipped (-0.2): one row at + 20 % brings it back only to 0
+    np.testing.assert_allclose(st.transform("m", _row(5000, 60.0, 19.0)), [5000, 0.0, -1.0])
+    np.testing.assert_allclose(
+        st.transform("m", _row(5000, 60.0, 19.0)), [5000, 0.1, -1.0], rtol=1e-6
+    )
+    both = DriftStage(_spec(learn=1, ewma=0.5))
+    both.transform("m", _row(5000, 50.0, 20.0))
+    np.testing.assert_allclose(both.transform("m", _row(5000, 30.0, 21.0)), [5000, -0.2, 0.5])
+
+
 def test_wrap_sits_between_a_feature_builder_and_the_batcher() -> None:
     got: list[FeatureRow] = []
     submit = DriftStage(_spec(learn=1)).wrap(got.append)
@@ -147,6 +168,16 @@ def test_a_row_with_a_missing_value_is_dropped_and_counted() -> None:
         (
             {
                 "learn_windows": 5,
+                "columns": [
+                    {"channel": "load", "stat": "mean"},
+                    {"channel": "temp", "stat": "mean", "direction": "upward"},
+                ],
+            },
+            "baseline.columns[1].direction must be one of ('both', 'up', 'down'), got 'upward'",
+        ),
+        (
+            {
+                "learn_windows": 5,
                 "columns": [{"channel": "load", "stat": "mean"}],
                 "key": {"channel": "speed", "stat": "mean", "step": -1},
             },
@@ -165,6 +196,10 @@ def test_a_bad_baseline_value_is_refused_naming_the_manifest_key(
 def test_the_spec_round_trips_through_the_manifest() -> None:
     spec = _spec(learn=7, ewma=0.2)
     assert DriftSpec.from_manifest(spec.to_manifest(FEATS), FEATS) == spec
+    one_sided = DriftSpec((DriftColumn(1, "ratio", 0.1, "up"), DriftColumn(2, "diff", 1.0)), 5)
+    entry = one_sided.to_manifest(FEATS)
+    assert [c.get("direction") for c in entry["columns"]] == ["up", None]  # "both": the default
+    assert DriftSpec.from_manifest(entry, FEATS) == one_sided
 
 
 def _copy_bundle(tmp_path: Path, name: str = "cnc_drift") -> Path:
@@ -185,8 +220,9 @@ def test_a_bundle_without_baseline_has_no_stage_and_a_bad_one_names_the_key(
         load_bundle(str(d))
 
 
-def test_the_shipped_drift_models_golden_sequence_covers_learning_and_scoring() -> None:
-    b = load_bundle("cnc_drift")
+@pytest.mark.parametrize("name", ["cnc_drift", "cnc_wear"])
+def test_the_shipped_drift_models_golden_sequence_covers_learning_and_scoring(name: str) -> None:
+    b = load_bundle(name)
     assert b.drift is not None and b.sequence_inputs is not None
     assert b.sequence_outputs is not None
     want = b.sequence_outputs.astype(np.float64)
@@ -213,6 +249,12 @@ def test_an_engine_refuses_a_bundle_whose_stage_does_not_reproduce_its_golden_se
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelError, match="golden-vector sequence parity check"):
         OrtEngine(load_bundle(str(d))).start()
+    m["baseline"]["columns"][0]["ewma"] = 0.1
+    m["baseline"]["columns"][0]["direction"] = "both"  # the load's decreases scored too
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="golden-vector sequence parity check"):
+        OrtEngine(load_bundle(str(d))).start()
+    m["baseline"]["columns"][0]["direction"] = "up"
     m["baseline"]["learn_windows"] = 31  # emits other rows than the golden sequence
     m["baseline"]["columns"][0]["ewma"] = 0.1
     (d / "manifest.json").write_text(json.dumps(m))
