@@ -38,8 +38,8 @@ from appliance.contracts import FeatureSpec
 from appliance.infer.drift import DriftColumn, DriftSpec, DriftStage
 from appliance.modelkit.gaussian import GaussianBank
 from models import quality
-from models.cnc_condition.export import CONDITION
 from models.cnc_drift.export import BASELINE, FEATURES, fit_bank, raw_windows
+from models.simulated import CONDITION
 
 #: the bank's parts, (given, targets) feature indices: load+vibration | temperatures; load |
 #: vibration | temperatures; all four in one Gaussian; vibration given load (| load) | temperatures
