@@ -5,10 +5,10 @@ A poll starts late when the loop is busy with something else at its deadline. On
 machine the wall-clock lateness mostly measures the other processes (the run queue), so this
 script measures the loop's own work instead: the CPU time (``time.thread_time``) of each
 callback the loop runs (``asyncio.Handle._run`` wrapped), and of each garbage collection
-(``gc.callbacks``). The cell is :mod:`benchmarks.bench`'s: the bench-50 servers of
-``acquisition.py --serve`` in their own process (``--profile hotpath``: the first registers
-named after the model's channels, every window scored, as the ``hotpath`` scenario), or
-``appliance simulate`` (``--profile cnc-sim``); Mosquitto on a free port.
+(``gc.callbacks``). The cell is :mod:`benchmarks.bench`'s, ``appliance simulate`` in its own
+process: bench-50 machines (``--profile hotpath``: the first registers named after the model's
+channels, every window scored, as the ``hotpath`` scenario), or the cnc-sim cell (``--profile
+cnc-sim``); Mosquitto on a free port.
 
     .venv/bin/python benchmarks/loop_profile.py --machines 100 --seconds 20
 
