@@ -204,7 +204,7 @@ class DevicePoller(LinkTask):
         self._offline_bad_sent = False
         self._state: State = "connecting"
         # the last JITTER_WINDOW polls' start jitter, a ring: slot polls_timed % JITTER_WINDOW
-        self._jitter = np.zeros(JITTER_WINDOW)
+        self._jitter: npt.NDArray[np.float64] = np.zeros(JITTER_WINDOW)
         self._jitter_n = 0  # polls timed so far
         self._jitter_pcts: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
         self._jitter_counts = [0] * (len(JITTER_BUCKETS_MS) + 1)
@@ -259,7 +259,8 @@ class DevicePoller(LinkTask):
         if n <= JITTER_WINDOW:
             return self._jitter[:n].copy()
         i = n % JITTER_WINDOW
-        return np.concatenate((self._jitter[i:], self._jitter[:i]))
+        out: npt.NDArray[np.float64] = np.concatenate((self._jitter[i:], self._jitter[:i]))
+        return out
 
     def _jitter_percentiles(self) -> tuple[float, float, float]:
         """p50, p99 (``np.percentile``'s linear interpolation) and max of the jitter window.
