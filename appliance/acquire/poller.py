@@ -256,10 +256,12 @@ class DevicePoller(LinkTask):
     def recent_jitter_ms(self) -> npt.NDArray[np.float64]:
         """The start jitter (ms) of the last :data:`JITTER_WINDOW` polls, oldest first."""
         n = self._jitter_n
-        if n <= JITTER_WINDOW:
-            return self._jitter[:n].copy()
         i = n % JITTER_WINDOW
-        out: npt.NDArray[np.float64] = np.concatenate((self._jitter[i:], self._jitter[:i]))
+        out: npt.NDArray[np.float64] = (
+            self._jitter[:n].copy()
+            if n <= JITTER_WINDOW
+            else np.concatenate((self._jitter[i:], self._jitter[:i]))
+        )
         return out
 
     def _jitter_percentiles(self) -> tuple[float, float, float]:
