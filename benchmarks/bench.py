@@ -862,6 +862,7 @@ def scenario_hotpath(scale: Scale, workdir: Path, seed: int, progress: Progress)
         "poll_jitter_ms_p99_median_device": percentile(p99, 0.5),
         "poll_jitter_ms_p99_worst_device": max(p99, default=None),
         "poll_jitter_ms_max": max(jmax, default=None),
+        "poll_jitter_ms_max_median_device": percentile(jmax, 0.5),
         "overruns_in_window": overruns_window,
         "overruns_whole_run": overruns_run,
         "windows_closed": stats.get("windows_closed"),

@@ -35,7 +35,9 @@ retried forever), or by the disk-budget eviction below (counted as ``evicted``).
 
 Delivery is at-least-once: a record published but not settled before a crash is published again
 after the restart. Every payload carries ``id`` (``{appliance}/{stream}/{epoch}/{seq}``) so
-subscribers can deduplicate.
+subscribers can deduplicate. ``settle_soon`` (the uplink's periodic settle, in the writer
+thread) keeps this: its ids leave ``take`` at once but the records leave the file only with its
+commit, so a crash before the commit publishes them again once, one after it never does.
 
 On-disk format (``PRAGMA user_version = 2``)
 -------------------------------------------
