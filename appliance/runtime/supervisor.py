@@ -516,9 +516,9 @@ class Appliance:
         # held the loop 50-60 ms of CPU (every ~7 s: overruns); now ~4-13 ms. No collection
         # first: it would run the finalizers of whatever garbage the process holds (a test's
         # unclosed socket) inside start; what is frozen is unfrozen at stop.
-        # And full collections made ten times rarer (generation 2's threshold 10 -> 100: every
-        # ~70 s instead of every ~7 s at 100 devices x 50 registers, each ~10-20 ms of the loop;
-        # RSS unchanged within 1 MiB, docs/benchmarks.md).
+        # And full collections made ten times rarer (generation 2's threshold 10 -> 100: about
+        # once a minute instead of every ~7 s at 100 devices x 50 registers, each ~15-30 ms of
+        # the loop; peak RSS within ~1 MiB, docs/benchmarks.md).
         if self.freeze_gc:
             gc.freeze()
             self._froze_gc = True
