@@ -511,7 +511,7 @@ class SqliteOutbox(DiskBudget):
         self._taken: set[int] = set()  # ids handed out by take() and not settled: never merged
         #: ids whose settle runs in the writer thread (settle_soon): out of take until harvested
         self._settling: set[int] = set()
-        self._settles: dict[Future[tuple[int, int, int] | None], list[int]] = {}
+        self._settles: dict[Future[tuple[int, int, int] | None], tuple[list[int], int]] = {}
         self._coarse_from = 0  # telemetry ids below this are known not to be mergeable
         self._evicting = False
         self._evict_warned = False
@@ -1213,7 +1213,7 @@ class SqliteOutbox(DiskBudget):
             self._prune_due = now + _PRUNE_EVERY_S
         self._settling.update(ids)
         job = self._writer.submit(self._settle_in_thread, ids, self._file_gen, now, prune)
-        self._settles[job] = ids
+        self._settles[job] = (ids, self._file_gen)
 
         def committed(_: asyncio.Future[Any]) -> None:
             self._harvest(job)
@@ -1270,10 +1270,15 @@ class SqliteOutbox(DiskBudget):
     def _harvest(self, job: Future[tuple[int, int, int] | None]) -> None:
         """On the loop (or in ``close``): account for a :meth:`settle_soon` whose thread part is
         over; redo it on the loop if the thread failed."""
-        ids = self._settles.pop(job, None)
-        if ids is None:
+        entry = self._settles.pop(job, None)
+        if entry is None:
             return  # harvested already
+        ids, gen = entry
         self._settling.difference_update(ids)
+        if self._taken:
+            self._taken.difference_update(ids)
+        if gen != self._file_gen:  # the file was replaced meanwhile: its records are gone
+            return
         err = job.exception()
         if err is None:
             result = job.result()
@@ -1290,8 +1295,6 @@ class SqliteOutbox(DiskBudget):
                     self.path,
                     len(ids),
                 )
-        if self._taken:
-            self._taken.difference_update(ids)
 
     def _keep_delivered(self, db: sqlite3.Connection, accepted: Sequence[int]) -> tuple[int, int]:
         """Copy the acknowledged telemetry records among ``accepted`` into ``delivered`` and,
