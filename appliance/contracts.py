@@ -18,7 +18,6 @@ connection attempts (DNS, TCP, TLS handshake) borrow a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -386,18 +385,13 @@ class Outbox(Protocol):
     status, telemetry; oldest first), skipping the ids in ``exclude`` (those in flight); it
     deletes nothing. ``settle(accepted, rejected)`` deletes records the broker acknowledged or
     refused, in one transaction; anything not settled is taken again (after a restart too).
-    ``settle_soon(accepted)`` is ``settle(accepted)`` off the event loop (a writer thread): the
-    ids are never taken again from the call on, ``pending`` and the counters follow when the
-    returned future completes (the commit returned). ``pending`` is the number of records
-    stored and not settled."""
+    ``pending`` is the number of records stored and not settled."""
 
     def append(self, envelopes: Sequence[Envelope]) -> Sequence[OutboxRecord]: ...
 
     def take(self, limit: int, exclude: Collection[int] = ()) -> Sequence[OutboxRecord]: ...
 
     def settle(self, accepted: Sequence[int], rejected: Sequence[int] = ()) -> None: ...
-
-    def settle_soon(self, accepted: Sequence[int]) -> asyncio.Future[None]: ...
 
     @property
     def pending(self) -> int: ...

@@ -35,9 +35,7 @@ retried forever), or by the disk-budget eviction below (counted as ``evicted``).
 
 Delivery is at-least-once: a record published but not settled before a crash is published again
 after the restart. Every payload carries ``id`` (``{appliance}/{stream}/{epoch}/{seq}``) so
-subscribers can deduplicate. ``settle_soon`` (the uplink's periodic settle, in the writer
-thread) keeps this: its ids leave ``take`` at once but the records leave the file only with its
-commit, so a crash before the commit publishes them again once, one after it never does.
+subscribers can deduplicate.
 
 On-disk format (``PRAGMA user_version = 2``)
 -------------------------------------------
@@ -205,7 +203,7 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -280,10 +278,6 @@ CREATE INDEX IF NOT EXISTS delivered_created ON delivered (created);
 _KEEP_DELIVERED = (
     "INSERT OR REPLACE INTO delivered "
     "SELECT id, stream, seq, priority, topic, payload, created, crc FROM records WHERE id = ?"
-)
-_KEEP_DELIVERED_IN = (
-    "INSERT OR REPLACE INTO delivered "
-    "SELECT id, stream, seq, priority, topic, payload, created, crc FROM records WHERE id IN"
 )
 _PRUNE_EVERY_S = 10.0  # delivered telemetry older than the retention is pruned this often
 BACKFILL_LATE_S = 900.0
@@ -509,9 +503,6 @@ class SqliteOutbox(DiskBudget):
         self._seqs: dict[str, int] = {}
         self._pending = 0
         self._taken: set[int] = set()  # ids handed out by take() and not settled: never merged
-        #: ids whose settle runs in the writer thread (settle_soon): out of take until harvested
-        self._settling: set[int] = set()
-        self._settles: dict[Future[tuple[int, int, int] | None], tuple[list[int], int]] = {}
         self._coarse_from = 0  # telemetry ids below this are known not to be mergeable
         self._evicting = False
         self._evict_warned = False
@@ -771,8 +762,6 @@ class SqliteOutbox(DiskBudget):
         if writer is not None:
             writer.submit(self._close_writer_db)
             writer.shutdown(wait=True)
-        for job in list(self._settles):  # settle_soon calls the loop has not harvested
-            self._harvest(job)
         db, self._db = self._db, None
         if db is not None:
             db.close()
@@ -909,7 +898,12 @@ class SqliteOutbox(DiskBudget):
         gen = statements.gen
         if gen != self._file_gen:
             return False
-        db = self._writer_conn(gen)
+        db = self._writer_db
+        if db is None or self._writer_gen != gen:
+            self._close_writer_db()
+            db = sqlite3.connect(self.path, isolation_level=None)
+            self._configure(db)
+            self._writer_db, self._writer_gen = db, gen
         db.execute("BEGIN IMMEDIATE")
         try:
             for sql, params in statements.steps:
@@ -923,16 +917,6 @@ class SqliteOutbox(DiskBudget):
                 db.execute("ROLLBACK")
             raise
         return True
-
-    def _writer_conn(self, gen: int) -> sqlite3.Connection:
-        """In the writer thread: its connection to the file of generation ``gen``."""
-        db = self._writer_db
-        if db is None or self._writer_gen != gen:
-            self._close_writer_db()
-            db = sqlite3.connect(self.path, isolation_level=None)
-            self._configure(db)
-            self._writer_db, self._writer_gen = db, gen
-        return db
 
     def _close_writer_db(self) -> None:
         """In the writer thread: close its connection."""
@@ -1022,8 +1006,6 @@ class SqliteOutbox(DiskBudget):
         return written
 
     def take(self, limit: int, exclude: Collection[int] = ()) -> list[OutboxRecord]:
-        if self._settling:  # being settled in the writer thread: as good as gone
-            exclude = self._settling.union(exclude)
         records = self._guarded("take", self._take_verified, limit, exclude)
         if self.coarsen_windows:
             self._taken.update(r.id for r in records)  # possibly in flight: never merged
@@ -1158,7 +1140,12 @@ class SqliteOutbox(DiskBudget):
         finally:
             if relaxed:
                 db.execute(f"PRAGMA synchronous={self.synchronous}")
-        self._account_settled(n_accepted, kept, pruned, n_rejected)
+        self._pending -= n_accepted + n_rejected
+        self._delivered += kept - pruned
+        self._counters["delivered_kept"] += kept
+        self._counters["delivered_pruned"] += pruned
+        self._counters["published"] += n_accepted
+        self._counters["rejected"] += n_rejected
         if n_rejected:
             log.warning(
                 "%d record(s) rejected (refused by the broker or unsendable) on topic(s) %s: "
@@ -1166,135 +1153,11 @@ class SqliteOutbox(DiskBudget):
                 n_rejected,
                 topics,
             )
-
-    def _account_settled(
-        self, n_accepted: int, kept: int, pruned: int, n_rejected: int = 0
-    ) -> None:
-        """Account for a committed settle (on the event loop)."""
-        db = self._conn
-        self._pending -= n_accepted + n_rejected
-        self._delivered += kept - pruned
-        self._counters["delivered_kept"] += kept
-        self._counters["delivered_pruned"] += pruned
-        self._counters["published"] += n_accepted
-        self._counters["rejected"] += n_rejected
         if self._quarantining and not self._pending:
             self._quarantining = False  # an episode of damaged records ends when all went out
         if self._evicting and self._used_bytes(db) < self.disk_budget_bytes * _EPISODE_END:
             self._evicting = False
             log.info("outbox back under half its disk budget; eviction episode over")
-
-    def settle_soon(self, accepted: Sequence[int]) -> asyncio.Future[None]:
-        """:meth:`settle` of acknowledged records in the outbox's writer thread, so that the
-        event loop never waits for the transaction (nor for the writer's append, its fsync or
-        a WAL checkpoint, which an ``IMMEDIATE`` transaction on the loop's connection would
-        wait for in SQLite's busy handler).
-
-        Call on the event loop. From the call on, ``take`` never returns these ids (whatever
-        ``exclude`` says) and merges never touch them; ``pending`` and the counters change when
-        the commit has returned (on the loop, when the returned future completes). Durability
-        is :meth:`settle`'s: a record is deleted only by this commit, a crash before it leaves
-        the records to be taken (re-sent) again, one after it never brings them back. Should
-        the thread fail, the settle is done again by :meth:`settle` on the loop; should that
-        fail too, the records stay and are taken again (duplicates, never a loss).
-        """
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        ids = list(accepted)
-        if not ids:
-            done.set_result(None)
-            return done
-        _ = self._conn  # raises when not open
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
-        now = self._clock()
-        prune = self.keep_delivered_s > 0 and now >= self._prune_due
-        if prune:
-            self._prune_due = now + _PRUNE_EVERY_S
-        self._settling.update(ids)
-        job = self._writer.submit(self._settle_in_thread, ids, self._file_gen, now, prune)
-        self._settles[job] = (ids, self._file_gen)
-
-        def committed(_: asyncio.Future[Any]) -> None:
-            self._harvest(job)
-            if not done.done():
-                done.set_result(None)
-
-        asyncio.wrap_future(job, loop=loop).add_done_callback(committed)
-        return done
-
-    def _settle_in_thread(
-        self, ids: list[int], gen: int, now: float, prune: bool
-    ) -> tuple[int, int, int] | None:
-        """In the writer thread: delete ``ids`` (keeping the telemetry among them for backfill
-        when configured) in one transaction, not fsync'ed; (deleted, kept, pruned), or None when
-        the file was replaced since (its records are gone with it). A few statements over
-        many ids, for the GIL's sake (see :meth:`_write_in_thread`)."""
-        if gen != self._file_gen:
-            return None
-        db = self._writer_conn(gen)
-        relaxed = self.synchronous != "NORMAL"
-        if relaxed:
-            db.execute("PRAGMA synchronous=NORMAL")
-        kept = pruned = deleted = 0
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if self.keep_delivered_s > 0:
-                    lo, hi = class_range(int(Priority.TELEMETRY))
-                    tele = [i for i in ids if lo <= i < hi]
-                    for i in range(0, len(tele), 500):
-                        chunk = tele[i : i + 500]
-                        sql = f"{_KEEP_DELIVERED_IN} ({','.join('?' * len(chunk))})"
-                        kept += max(db.execute(sql, chunk).rowcount, 0)
-                    if prune:
-                        cur = db.execute(
-                            "DELETE FROM delivered WHERE created < ?",
-                            (now - self.keep_delivered_s,),
-                        )
-                        pruned = max(cur.rowcount, 0)
-                for i in range(0, len(ids), 500):
-                    chunk = ids[i : i + 500]
-                    sql = f"DELETE FROM records WHERE id IN ({','.join('?' * len(chunk))})"
-                    deleted += max(db.execute(sql, chunk).rowcount, 0)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        finally:
-            if relaxed:
-                db.execute(f"PRAGMA synchronous={self.synchronous}")
-        return deleted, kept, pruned
-
-    def _harvest(self, job: Future[tuple[int, int, int] | None]) -> None:
-        """On the loop (or in ``close``): account for a :meth:`settle_soon` whose thread part is
-        over; redo it on the loop if the thread failed."""
-        entry = self._settles.pop(job, None)
-        if entry is None:
-            return  # harvested already
-        ids, gen = entry
-        self._settling.difference_update(ids)
-        if self._taken:
-            self._taken.difference_update(ids)
-        if gen != self._file_gen:  # the file was replaced meanwhile: its records are gone
-            return
-        err = job.exception()
-        if err is None:
-            result = job.result()
-            if result is not None and self._db is not None:
-                self._account_settled(result[0], result[1], result[2])
-        elif self._db is not None:
-            log.debug("outbox %s: settling in the writer thread failed (%s)", self.path, err)
-            try:
-                self._guarded("settle", self._settle, ids, ())
-            except Exception:
-                log.exception(
-                    "outbox %s: settling %d acknowledged record(s) failed; they stay and will "
-                    "be sent again",
-                    self.path,
-                    len(ids),
-                )
 
     def _keep_delivered(self, db: sqlite3.Connection, accepted: Sequence[int]) -> tuple[int, int]:
         """Copy the acknowledged telemetry records among ``accepted`` into ``delivered`` and,

@@ -6,8 +6,7 @@ what to do with each PUBACK.
 mixin; the uplink sets the attributes): take records while the in-flight window has room (one
 slot kept for alerts), rate-limit historical non-alert records with a token bucket, refuse
 records over the packet size limit locally, settle acks in one outbox transaction every
-:data:`SETTLE_DELAY_S` (in the outbox's writer thread: ``settle_soon``), pause on MQTT 5 quota
-exceeded (0x97). Everything runs on the event loop.
+:data:`SETTLE_DELAY_S`, pause on MQTT 5 quota exceeded (0x97). Everything runs on the event loop.
 """
 
 from __future__ import annotations
@@ -313,16 +312,7 @@ class DeliveryPolicy:
                 return self._settle_due - now
         self._settle_due = None
         acked, rejected = self._acked, self._rejected
-        if force or self._stopped or self._closing or rejected:
-            self._outbox.settle(acked, rejected)
-        else:
-            # The usual case, acks only: the transaction runs in the outbox's writer thread and
-            # the ids stay out of take() until it commits (issue 11: the loop's own settle
-            # waited in SQLite's busy handler for the writer's append and its fsync).
-            soon = self._outbox.settle_soon(acked)
-            settled = self._settled
-            if settled is not None:
-                soon.add_done_callback(lambda _: settled.set())
+        self._outbox.settle(acked, rejected)
         self._acked, self._rejected = [], []
         # Acked records stay excluded from take() until settled: never published twice.
         self._inflight_ids.difference_update(acked)

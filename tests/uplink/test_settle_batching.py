@@ -38,14 +38,7 @@ def test_acks_of_several_window_closes_are_settled_in_one_transaction(
         settles.append(len(accepted))
         settle(accepted, rejected)
 
-    settle_soon = outbox.settle_soon
-
-    def counted_soon(accepted: list[int]) -> asyncio.Future[None]:
-        settles.append(len(accepted))
-        return settle_soon(accepted)
-
     monkeypatch.setattr(outbox, "settle", counted)
-    monkeypatch.setattr(outbox, "settle_soon", counted_soon)
     uplink = MqttUplink(mqtt_cfg(mosquitto.port), APP, outbox)
     closes, machines = 8, 4
 
