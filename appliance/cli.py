@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate",
         "run a simulated CNC cell (Modbus TCP servers)",
         "Run N simulated CNC machines, each a Modbus TCP server with the register map of "
-        "drivers/profiles/cnc-sim.toml (documented in docs/simulator.md).",
+        "drivers/profiles/cnc-sim.toml (documented in docs/simulator.md), or with --profile "
+        "bench-N benchmark-sized machines of N constant holding registers.",
     )
     sim_cli.add_arguments(sp)
     sp.set_defaults(func=_cmd_simulate)

@@ -3,9 +3,9 @@
 
 Scenario (defaults: the issue's target): ``--devices`` simulated devices × ``--registers``
 contiguous uint16 holding registers (the ``bench-50`` profile when 50), polled at ``--rate-hz``
-over TCP on loopback. The devices run in a separate *server process* (this script with
-``--serve``: one pymodbus ``ModbusTcpServer`` per device on an ephemeral port), so the poller
-process measures only its own CPU.
+over TCP on loopback. The devices run in a separate *server process* (``appliance simulate
+--profile bench-N``: one pymodbus server per device, N constant holding registers, on a block of
+free ports), so the poller process measures only its own CPU.
 
 For each mode the same devices are driven twice, one after the other, in this process:
 
@@ -52,6 +52,7 @@ import numpy as np
 from appliance.acquire import Acquisition
 from appliance.config import ModbusTcpConfig
 from appliance.contracts import Frame
+from appliance.demo.mosquitto import free_port_block, wait_port
 from drivers.modbus.registers import Register, load_profile
 
 TARGET_RATIO = 0.90
@@ -61,44 +62,6 @@ STOP_TIMEOUT_S = 10.0
 
 
 # ----------------------------------------------------------------------------- server process
-
-
-async def _serve(devices: int, registers: int, host: str) -> None:
-    """Serve ``devices`` pymodbus servers; print their ports as one JSON line; run until killed."""
-    from pymodbus.server import ModbusTcpServer
-    from pymodbus.simulator import DataType, SimData, SimDevice
-
-    servers: list[Any] = []
-    ports: list[int] = []
-    for _ in range(devices):
-        dev = SimDevice(
-            1,
-            simdata=(
-                [SimData(0, values=False, datatype=DataType.BITS)],
-                [SimData(0, values=False, datatype=DataType.BITS)],
-                [SimData(0, count=registers, values=7, datatype=DataType.REGISTERS)],
-                [SimData(0, values=0, datatype=DataType.REGISTERS)],
-            ),
-        )
-        server: Any = ModbusTcpServer(dev, address=(host, 0))
-        await server.serve_forever(background=True)
-        servers.append(server)
-        ports.append(server.transport.sockets[0].getsockname()[1])
-    print(json.dumps({"ports": ports}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    def parent_gone() -> None:
-        # The parent holds our stdin open; EOF means it died without stopping us.
-        if not os.read(sys.stdin.fileno(), 4096):
-            stop.set()
-
-    loop.add_reader(sys.stdin.fileno(), parent_gone)
-    await stop.wait()
-    for server in servers:
-        await server.shutdown()
 
 
 def _proc_cpu_s(pid: int) -> float | None:
@@ -383,7 +346,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "appliance's pollers stagger theirs in 10 ms slots); default: all deadlines aligned",
     )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write JSON summary")
-    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.devices < 1 or not 1 <= args.registers <= 125 or args.rate_hz <= 0:
         p.error("need --devices >= 1, --registers in 1..125, --rate-hz > 0")
@@ -393,31 +355,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.serve:
-        # Clients that close with a request in flight (the end of every run) make pymodbus log
-        # an error with a packet dump; that is expected here.
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-        asyncio.run(_serve(args.devices, args.registers, args.host))
-        return 0
+    base = free_port_block(args.devices, args.host)
+    ports = list(range(base, base + args.devices))
     server = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).resolve()),
-            "--serve",
-            *("--devices", str(args.devices), "--registers", str(args.registers)),
-            *("--host", args.host),
+            *("-m", "appliance", "simulate", "--profile", f"bench-{args.registers}"),
+            *("--machines", str(args.devices), "--base-port", str(base), "--host", args.host),
+            *("--log-level", "warning"),
         ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.DEVNULL,
     )
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        if not line:
-            print("benchmark server failed to start", file=sys.stderr)
+        try:
+            for port in ports:
+                wait_port(port, 30.0, args.host)
+        except TimeoutError as err:
+            print(f"benchmark server failed to start: {err}", file=sys.stderr)
             return 1
-        ports = json.loads(line)["ports"]
         modes = asyncio.run(bench(args, ports, server.pid))
     finally:
         server.send_signal(signal.SIGTERM)

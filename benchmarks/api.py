@@ -102,7 +102,7 @@ async def measure(
         jitter: list[float] = []
         for p, n0 in zip(pollers, polls0, strict=True):
             n = p.polls - n0
-            jitter += list(p._jitter)[-n:] if n else []  # the window's polls only
+            jitter += p.recent_jitter_ms()[-n:].tolist() if n else []  # the window's polls only
         blocks = loop_blocks(app) if mode == "load" else {}
         client_report: dict[str, Any] = {}
         if client is not None:

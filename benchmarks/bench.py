@@ -1,8 +1,8 @@
 """End-to-end benchmark harness: ``appliance bench [SCENARIO ...] --out DIR`` (``python -m
 benchmarks``).
 
-Every scenario runs real processes: the simulator (``appliance simulate``, or the bench-50
-servers of ``benchmarks/acquisition.py --serve``), Mosquitto on a free port, the appliance
+Every scenario runs real processes: the simulator (``appliance simulate``, the cnc-sim cell or
+``--profile bench-50`` machines), Mosquitto on a free port, the appliance
 (``appliance run -c FILE --stats-json PATH``) and a paho subscriber in this process; then the
 same scenario with the naive baseline (:mod:`benchmarks.baseline`) in place of the appliance.
 Figures come from what the subscriber receives, from /proc of the measured process and from the
@@ -61,7 +61,7 @@ class Scale:
     """Sizes of every scenario (wall seconds unless said otherwise)."""
 
     ingest_machines: int = 10
-    ingest_profile: str = "cnc-sim"  # or bench-50 (benchmarks/acquisition.py --serve)
+    ingest_profile: str = "cnc-sim"  # or bench-50 (appliance simulate --profile bench-50)
     ingest_rate_hz: float = 10.0
     ingest_s: float = 20.0
     alert_machines: int = 4
@@ -261,26 +261,17 @@ class Rig:
 
     def __enter__(self) -> Rig:
         self.broker.start()
+        # ``appliance simulate`` in its own process: the cnc-sim cell, or bench-N machines
+        # (``--profile bench-50``: 50 constant holding registers each).
+        base = free_port_block(self.machines)
+        self.ports = list(range(base, base + self.machines))
+        argv = ["-m", "appliance", "simulate", "--machines", str(self.machines)]
+        argv += ["--base-port", str(base), "--profile", self.profile, "--log-level", "warning"]
         if self.profile == "cnc-sim":
-            base = free_port_block(self.machines)
-            self.ports = list(range(base, base + self.machines))
-            self.cell = spawn(
-                ["-m", "appliance", "simulate", "--machines", str(self.machines)]
-                + ["--base-port", str(base), "--seed", str(self.seed), "--fifo-address", "-1"]
-                + ["--log-level", "warning"],
-                stderr=subprocess.DEVNULL,
-            )
-            for p in self.ports:
-                wait_port(p, 30.0)
-        else:
-            self.cell = spawn(
-                ["benchmarks/acquisition.py", "--serve", "--devices", str(self.machines)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-            )
-            assert self.cell.stdout is not None
-            self.ports = json.loads(self.cell.stdout.readline())["ports"]
+            argv += ["--seed", str(self.seed), "--fifo-address", "-1"]
+        self.cell = spawn(argv, stderr=subprocess.DEVNULL)
+        for p in self.ports:
+            wait_port(p, 30.0)
         self.sub = Subscriber(
             self.mqtt_port, [f"{PREFIX}/{APPLIANCE_ID}/#", "naive/#"], f"bench-sub{self.tag}"
         )
@@ -809,7 +800,7 @@ def hotpath_profile(workdir: Path) -> Path:
 def scenario_hotpath(scale: Scale, workdir: Path, seed: int, progress: Progress) -> dict[str, Any]:
     """Issue 11: the whole appliance (windows, model scoring, telemetry, alerts, the outbox with
     ``synchronous = FULL``) at ``hotpath_machines`` × 50 registers at 10 Hz against the bench-50
-    servers (``benchmarks/acquisition.py --serve``) in their own process; no baseline. The
+    machines (``appliance simulate --profile bench-50``) in their own process; no baseline. The
     machines' first registers carry the model's channel names (:func:`hotpath_profile`), so
     every window is scored (the servers' registers are constant: the scores mean nothing, the
     work is the real one); a threshold rule watches ``r10``. CPU from /proc over the measured
@@ -871,6 +862,7 @@ def scenario_hotpath(scale: Scale, workdir: Path, seed: int, progress: Progress)
         "poll_jitter_ms_p99_median_device": percentile(p99, 0.5),
         "poll_jitter_ms_p99_worst_device": max(p99, default=None),
         "poll_jitter_ms_max": max(jmax, default=None),
+        "poll_jitter_ms_max_median_device": percentile(jmax, 0.5),
         "overruns_in_window": overruns_window,
         "overruns_whole_run": overruns_run,
         "windows_closed": stats.get("windows_closed"),

@@ -5,15 +5,16 @@ A poll starts late when the loop is busy with something else at its deadline. On
 machine the wall-clock lateness mostly measures the other processes (the run queue), so this
 script measures the loop's own work instead: the CPU time (``time.thread_time``) of each
 callback the loop runs (``asyncio.Handle._run`` wrapped), and of each garbage collection
-(``gc.callbacks``). The cell is :mod:`benchmarks.bench`'s: the bench-50 servers of
-``acquisition.py --serve`` in their own process (``--profile hotpath``: the first registers
-named after the model's channels, every window scored, as the ``hotpath`` scenario), or
-``appliance simulate`` (``--profile cnc-sim``); Mosquitto on a free port.
+(``gc.callbacks``). The cell is :mod:`benchmarks.bench`'s, ``appliance simulate`` in its own
+process: bench-50 machines (``--profile hotpath``: the first registers named after the model's
+channels, every window scored, as the ``hotpath`` scenario), or the cnc-sim cell (``--profile
+cnc-sim``); Mosquitto on a free port.
 
     .venv/bin/python benchmarks/loop_profile.py --machines 100 --seconds 20
 
 Prints the appliance's CPU (% of one core, all threads), the poll jitter from its own stats,
-the number of callbacks over the threshold and over 5 ms, the collections per generation, and
+the number of callbacks over the threshold and over 5 ms, the CPU of ``Appliance.stats()`` (what
+the API's ``/metrics`` costs the loop), the collections per generation, and
 the callbacks over the threshold grouped by name (count, p50, max). ``--wall-ms`` also lists
 the callbacks that held the loop longer than that in wall time, with their CPU (much wall and
 little CPU: the thread was descheduled or waited for the GIL or a lock). ``--cprofile`` adds a
@@ -29,6 +30,7 @@ import cProfile
 import gc
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -69,6 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.0,
         help="also list callbacks that held the loop longer than this in wall time, with "
         "their CPU (0: off)",
+    )
+    p.add_argument(
+        "--gc-threshold",
+        default=None,
+        metavar="G0,G1,G2",
+        help="gc.set_threshold for the run (default: the appliance's own, as `appliance run`)",
     )
     p.add_argument("--cprofile", action="store_true")
     args = p.parse_args(argv)
@@ -121,16 +129,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def go() -> tuple[float, dict[str, Any]]:
                 await app.start()
+                if args.gc_threshold:
+                    gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
                 await asyncio.sleep(args.warmup)
+                thresholds.append(gc.get_threshold())
                 measuring[0] = True
                 cpu0, t0 = time.process_time(), time.perf_counter()
                 await asyncio.sleep(args.seconds)
                 cpu1, t1 = time.process_time(), time.perf_counter()
                 measuring[0] = False
-                stats = app.stats()
+                for _ in range(5):  # what the API's /metrics costs the loop
+                    t = time.thread_time()
+                    stats = app.stats()
+                    stats_ms.append((time.thread_time() - t) * 1000.0)
+                    await asyncio.sleep(0.2)
                 await app.stop(5.0)
                 return (cpu1 - cpu0) / (t1 - t0), stats
 
+            stats_ms: list[float] = []
+            thresholds: list[tuple[int, int, int]] = []
             cpu, stats = asyncio.run(go())
     acq = stats["acquisition"]
     p99 = sorted(float(d["jitter_ms_p99"]) for d in acq)
@@ -139,12 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.machines} machines ({args.profile}), {args.seconds:g} s: CPU {100 * cpu:.1f} % of "
         f"one core; load average {os.getloadavg()[0]:.2f}; poll jitter p99 median device "
         f"{p99[len(p99) // 2]:.2f} ms, worst {p99[-1]:.2f} ms; overruns "
-        f"{sum(int(d['overruns']) for d in acq)}; frames {stats['frames']}, feature rows "
-        f"{stats['feature_rows']}"
+        f"{sum(int(d['overruns']) for d in acq)}; gc thresholds {thresholds[0]}; peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB; frames "
+        f"{stats['frames']}, feature rows {stats['feature_rows']}"
     )
     print(
         f"loop callbacks over {args.threshold_ms:g} ms of CPU: {len(every)}, over 5 ms: "
         f"{sum(1 for ms in every if ms > 5.0)}, longest {max(every, default=0.0):.1f} ms"
+    )
+    stats_ms.sort()
+    print(
+        f"Appliance.stats(), 5 calls after the measured window: p50 {stats_ms[2]:.1f} ms, max "
+        f"{stats_ms[-1]:.1f} ms of CPU"
     )
     for gen in (0, 1, 2):
         spent = [ms for g, ms in gcs if g == gen]

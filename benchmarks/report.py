@@ -207,11 +207,16 @@ def markdown(r: dict[str, Any], plots: list[str]) -> str:
             f"{_f(h['poll_jitter_ms_p50_worst_device'])} / "
             f"{_f(h['poll_jitter_ms_p99_worst_device'])} | p99 ≤ "
             f"{t['poll_jitter_ms_p99_max']:g} | {ok('poll_jitter_ms_p99')} |",
-            f"| poll jitter p99 ms (median device); max ms | "
-            f"{_f(h['poll_jitter_ms_p99_median_device'])}; {_f(h['poll_jitter_ms_max'])} | | |",
+            "| poll jitter p50 / p99 / max ms (median device) | "
+            f"{_f(h['poll_jitter_ms_p50_median_device'])} / "
+            f"{_f(h['poll_jitter_ms_p99_median_device'])} / "
+            f"{_f(h.get('poll_jitter_ms_max_median_device'))} | | |",
+            f"| poll jitter max ms (worst device) | {_f(h['poll_jitter_ms_max'])} | | |",
             f"| overruns in the measured window (whole run) | {h['overruns_in_window']} "
             f"({h['overruns_whole_run']}) | {t['overruns_max']} | {ok('overruns')} |",
             f"| lost / duplicates | {h['lost']} / {h['duplicates']} | 0 | {ok('nothing_lost')} |",
+            f"| windows closed / scored (feature rows) | {h['windows_closed']} / "
+            f"{h['feature_rows']} | | |",
         ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

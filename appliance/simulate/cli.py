@@ -16,12 +16,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from appliance.simulate.bench import BENCH_VALUE, MAX_BENCH_REGISTERS, BenchCell, bench_registers
 from appliance.simulate.cell import (
     ALL_FAULT_KINDS,
     DEFAULT_FAULT_DURATION_S,
     FAULT_DURATION_REGISTER,
     FAULT_REQUEST_REGISTER,
     FIFO_ADDRESS,
+    PROFILE,
     FaultSchedule,
     SimulatedCell,
 )
@@ -35,10 +37,21 @@ Serve a cell of simulated 3-axis CNC machining centres over Modbus TCP, for deve
 and tests without a machine shop. Machine N (1-based) is named cnc-N and listens on
 BASE_PORT + N - 1, unit id 1, serving the register map of the `cnc-sim` profile
 (drivers/profiles/cnc-sim.toml; the table, the fault-control registers and the model are
-described in docs/simulator.md). Same --seed, same values.
+described in docs/simulator.md). Same --seed, same values. --profile bench-N serves
+benchmark-sized machines instead (see "profiles" below).
+"""
+
+PROFILES_HELP = f"""\
+profiles (--profile NAME):
+  cnc-sim   the simulated CNC machining centre (default): physics, faults, FIFO, replay
+  bench-N   a benchmark machine: N (1..{MAX_BENCH_REGISTERS}) contiguous uint16 holding
+            registers at addresses 0..N-1, unit id 1, every one holding {BENCH_VALUE}; no model,
+            no faults (e.g. bench-50: the cell of `appliance bench hotpath` and
+            benchmarks/acquisition.py, polled with drivers/profiles/bench-50.toml)
 """
 
 EPILOG = f"""\
+{PROFILES_HELP}
 faults:
   --fault KIND@MACHINE:AT_S[:DURATION_S]   e.g. temp_ramp@2:10:20 = machine 2, 10 s after start,
                                            for 20 s (default {DEFAULT_FAULT_DURATION_S:g} s)
@@ -123,6 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4,
         metavar="N",
         help="number of machines, one Modbus TCP server each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--profile",
+        default=PROFILE,
+        metavar="NAME",
+        help=f"what each machine serves: {PROFILE} (default) or bench-N, see profiles below",
     )
     parser.add_argument(
         "--host",
@@ -223,25 +242,7 @@ def run(args: argparse.Namespace) -> int:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
     try:
-        replay = None
-        if args.replay is not None:
-            replay = load_replay(args.replay, parse_map(args.map))
-        elif args.map:
-            raise ValueError("--map needs --replay")
-        cell = SimulatedCell(
-            machines=args.machines,
-            host=args.host,
-            base_port=args.base_port,
-            seed=args.seed,
-            tick_hz=args.tick_hz,
-            faults=tuple(args.fault),
-            time_scale=args.time_scale,
-            byte_order=args.byte_order,
-            fifo_address=None if args.fifo_address < 0 else args.fifo_address,
-            replay=replay,
-            serial_port=args.serial,
-            serial_baudrate=args.serial_baud,
-        )
+        cell: SimulatedCell | BenchCell = _make_cell(args)
     except (ValueError, OSError) as err:
         print(f"appliance simulate: {err}", file=sys.stderr)
         return 2
@@ -258,7 +259,52 @@ def run(args: argparse.Namespace) -> int:
         pymodbus_logger.setLevel(pymodbus_level)
 
 
-async def _serve(cell: SimulatedCell, duration_s: float | None) -> int:
+def _make_cell(args: argparse.Namespace) -> SimulatedCell | BenchCell:
+    """The cell ``args`` describe; ``ValueError`` (or ``OSError``) naming what is wrong."""
+    profile = getattr(args, "profile", PROFILE)
+    if profile != PROFILE:
+        registers = bench_registers(profile)
+        if registers is None:
+            raise ValueError(
+                f"--profile {profile!r}: unknown profile (known: {PROFILE}, bench-N with N in "
+                f"1..{MAX_BENCH_REGISTERS}, e.g. bench-50)"
+            )
+        for given, option in (
+            (args.fault, "--fault"),
+            (args.replay is not None or args.map, "--replay/--map"),
+            (args.serial is not None, "--serial"),
+            (args.byte_order is not None, "--byte-order"),
+        ):
+            if given:
+                raise ValueError(f"{option} needs --profile {PROFILE} (not {profile})")
+        if not 1 <= args.base_port <= 65536 - args.machines:
+            raise ValueError(
+                f"--base-port {args.base_port} + {args.machines} machines does not fit in 1..65535"
+            )
+        ports = [args.base_port + i for i in range(args.machines)]
+        return BenchCell(ports, registers, host=args.host)
+    replay = None
+    if args.replay is not None:
+        replay = load_replay(args.replay, parse_map(args.map))
+    elif args.map:
+        raise ValueError("--map needs --replay")
+    return SimulatedCell(
+        machines=args.machines,
+        host=args.host,
+        base_port=args.base_port,
+        seed=args.seed,
+        tick_hz=args.tick_hz,
+        faults=tuple(args.fault),
+        time_scale=args.time_scale,
+        byte_order=args.byte_order,
+        fifo_address=None if args.fifo_address < 0 else args.fifo_address,
+        replay=replay,
+        serial_port=args.serial,
+        serial_baudrate=args.serial_baud,
+    )
+
+
+async def _serve(cell: SimulatedCell | BenchCell, duration_s: float | None) -> int:
     """Start the cell, wait for a signal, the duration or a failure, then stop it."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -275,12 +321,14 @@ async def _serve(cell: SimulatedCell, duration_s: float | None) -> int:
         except OSError as err:
             logger.error("cannot start the simulated cell: %s", err)
             return 1
+        if isinstance(cell, BenchCell):
+            what = f"{cell.describe()} on {cell.host}:{cell.ports[0]}.."
+        else:
+            what = f"{len(cell.ports)} machines (seed {cell.seed}, {cell.tick_hz:.0f} Hz, "
+            what += f"time x{cell.time_scale:g})"
         logger.info(
-            "simulating %d machines (seed %s, %.0f Hz, time x%g)%s",
-            len(cell.ports),
-            cell.seed,
-            cell.tick_hz,
-            cell.time_scale,
+            "simulating %s%s",
+            what,
             f" for {duration_s:g} s" if duration_s is not None else "; Ctrl-C stops",
         )
         stop_wait = asyncio.ensure_future(stop.wait())

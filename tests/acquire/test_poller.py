@@ -326,3 +326,25 @@ def test_a_device_without_resolved_registers_is_refused_at_construction() -> Non
     device = ModbusTcpConfig(name="cnc-9", profile="cnc-sim")  # not passed through load_config
     with pytest.raises(ValueError, match="no registers"):
         DevicePoller(device, lambda f: None)
+
+
+@pytest.mark.parametrize("polls", [1, 2, 7, 999, 1000, 1001, 2503])
+def test_jitter_percentiles_are_numpys_over_the_last_window_of_polls(polls: int) -> None:
+    """Issue 11: the jitter window is a ring and p50/p99 come from two order statistics (not
+    ``np.percentile`` per device per ``stats()``), with the very same values."""
+    from appliance.acquire.poller import JITTER_WINDOW
+
+    poller = DevicePoller(cnc("cnc-1", 502), lambda f: None)
+    assert (poller.stats()["jitter_ms_p50"], poller.stats()["jitter_ms_max"]) == (0.0, 0.0)
+    values = np.random.default_rng(polls).exponential(2.0, polls)
+    for v in values:
+        poller._note_jitter(float(v))
+    last = values[-JITTER_WINDOW:]
+    stats = poller.stats()
+    p50, p99 = np.percentile(last, [50.0, 99.0])
+    assert stats["jitter_ms_p50"] == pytest.approx(p50, rel=1e-12)
+    assert stats["jitter_ms_p99"] == pytest.approx(p99, rel=1e-12)
+    assert stats["jitter_ms_max"] == last.max()
+    assert poller.recent_jitter_ms().tolist() == last.tolist()  # oldest first
+    poller._note_jitter(1000.0)  # a new poll: computed again, not the cached figures
+    assert poller.stats()["jitter_ms_max"] == 1000.0

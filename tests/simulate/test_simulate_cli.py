@@ -180,3 +180,72 @@ def test_run_rejects_unusable_replay_options(
     argv = tuple(str(csv) if a == "REC" else a for a in argv)
     assert run(parse("--machines", "1", *argv)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unknown_profile_is_refused_listing_the_known_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run(parse("--profile", "bench-fifty")) == 2
+    err = capsys.readouterr().err
+    assert "--profile 'bench-fifty': unknown profile" in err
+    assert "cnc-sim" in err and "bench-N" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--profile", "bench-0"), "1..125 registers"),
+        (("--profile", "bench-126"), "1..125 registers"),
+        (("--profile", "bench-50", "--fault", "temp_ramp@1:1"), "--fault needs --profile cnc-sim"),
+        (("--profile", "bench-50", "--byte-order", "CDAB"), "--byte-order needs"),
+    ],
+)
+def test_bench_profile_refuses_what_it_cannot_serve(
+    argv: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(parse(*argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_the_profiles() -> None:
+    parser = argparse.ArgumentParser(prog="appliance simulate")
+    add_arguments(parser)
+    text = parser.format_help()
+    assert "--profile NAME" in text
+    assert "bench-N" in text and "bench-50" in text
+
+
+def test_bench_profile_serves_its_register_map_to_a_modbus_client() -> None:
+    """``--profile bench-50`` in its own process: each machine on BASE_PORT + N - 1 answers a
+    50-register FC 3 read (every register 7) and refuses register 50 (illegal address)."""
+    from pymodbus.client import ModbusTcpClient
+
+    base = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.simulate.cli", "--profile", "bench-50"]
+        + ["--machines", "2", "--base-port", str(base)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    try:
+        for port in (base, base + 1):
+            wait_port(port)
+            client = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
+            try:
+                assert client.connect()
+                ok = client.read_holding_registers(0, count=50, device_id=1)
+                assert not ok.isError() and ok.registers == [7] * 50
+                beyond = client.read_holding_registers(50, count=1, device_id=1)
+                assert beyond.isError() and beyond.exception_code == 2
+            finally:
+                client.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out.decode()
+    assert "2 bench machines, 50 holding registers each" in out.decode()
