@@ -279,3 +279,73 @@ def test_float32_decoding_matches_an_independent_struct_encoding() -> None:
     hi, lo = struct.unpack(">HH", struct.pack(">f", 38.25))
     values, _ = decode_blocks(registers, plan_reads(registers), [[hi, lo, lo, hi]])
     assert values.tolist() == [38.25, 38.25]
+
+
+def _plain_map(rng: random.Random, orders: Sequence[str]) -> list[Register]:
+    """A random map of one-word registers, some scaled: in two tables, gaps and all, or (a
+    third of them) contiguous in one table from address 0, like ``bench-50``."""
+    scaled = rng.random() < 0.5
+    contiguous = rng.random() < 0.33
+    registers: list[Register] = []
+    for i in range(rng.randint(1, 80)):
+        registers.append(
+            reg(
+                f"r{i}",
+                i if contiguous else rng.randint(0, 300),
+                rng.choice(["uint16", "int16"]),
+                "holding" if contiguous else rng.choice(["holding", "input"]),
+                order=rng.choice(orders),
+                scale=rng.choice([1.0, 0.1, -2.5]) if scaled else 1.0,
+                offset=rng.choice([0.0, -40.0, 1e-3]) if scaled else 0.0,
+            )
+        )
+    return registers
+
+
+def test_plain_16_bit_maps_decode_on_the_fast_path_exactly_as_on_the_general_path() -> None:
+    rng = random.Random(20261130)
+    for case in range(300):
+        # BADC/DCBA swap the bytes of a word: such maps are not plain and keep the general path.
+        orders = ["ABCD", "CDAB"] if case % 4 else ["ABCD", "BADC", "DCBA"]
+        registers = _plain_map(rng, orders)
+        plan = plan_reads(
+            registers, max_gap=rng.choice([0, 2, 20]), max_registers=rng.choice([8, 50, 125])
+        )
+        fast = Decoder(registers, plan)
+        general = Decoder(registers, plan, fast_path=False)
+        swapped = any(r.order in ("BADC", "DCBA") for r in registers)
+        assert fast.plain is not swapped and not general.plain
+        blocks: list[Any] = []
+        for req in plan:
+            words = [rng.randrange(0x10000) for _ in range(req.count + rng.choice([0, 0, 3]))]
+            if rng.random() < 0.15:
+                blocks.append(None)  # a refused request: its values BAD and NaN
+            elif rng.random() < 0.5:  # as the native client hands them over, read-only
+                blocks.append(np.frombuffer(struct.pack(f">{len(words)}H", *words), ">u2"))
+            else:  # as pymodbus and the RTU driver hand them over
+                blocks.append(words)
+        values, quality = fast.decode(blocks)
+        expected_values, expected_quality = general.decode(blocks)
+        assert values.dtype == np.float64 and quality.dtype == np.uint8
+        assert values.tobytes() == expected_values.tobytes()  # bit for bit, NaN included
+        assert quality.tolist() == expected_quality.tolist()
+        assert values.flags.writeable and quality.flags.writeable  # fresh, the caller's own
+
+
+def test_the_plain_path_refuses_short_blocks_as_the_general_path_does() -> None:
+    registers = [reg("a", 0), reg("b", 1, "int16"), reg("c", 10, table="input")]
+    plan = plan_reads(registers)
+    decoder = Decoder(registers, plan)
+    assert decoder.plain
+    with pytest.raises(ValueError, match="holding read 0\\+2 answered only 1 values"):
+        decoder.decode([[1], [2]])
+    one = Decoder(registers[:2], plan_reads(registers[:2]))
+    with pytest.raises(ValueError, match="holding read 0\\+2 answered only 1 values"):
+        one.decode([np.frombuffer(b"\x00\x01", ">u2")])
+
+
+def test_bench_50_takes_the_plain_path_and_mixed_maps_the_general_one() -> None:
+    bench = load_profile("bench-50")
+    assert Decoder(bench, plan_reads(bench)).plain
+    cnc = load_profile("cnc-sim")  # uint32 and float32 registers
+    assert not Decoder(cnc, plan_reads(cnc)).plain
