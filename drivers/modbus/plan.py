@@ -23,8 +23,9 @@ without byte swap) take a shorter path: the answer is used in place (one request
 into one buffer, gathered only when the registers are not laid out in request order, and
 converted to float64 in one step; ``scale``/``offset`` is one expression over the whole poll
 and is left out when every register has neither. For ``bench-50`` (50 ``uint16``, one request)
-that is ~2.5 against ~8.6 µs per poll (issue 11; docs/benchmarks.md, "Saturation"). It returns
-what the general path returns, bit for bit (a test compares them on the same answers).
+that is 2.3-4.8 against 7.1-12.2 µs per poll on a loaded 2-core VM (issue 11; docs/benchmarks.md,
+"Saturation"). It returns what the general path returns, bit for bit (a test compares them on
+the same answers).
 """
 
 from __future__ import annotations
