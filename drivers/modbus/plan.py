@@ -14,9 +14,10 @@ plan (extend the current read while the next register fits) is minimal.
 
 Decoding (:class:`Decoder`) is columnar: the answers of all requests are copied into one uint16
 buffer and each group of registers sharing a value type and byte order is decoded with one numpy
-gather and ``view``, so the per-poll cost grows with the number of requests and groups, not with
-the number of values. It agrees with :func:`drivers.modbus.codec.decode` value for value (a
-table test pins that).
+gather and ``view`` (word order is in the gather's positions, so the four orders of a type make
+at most two groups: with and without the byte swap; one request's answer is used in place), so
+the per-poll cost grows with the number of requests and groups, not with the number of values.
+It agrees with :func:`drivers.modbus.codec.decode` value for value (table tests pin that).
 
 Plans whose registers are all plain 16-bit words (``uint16``/``int16`` of the register tables,
 without byte swap) take a shorter path: the answer is used in place (one request) or copied
@@ -192,7 +193,7 @@ class Decoder:
             [r.offset * a + b for r, (a, b) in zip(self.registers, conv, strict=True)],
             dtype=np.float64,
         )
-        groups: dict[tuple[str, bool, bool], list[tuple[int, list[int], int]]] = {}
+        groups: dict[tuple[str, bool], list[tuple[int, list[int], int]]] = {}
         members: list[npt.NDArray[np.intp]] = []
         for req, base in zip(self.requests, self._bases, strict=True):
             idx: list[int] = []
@@ -215,7 +216,7 @@ class Decoder:
                 if reverse:
                     positions.reverse()
                 shift = reg.bit if kind == "bit" else 0
-                groups.setdefault((kind, swap, reverse), []).append((reg_index, positions, shift))
+                groups.setdefault((kind, swap), []).append((reg_index, positions, shift))
             members.append(np.array(idx, dtype=np.intp))
         missing = [self.registers[i].name for i in np.flatnonzero(served != 1)]
         if missing:
@@ -229,7 +230,7 @@ class Decoder:
                 swap=swap,
                 shift=np.array([e[2] for e in entries], dtype=np.uint16),
             )
-            for (kind, swap, _reverse), entries in groups.items()
+            for (kind, swap), entries in groups.items()
         )
         #: No register has a scale or an offset (conversions included): values are the raw ones.
         self._identity = bool((self._scale == 1.0).all() and (self._offset == 0.0).all())
@@ -268,18 +269,8 @@ class Decoder:
             raise ValueError(f"expected {len(self.requests)} blocks, got {len(blocks)}")
         if self._plain:
             return self._decode_plain(blocks)
-        buf = np.zeros(self._size, dtype=np.uint16)
         failed: list[int] = []
-        answers = zip(self.requests, self._bases, blocks, strict=True)
-        for i, (req, base, block) in enumerate(answers):
-            if block is None:
-                failed.append(i)
-                continue
-            if len(block) < req.count:
-                raise ValueError(
-                    f"{req.table} read {req.address}+{req.count} answered only {len(block)} values"
-                )
-            buf[base : base + req.count] = block[: req.count]
+        buf = self._words(blocks, failed)
         raw = np.empty(len(self.registers), dtype=np.float64)
         for g in self._groups:
             words = buf[g.words]
@@ -290,7 +281,7 @@ class Decoder:
             else:
                 if g.swap:
                     words = words.byteswap()
-                raw[g.out] = words.astype(">u2").view(g.kind)[:, 0]
+                raw[g.out] = words.view(g.kind)[:, 0]
         values = raw * self._scale + self._offset
         quality = np.full(len(self.registers), GOOD, dtype=np.uint8)
         for i in failed:
@@ -298,31 +289,33 @@ class Decoder:
             quality[self._members[i]] = BAD
         return values, quality
 
+    def _words(self, blocks: Sequence[Block | None], failed: list[int]) -> npt.NDArray[Any]:
+        """The answers as one big-endian word buffer, in plan order (a failed request's words
+        0, its index appended to ``failed``): one request's answer is used as it is (no copy
+        off the native client). Raises ``ValueError`` for a short block."""
+        answers = zip(self.requests, self._bases, blocks, strict=True)
+        if len(blocks) == 1 and blocks[0] is not None:
+            words: npt.NDArray[Any] | None = None
+        else:
+            words = np.zeros(self._size, dtype=">u2")
+        for i, (req, base, block) in enumerate(answers):
+            if block is None:
+                failed.append(i)
+                continue
+            if len(block) < req.count:
+                raise ValueError(
+                    f"{req.table} read {req.address}+{req.count} answered only {len(block)} values"
+                )
+            if words is None:
+                return np.asarray(block[: req.count], dtype=">u2")
+            words[base : base + req.count] = block[: req.count]
+        assert words is not None
+        return words
+
     def _decode_plain(self, blocks: Sequence[Block | None]) -> tuple[F64, U8]:
         """:meth:`decode` of a plan of plain 16-bit registers (see the module docstring)."""
         failed: list[int] = []
-        words: npt.NDArray[np.uint16]
-        if len(blocks) == 1 and blocks[0] is not None:
-            first, answer = self.requests[0], blocks[0]
-            if len(answer) < first.count:
-                raise ValueError(
-                    f"{first.table} read {first.address}+{first.count} answered only "
-                    f"{len(answer)} values"
-                )
-            words = np.asarray(answer[: first.count], dtype=">u2")  # no copy off the native client
-        else:
-            words = np.zeros(self._size, dtype=">u2")
-            answers = zip(self.requests, self._bases, blocks, strict=True)
-            for i, (req, base, block) in enumerate(answers):
-                if block is None:
-                    failed.append(i)
-                    continue
-                if len(block) < req.count:
-                    raise ValueError(
-                        f"{req.table} read {req.address}+{req.count} answered only "
-                        f"{len(block)} values"
-                    )
-                words[base : base + req.count] = block[: req.count]
+        words = self._words(blocks, failed)
         if self._word_at is not None:
             words = words[self._word_at]
         raw: npt.NDArray[Any]

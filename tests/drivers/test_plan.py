@@ -349,3 +349,57 @@ def test_bench_50_takes_the_plain_path_and_mixed_maps_the_general_one() -> None:
     assert Decoder(bench, plan_reads(bench)).plain
     cnc = load_profile("cnc-sim")  # uint32 and float32 registers
     assert not Decoder(cnc, plan_reads(cnc)).plain
+
+
+def test_random_mixed_maps_decode_as_the_codec_decodes_each_register() -> None:
+    rng = random.Random(1130)
+    types = ["uint16", "int16", "uint32", "int32", "float32", "float64", "int64", "bit", "bool"]
+    for _ in range(150):
+        registers: list[Register] = []
+        words: dict[tuple[str, int], int] = {}
+        expected: list[float] = []
+        used: set[tuple[str, int]] = set()
+        one_read = rng.random() < 0.4  # all in holding registers 0..103: one request
+        for i in range(rng.randint(1, 40)):
+            table = "holding" if one_read else rng.choice(["holding", "input", "coil"])
+            type_ = "bool" if table == "coil" else rng.choice(types)
+            order = rng.choice(["ABCD", "CDAB", "BADC", "DCBA"])
+            width = {"uint32": 2, "int32": 2, "float32": 2, "float64": 4, "int64": 4}.get(type_, 1)
+            address = rng.randint(0, 100 if one_read else 200)
+            span = {(table, address + k) for k in range(width)}
+            if span & used:
+                continue  # one value per address here, so that the words are unambiguous
+            used |= span
+            scale, offset = rng.choice([(1.0, 0.0), (0.5, -3.0)])
+            r = reg(f"r{i}", address, type_, table, order=order, scale=scale, offset=offset)
+            if type_ == "bit":
+                r = reg(f"r{i}", address, "bit", table, bit=rng.randrange(16))
+            value = rng.choice(SAMPLES.get(type_, [0, 1]))
+            encoded = codec.encode(value, type_, order, bit=r.bit)
+            if type_ == "bit":
+                encoded = [encoded[0] | (rng.randrange(0x10000) & ~(1 << r.bit))]
+            for k, w in enumerate(encoded):
+                words[(table, address + k)] = w
+            registers.append(r)
+            expected.append(_expected(encoded, r))
+        plan = plan_reads(registers, max_gap=125 if one_read else rng.choice([0, 5, 50]))
+        assert len(plan) == 1 or not one_read
+        failed = {i for i in range(len(plan)) if rng.random() < 0.2}
+        blocks: list[Any] = []
+        for i, req in enumerate(plan):
+            block = [words.get((req.table, req.address + k), 0) for k in range(req.count)]
+            if req.table == "coil":
+                block = [bool(w) for w in block]
+            if i in failed:
+                blocks.append(None)
+            elif req.table != "coil" and rng.random() < 0.5:
+                blocks.append(np.frombuffer(struct.pack(f">{len(block)}H", *block), ">u2"))
+            else:
+                blocks.append(block)
+        values, quality = Decoder(registers, plan).decode(blocks)
+        bad = {int(j) for i in failed for j in Decoder(registers, plan).served_by(i)}
+        for j, r in enumerate(registers):
+            if j in bad:
+                assert math.isnan(values[j]) and quality[j] == BAD, r
+            else:
+                assert values[j] == expected[j] and quality[j] == GOOD, r
