@@ -127,6 +127,9 @@ class ModbusDevice:
                 raise KeyError(f"{self!r}: no poll group {group!r} (groups: {self.groups})")
             values, quality, refused = await self._read_group(group)
             return ReadResult(values, quality, tuple(refused), self.group_channels[group])
+        if len(self._plans) == 1:  # one group holds every channel, in order: no merging
+            values, quality, refused = await self._read_group(next(iter(self._plans)))
+            return ReadResult(values, quality, tuple(refused), self._all)
         out_v = np.full(len(self.numeric), np.nan)
         out_q = np.zeros(len(self.numeric), dtype=np.uint8)
         problems: list[DeviceException] = []

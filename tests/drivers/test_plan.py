@@ -279,3 +279,127 @@ def test_float32_decoding_matches_an_independent_struct_encoding() -> None:
     hi, lo = struct.unpack(">HH", struct.pack(">f", 38.25))
     values, _ = decode_blocks(registers, plan_reads(registers), [[hi, lo, lo, hi]])
     assert values.tolist() == [38.25, 38.25]
+
+
+def _plain_map(rng: random.Random, orders: Sequence[str]) -> list[Register]:
+    """A random map of one-word registers, some scaled: in two tables, gaps and all, or (a
+    third of them) contiguous in one table from address 0, like ``bench-50``."""
+    scaled = rng.random() < 0.5
+    contiguous = rng.random() < 0.33
+    registers: list[Register] = []
+    for i in range(rng.randint(1, 80)):
+        registers.append(
+            reg(
+                f"r{i}",
+                i if contiguous else rng.randint(0, 300),
+                rng.choice(["uint16", "int16"]),
+                "holding" if contiguous else rng.choice(["holding", "input"]),
+                order=rng.choice(orders),
+                scale=rng.choice([1.0, 0.1, -2.5]) if scaled else 1.0,
+                offset=rng.choice([0.0, -40.0, 1e-3]) if scaled else 0.0,
+            )
+        )
+    return registers
+
+
+def test_plain_16_bit_maps_decode_on_the_fast_path_exactly_as_on_the_general_path() -> None:
+    rng = random.Random(20261130)
+    for case in range(300):
+        # BADC/DCBA swap the bytes of a word: such maps are not plain and keep the general path.
+        orders = ["ABCD", "CDAB"] if case % 4 else ["ABCD", "BADC", "DCBA"]
+        registers = _plain_map(rng, orders)
+        plan = plan_reads(
+            registers, max_gap=rng.choice([0, 2, 20]), max_registers=rng.choice([8, 50, 125])
+        )
+        fast = Decoder(registers, plan)
+        general = Decoder(registers, plan, fast_path=False)
+        swapped = any(r.order in ("BADC", "DCBA") for r in registers)
+        assert fast.plain is not swapped and not general.plain
+        blocks: list[Any] = []
+        for req in plan:
+            words = [rng.randrange(0x10000) for _ in range(req.count + rng.choice([0, 0, 3]))]
+            if rng.random() < 0.15:
+                blocks.append(None)  # a refused request: its values BAD and NaN
+            elif rng.random() < 0.5:  # as the native client hands them over, read-only
+                blocks.append(np.frombuffer(struct.pack(f">{len(words)}H", *words), ">u2"))
+            else:  # as pymodbus and the RTU driver hand them over
+                blocks.append(words)
+        values, quality = fast.decode(blocks)
+        expected_values, expected_quality = general.decode(blocks)
+        assert values.dtype == np.float64 and quality.dtype == np.uint8
+        assert values.tobytes() == expected_values.tobytes()  # bit for bit, NaN included
+        assert quality.tolist() == expected_quality.tolist()
+        assert values.flags.writeable and quality.flags.writeable  # fresh, the caller's own
+
+
+def test_the_plain_path_refuses_short_blocks_as_the_general_path_does() -> None:
+    registers = [reg("a", 0), reg("b", 1, "int16"), reg("c", 10, table="input")]
+    plan = plan_reads(registers)
+    decoder = Decoder(registers, plan)
+    assert decoder.plain
+    with pytest.raises(ValueError, match="holding read 0\\+2 answered only 1 values"):
+        decoder.decode([[1], [2]])
+    one = Decoder(registers[:2], plan_reads(registers[:2]))
+    with pytest.raises(ValueError, match="holding read 0\\+2 answered only 1 values"):
+        one.decode([np.frombuffer(b"\x00\x01", ">u2")])
+
+
+def test_bench_50_takes_the_plain_path_and_mixed_maps_the_general_one() -> None:
+    bench = load_profile("bench-50")
+    assert Decoder(bench, plan_reads(bench)).plain
+    cnc = load_profile("cnc-sim")  # uint32 and float32 registers
+    assert not Decoder(cnc, plan_reads(cnc)).plain
+
+
+def test_random_mixed_maps_decode_as_the_codec_decodes_each_register() -> None:
+    rng = random.Random(1130)
+    types = ["uint16", "int16", "uint32", "int32", "float32", "float64", "int64", "bit", "bool"]
+    for _ in range(150):
+        registers: list[Register] = []
+        words: dict[tuple[str, int], int] = {}
+        expected: list[float] = []
+        used: set[tuple[str, int]] = set()
+        one_read = rng.random() < 0.4  # all in holding registers 0..103: one request
+        for i in range(rng.randint(1, 40)):
+            table = "holding" if one_read else rng.choice(["holding", "input", "coil"])
+            type_ = "bool" if table == "coil" else rng.choice(types)
+            order = rng.choice(["ABCD", "CDAB", "BADC", "DCBA"])
+            width = {"uint32": 2, "int32": 2, "float32": 2, "float64": 4, "int64": 4}.get(type_, 1)
+            address = rng.randint(0, 100 if one_read else 200)
+            span = {(table, address + k) for k in range(width)}
+            if span & used:
+                continue  # one value per address here, so that the words are unambiguous
+            used |= span
+            scale, offset = rng.choice([(1.0, 0.0), (0.5, -3.0)])
+            r = reg(f"r{i}", address, type_, table, order=order, scale=scale, offset=offset)
+            if type_ == "bit":
+                r = reg(f"r{i}", address, "bit", table, bit=rng.randrange(16))
+            value = rng.choice(SAMPLES.get(type_, [0, 1]))
+            encoded = codec.encode(value, type_, order, bit=r.bit)
+            if type_ == "bit":
+                encoded = [encoded[0] | (rng.randrange(0x10000) & ~(1 << r.bit))]
+            for k, w in enumerate(encoded):
+                words[(table, address + k)] = w
+            registers.append(r)
+            expected.append(_expected(encoded, r))
+        plan = plan_reads(registers, max_gap=125 if one_read else rng.choice([0, 5, 50]))
+        assert len(plan) == 1 or not one_read
+        failed = {i for i in range(len(plan)) if rng.random() < 0.2}
+        blocks: list[Any] = []
+        for i, req in enumerate(plan):
+            block = [words.get((req.table, req.address + k), 0) for k in range(req.count)]
+            if req.table == "coil":
+                block = [bool(w) for w in block]
+            if i in failed:
+                blocks.append(None)
+            elif req.table != "coil" and rng.random() < 0.5:
+                blocks.append(np.frombuffer(struct.pack(f">{len(block)}H", *block), ">u2"))
+            else:
+                blocks.append(block)
+        values, quality = Decoder(registers, plan).decode(blocks)
+        bad = {int(j) for i in failed for j in Decoder(registers, plan).served_by(i)}
+        for j, r in enumerate(registers):
+            if j in bad:
+                assert math.isnan(values[j]) and quality[j] == BAD, r
+            else:
+                assert values[j] == expected[j] and quality[j] == GOOD, r
