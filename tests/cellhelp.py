@@ -10,6 +10,8 @@ and publishes to the broker on ``mqtt_port`` with quick reconnects; ``sections``
 over it. ``cell_config(tmp_path, ...)``: the same, parsed. ``async with serving(cell, app,
 sub)``: starts the simulator, the subscriber, then the appliance, and stops them in the
 reverse order (sinks first, sources last). ``await wait_for(cond, timeout_s, what)``: polls.
+``with serving_in_background(cell)``: the simulator on an event loop in a thread, for a
+blocking CLI under test (``appliance record``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +133,31 @@ async def serving(
         await cell.stop()
         if sub is not None and stop_sub:
             sub.stop()
+
+
+@contextlib.contextmanager
+def serving_in_background(cell: SimulatedCell) -> Iterator[None]:
+    """Serve ``cell`` from an event loop in a background thread while the (blocking) CLI
+    under test runs in this one; stopped on the way out."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(cell.start())
+        ready.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(cell.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+        loop.close()
 
 
 async def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -7,22 +7,17 @@ stays quiet."""
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 import pytest
+from modelhelp import quick_drift_bundle
 
 from appliance.config import parse_config
 from appliance.demo.mosquitto import MosquittoProcess, free_port
 from appliance.demo.subscriber import DemoSubscriber
-from appliance.infer.bundle import MODELS_DIR, load_bundle
-from appliance.infer.drift import sequence_scores
-from appliance.modelkit.evaluate import score_windows
 from appliance.runtime import Appliance
 from appliance.schemas import load_schema
 from appliance.simulate.cell import FaultSchedule, SimulatedCell
@@ -34,26 +29,6 @@ SEED = 28
 #: A plant's coolant limit: the healthy machines stay well below it (set points 21.5–23.5 °C,
 #: up to 3 °C more at full speed and load), and so does the coolant loss during the test.
 COOLANT_LIMIT_C = 30.0
-
-
-def quick_drift_bundle(tmp_path: Path, learn_windows: int) -> Path:
-    """The shipped ``cnc_drift`` (same graph and stage) learning over ``learn_windows`` rows
-    per key instead of 30 (a deployed appliance learns over minutes; a test has seconds), its
-    golden sequence recomputed for that stage (onnxruntime), so the engine's check passes."""
-    d = tmp_path / "cnc_drift_quick"
-    shutil.copytree(MODELS_DIR / "cnc_drift", d)
-    m = json.loads((d / "manifest.json").read_text())
-    m["baseline"]["learn_windows"] = learn_windows
-    (d / "manifest.json").write_text(json.dumps(m))
-    b = load_bundle(str(d))
-    assert b.drift is not None and b.sequence_inputs is not None
-    with np.load(d / "golden.npz") as g:
-        arrays = {k: g[k] for k in g.files}
-    arrays["sequence_outputs"] = sequence_scores(
-        b.drift, b.sequence_inputs, lambda x: score_windows(b, x)
-    ).astype(np.float32)
-    np.savez(d / "golden.npz", **arrays)
-    return d
 
 
 def test_a_coolant_loss_raises_the_drift_models_alert_before_any_threshold_and_not_on_a_twin(

@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import csv
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from cellhelp import serving_in_background
 
 from appliance.cli import main
 from appliance.demo.mosquitto import free_port
 from appliance.modelkit.recording import read_recording
 from appliance.simulate.cell import SimulatedCell
-
-
-@contextlib.contextmanager
-def serving_in_background(cell: SimulatedCell) -> Iterator[None]:
-    """Serve ``cell`` from an event loop in a background thread while the (blocking) CLI
-    under test runs in this one; stopped on the way out."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(cell.start())
-        ready.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
-        yield
-    finally:
-        asyncio.run_coroutine_threadsafe(cell.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        loop.close()
 
 
 def test_record_writes_a_csv_per_machine_with_time_and_every_channel(tmp_path: Path) -> None:
