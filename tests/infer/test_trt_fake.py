@@ -136,6 +136,30 @@ def test_a_classifier_engine_is_built_with_only_its_served_output(
     engine.close()
 
 
+@pytest.mark.parametrize("name", ["cnc_drift", "cnc_wear"])
+def test_a_self_baseline_models_golden_sequence_passes_on_the_tensorrt_engine_and_fails_if_changed(
+    fake_trt: ModuleType, tmp_path: Path, name: str
+) -> None:
+    """The golden *sequence* (one machine's rows through a fresh self-baseline stage, then the
+    engine) is checked by every backend's start, TensorRT's included, in batches of the
+    engine's max batch (serving's: at least the golden set, appliance/infer/select.py)."""
+    bundle = load_bundle(name)
+    assert bundle.drift is not None and bundle.sequence_inputs is not None
+    assert bundle.sequence_outputs is not None
+    n = len(bundle.golden_inputs)
+    assert len(bundle.sequence_inputs) > n  # the sequence runs in several batches
+    engine = make_engine(tmp_path / "ok", bundle, max_batch=n, opt_batch=4)
+    engine.start()  # builds, then passes the golden vectors and the golden sequence
+    engine.close()
+    want = np.asarray(bundle.sequence_outputs, np.float64).copy()
+    scored = np.flatnonzero(~np.isnan(want))
+    assert len(scored) > 0
+    want[scored[-1]] += 1.0  # one scored row of the sequence off by far more than tolerance
+    bad = dataclasses.replace(bundle, sequence_outputs=want.astype(np.float32))
+    with pytest.raises(ModelError, match="golden-vector sequence parity"):
+        make_engine(tmp_path / "bad", bad, max_batch=n, opt_batch=4).start()
+
+
 def test_build_then_start_reuses_the_built_engine(fake_trt: ModuleType, tmp_path: Path) -> None:
     engine = make_engine(tmp_path, max_batch=64)
     engine.build()  # what the serving chain runs in a background thread
