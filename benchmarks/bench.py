@@ -122,6 +122,10 @@ SCALES = {
     ),
 }
 
+#: The model every scenario's appliance serves (and ``inference`` measures); ``hotpath`` names
+#: its bench-50 machines' first registers after this model's channels, so every window is scored.
+BENCH_MODEL = "cnc_anomaly"
+
 CONFIG_TEMPLATE = """\
 # Written by the benchmark harness (benchmarks/bench.py); the same format as a field config.
 [appliance]
@@ -133,7 +137,7 @@ health_log_s = 1
 window_s = 1.0
 
 [engine]
-model = "cnc_anomaly"
+model = "{model}"
 
 {channel_rules}
 [[alerts.rules]]
@@ -306,6 +310,7 @@ class Rig:
             prefix=PREFIX,
             max_inflight=max_inflight,
             channel_rules=rules or CHANNEL_RULES[self.profile],
+            model=BENCH_MODEL,
         )
         path = self.workdir / f"appliance{self.tag}.toml"
         path.write_text(text)
@@ -739,7 +744,7 @@ def scenario_inference(scale: Scale, progress: Progress) -> dict[str, Any]:
     from appliance.infer import EngineOptions, load_bundle
     from benchmarks import inference
 
-    bundle = load_bundle("cnc_anomaly")
+    bundle = load_bundle(BENCH_MODEL)
     batches = list(scale.inference_batches)
     avail = inference.present_backends(bundle, EngineOptions(max_batch=max(4096, max(batches))))
     backends = [n for n, why in avail.items() if why is None]
@@ -761,18 +766,12 @@ HOTPATH_TARGETS = {
 }
 
 
-#: The model channels the ``hotpath`` scenario gives the first registers of its bench-50
-#: machines, so that every window is scored by the shipped ``cnc_anomaly`` model.
-HOTPATH_MODEL_CHANNELS = (
-    "spindle_speed",
-    "spindle_load",
-    "axis_load_x",
-    "axis_load_y",
-    "axis_load_z",
-    "spindle_temp",
-    "coolant_temp",
-    "vibration_rms",
-)
+def hotpath_model_channels() -> tuple[str, ...]:
+    """The channels :data:`BENCH_MODEL`'s features read, in manifest order."""
+    from appliance.infer.bundle import load_bundle
+
+    return tuple(dict.fromkeys(f.channel for f in load_bundle(BENCH_MODEL).features))
+
 
 HOTPATH_RULES = """\
 [[alerts.rules]]
@@ -787,9 +786,10 @@ severity = "warning"
 def hotpath_profile(workdir: Path) -> Path:
     """The bench-50 register map (50 contiguous uint16 holding registers, one read per poll)
     with the first registers named after the model's channels: ``hotpath-50.toml``."""
-    lines = ['description = "bench-50 with the cnc_anomaly channels first (appliance bench)"']
+    channels = hotpath_model_channels()
+    lines = [f'description = "bench-50 with the {BENCH_MODEL} channels first (appliance bench)"']
     for i in range(50):
-        name = HOTPATH_MODEL_CHANNELS[i] if i < len(HOTPATH_MODEL_CHANNELS) else f"r{i:02d}"
+        name = channels[i] if i < len(channels) else f"r{i:02d}"
         lines += ["", "[[registers]]", f'name = "{name}"', 'table = "holding"']
         lines += [f"address = {i}", 'type = "uint16"']
     path = workdir / "hotpath-50.toml"
