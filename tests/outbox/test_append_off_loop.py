@@ -9,23 +9,10 @@ import sqlite3
 import threading
 import zlib
 from pathlib import Path
-from typing import Any
 
-from appliance.contracts import Envelope, Priority
+from outboxhelp import APP, telemetry
+
 from appliance.outbox import SqliteOutbox
-
-APP = "app-01"
-
-
-def telemetry(machine: str, ts: float, **body: Any) -> Envelope:
-    return Envelope(
-        stream=f"telemetry/{machine}",
-        kind="telemetry",
-        topic=f"edge/{APP}/telemetry/{machine}",
-        priority=Priority.TELEMETRY,
-        ts=ts,
-        body=body or {"mean": {"rpm": 1200.0}},
-    )
 
 
 def test_loop_keeps_running_and_take_sees_nothing_until_the_threads_commit_returns(

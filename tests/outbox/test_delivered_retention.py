@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from outboxhelp import FakeClock
 
 from appliance.contracts import Envelope, Priority
 from appliance.outbox import SqliteOutbox
@@ -17,14 +18,6 @@ from appliance.outbox.layout import class_range
 
 APP = "app-01"
 T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def telemetry(machine: str, ts: float, size: int = 4) -> Envelope:

@@ -10,34 +10,12 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
+from outboxhelp import APP, FakeClock, telemetry
 
 from appliance.config import OutboxSection
 from appliance.contracts import Envelope, Priority
 from appliance.outbox import SqliteOutbox
 from appliance.payload import encode_payload
-
-APP = "app-01"
-
-
-class FakeClock:
-    """Wall clock the test moves by hand (seconds, epoch)."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def telemetry(machine: str = "cnc-1", ts: float = 1.0, **body: Any) -> Envelope:
-    return Envelope(
-        stream=f"telemetry/{machine}",
-        kind="telemetry",
-        topic=f"edge/{APP}/telemetry/{machine}",
-        priority=Priority.TELEMETRY,
-        ts=ts,
-        body=body or {"mean": {"rpm": 1200.0}},
-    )
 
 
 def alert(machine: str = "cnc-1", ts: float = 1.0, **body: Any) -> Envelope:
