@@ -313,7 +313,8 @@ class DevicePoller(LinkTask):
         ``phase_ms``: each group's grid phase; ``waveform``: the waveform reader's counters
         (:meth:`WaveformPoller.stats`, only for devices with a ``waveform`` table);
         ``strings``: string registers read at connect (text, not channels); ``frame_errors``
-        (RTU): garbled replies of this unit; ``discarded_replies``/``malformed_replies``
+        (RTU): garbled replies of this unit; ``client`` (Modbus TCP): ``native`` or ``pymodbus``,
+        the device's ``client`` key; ``discarded_replies``/``malformed_replies``
         (Modbus TCP, native client): replies with another transaction id, thrown away /
         malformed replies refused; ``busy_retries``: requests resent after exception
         6; ``bus`` (RTU): the shared bus's counters (:meth:`RtuBus.stats`).
@@ -351,6 +352,9 @@ class DevicePoller(LinkTask):
             value = getattr(self._driver, key, None)
             if isinstance(value, int):
                 out[key] = value
+        client = getattr(self._driver, "client", None)
+        if isinstance(client, str):  # Modbus TCP: the client it polls with (config ``client``)
+            out["client"] = client
         bus = getattr(self._driver, "bus", None)
         if isinstance(bus, RtuBus):
             out["bus"] = bus.stats()
