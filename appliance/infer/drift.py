@@ -176,7 +176,8 @@ class DriftStage:
         self.invalid_windows = 0
 
     def machines(self) -> dict[str, dict[str, Any]]:
-        """Per machine: keys learned and keys still learning (for stats and tests)."""
+        """Per machine: keys learned and keys still learning (the model's stats,
+        ``baseline_keys``)."""
         return {
             m: {"learned": len(st.base), "learning": len(st.counts) - len(st.base)}
             for m, st in self._machines.items()

@@ -230,6 +230,7 @@ class _Model:
                 if self.drift is None
                 else {
                     "learning_windows": self.drift.learning_windows,
+                    "baseline_keys": self.drift.machines(),
                     "baseline_invalid_windows": self.drift.invalid_windows,
                 }
             ),

@@ -115,4 +115,8 @@ def test_a_coolant_loss_raises_the_drift_models_alert_before_any_threshold_and_n
         jsonschema.validate(m, load_schema(m["kind"]))
     model = stats["models"]["drift"]
     assert model["learning_windows"] >= 6  # each machine learned before it was scored
+    assert {m: k["learned"] >= 1 for m, k in model["baseline_keys"].items()} == {
+        "cnc-1": True,
+        "cnc-2": True,
+    }
     assert model["engine"]["rows"] > 0
