@@ -59,12 +59,11 @@ from pathlib import Path
 import numpy as np
 
 from appliance.contracts import FeatureSpec
-from appliance.features.samples import features_from_frames
 from appliance.infer.drift import DriftColumn, DriftSpec, DriftStage
 from appliance.modelkit.export import condition_manifest, finish_model, write_bundle
 from appliance.modelkit.gaussian import GaussianBank, fit_gaussian_bank
-from appliance.simulate.dataset import EPOCH_S, FaultEvent, simulate_frames
-from models.simulated import CONDITION, MARGIN, QUANTILE, WINDOW_S
+from appliance.simulate.dataset import FaultEvent
+from models.simulated import CONDITION, MARGIN, QUANTILE, WINDOW_S, windows
 
 NAME = "cnc_drift"
 VERSION = "1.1.0"
@@ -152,14 +151,8 @@ def raw_windows(
     seed: int, index: int, seconds: float, faults: tuple[FaultEvent, ...] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
     """(t_rel [W] seconds since start at window end, X [W, F] float32) of one simulated machine,
-    the windows serving scores (condition), before the stage."""
-    ends, x, _ = features_from_frames(
-        simulate_frames(seed, index, seconds, faults, waveform=False),
-        FEATURES,
-        WINDOW_S,
-        condition=CONDITION,
-    )
-    return ends - EPOCH_S, x
+    the windows serving scores (condition), before the stage: scalar channels only."""
+    return windows(FEATURES, seed, index, seconds, faults, waveform=False)
 
 
 def staged(x: np.ndarray, spec: DriftSpec = BASELINE) -> np.ndarray:
